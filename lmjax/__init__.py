@@ -1,0 +1,1 @@
+"""lmjax: Transformer language models in JAX/Flax."""

@@ -1,0 +1,257 @@
+"""A decoder-only Transformer (GPT-2 and LLaMA style) in flax.linen.
+
+Shape letters used in names:
+  B batch, L length of the tokens passed in, T length of the KV cache (max_len),
+  D embed_dim, H num_heads, G num_kv_heads, K head size, F mlp_dim, V vocab_size.
+
+`Transformer.apply(params, tokens_BxL)` returns `logits_BxLxV`. With a `kv_cache` it also returns
+the updated cache: the same attention code serves training (no cache) and sampling.
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
+`mlp`, `norm`) that `sharding.py` maps to mesh axes; activations carry (`batch`, `length`, ...).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lmjax.config import ModelConfig
+
+# A KV cache is a list (one entry per layer) of {'k': [B, T, G, K], 'v': [B, T, G, K]}.
+# Slot t of the cache holds the key/value of position t, so "key visible" is just t <= position.
+KVCache = list[dict[str, jax.Array]]
+
+
+def _dense_init(config: ModelConfig, scale: float = 1.0):
+    return nn.initializers.normal(stddev=config.init_std * scale)
+
+
+def _partitioned(init, names: tuple[str | None, ...]):
+    return nn.with_logical_partitioning(init, names)
+
+
+def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half layout as in LLaMA/HF."""
+    half = x_BxLxNxK.shape[-1] // 2
+    inv_freq_K2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2
+    sin, cos = jnp.sin(angles_BxLxK2)[:, :, None, :], jnp.cos(angles_BxLxK2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x_BxLxNxK.dtype)
+
+
+def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int | None = None,
+                  dtype: Any = None) -> KVCache:
+    """An empty KV cache: per layer keys and values `[B, T, G, K]` (only the KV heads)."""
+    shape = (batch_size, max_len or config.max_len, config.kv_heads, config.head_size)
+    dtype = dtype or config.dtype
+    return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+            for _ in range(config.num_layers)]
+
+
+def _write_rows(cache_BxTxGxK: jax.Array, new_BxLxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
+    """Writes each row's new keys/values into its cache at its own start position."""
+    write = lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (start, 0, 0))
+    return jax.vmap(write)(cache_BxTxGxK, new_BxLxGxK.astype(cache_BxTxGxK.dtype), start_B)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads, RoPE and an optional KV cache."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, kv_cache: dict[str, jax.Array] | None = None):
+        cfg = self.config
+        H, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_size
+
+        def project(name, heads, head_axis):
+            return nn.DenseGeneral(
+                (heads, K), use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=_partitioned(_dense_init(cfg), ("embed", head_axis, "head_dim")),
+                bias_init=_partitioned(nn.initializers.zeros, (head_axis, "head_dim")),
+                name=name)(x_BxLxD)
+
+        q_BxLxHxK = project("query", H, "heads")
+        k_BxLxGxK = project("key", G, "kv_heads")
+        v_BxLxGxK = project("value", G, "kv_heads")
+        if cfg.position == "rope":
+            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+            k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+
+        if kv_cache is None:
+            # Training / full forward: plain causal attention (a fused kernel where available).
+            out_BxLxHxK = jax.nn.dot_product_attention(
+                q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+        else:
+            # Cached: write this step's keys/values at each row's position, attend to slots <= it.
+            start_B = positions_BxL[:, 0]
+            kv_cache = {"k": _write_rows(kv_cache["k"], k_BxLxGxK, start_B),
+                        "v": _write_rows(kv_cache["v"], v_BxLxGxK, start_B)}
+            slots_T = jnp.arange(kv_cache["k"].shape[1])
+            mask_Bx1xLxT = (slots_T[None, None, :] <= positions_BxL[:, :, None])[:, None]
+            out_BxLxHxK = jax.nn.dot_product_attention(
+                q_BxLxHxK, kv_cache["k"].astype(q_BxLxHxK.dtype),
+                kv_cache["v"].astype(q_BxLxHxK.dtype), mask=mask_Bx1xLxT)
+
+        out_BxLxD = nn.DenseGeneral(
+            cfg.embed_dim, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            # Residual projections are scaled down with depth (GPT-2, nanoGPT).
+            kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.num_layers) ** -0.5),
+                                     ("heads", "head_dim", "embed")),
+            bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
+            name="out")(out_BxLxHxK)
+        return out_BxLxD, kv_cache
+
+
+class Mlp(nn.Module):
+    """GELU MLP (GPT-2) or SwiGLU (LLaMA)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD):
+        cfg = self.config
+
+        def dense(name, features, names, scale=1.0):
+            return nn.Dense(
+                features, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=_partitioned(_dense_init(cfg, scale), names),
+                bias_init=_partitioned(nn.initializers.zeros, names[-1:]), name=name)
+
+        if cfg.mlp == "swiglu":
+            h_BxLxF = (nn.silu(dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD))
+                       * dense("up", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD))
+        else:
+            h_BxLxF = nn.gelu(dense("fc", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD), approximate=True)
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+        return dense("proj", cfg.embed_dim, ("mlp", "embed"),
+                     scale=(2 * cfg.num_layers) ** -0.5)(h_BxLxF)
+
+
+def _norm(config: ModelConfig, name: str) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=config.norm_eps, dtype=config.dtype,
+                          param_dtype=config.param_dtype,
+                          scale_init=_partitioned(nn.initializers.ones, ("norm",)), name=name)
+    return nn.LayerNorm(epsilon=config.norm_eps, use_bias=config.bias, dtype=config.dtype,
+                        param_dtype=config.param_dtype,
+                        scale_init=_partitioned(nn.initializers.ones, ("norm",)),
+                        bias_init=_partitioned(nn.initializers.zeros, ("norm",)), name=name)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BxLxD, positions_BxL, kv_cache=None):
+        cfg = self.config
+        dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h_BxLxD, kv_cache = Attention(cfg, name="attn")(
+            _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache)
+        x_BxLxD = x_BxLxD + dropout(h_BxLxD)
+        x_BxLxD = x_BxLxD + dropout(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD)))
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        return x_BxLxD, kv_cache
+
+
+class Transformer(nn.Module):
+    """Token ids in, next-token logits out: embed -> blocks -> norm -> logits."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
+                 kv_cache: KVCache | None = None, deterministic: bool = True):
+        """Returns `logits_BxLxV` (f32), or `(logits_BxLxV, kv_cache)` when a cache is passed.
+
+        positions_BxL: absolute position of each token (default 0..L-1). With a cache, each
+          row's tokens are written at slots positions[b, 0] .. positions[b, 0] + L - 1.
+        deterministic: False turns dropout on (needs `rngs={'dropout': key}`).
+        """
+        cfg = self.config
+        B, L = tokens_BxL.shape
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+
+        embed = nn.Embed(
+            cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+            embedding_init=_partitioned(_dense_init(cfg), ("vocab", "embed")), name="embed")
+        x_BxLxD = embed(tokens_BxL)
+        if cfg.position == "learned":
+            pos_embed = self.param(
+                "pos_embed", _partitioned(_dense_init(cfg), ("length", "embed")),
+                (cfg.max_len, cfg.embed_dim), cfg.param_dtype)
+            x_BxLxD = x_BxLxD + jnp.take(pos_embed, positions_BxL, axis=0).astype(cfg.dtype)
+        x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+
+        block_cls = Block
+        if cfg.remat != "none":
+            policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                      if cfg.remat == "dots" else None)
+            block_cls = nn.remat(Block, policy=policy)
+        new_cache = []
+        for i in range(cfg.num_layers):
+            x_BxLxD, layer_cache = block_cls(cfg, deterministic, name=f"blocks_{i}")(
+                x_BxLxD, positions_BxL, None if kv_cache is None else kv_cache[i])
+            new_cache.append(layer_cache)
+        x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
+
+        if cfg.tie_embeddings:
+            logits_BxLxV = embed.attend(x_BxLxD)
+        else:
+            logits_BxLxV = nn.Dense(
+                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                kernel_init=_partitioned(_dense_init(cfg), ("embed", "vocab")),
+                name="lm_head")(x_BxLxD)
+        logits_BxLxV = nn.with_logical_constraint(
+            logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits_BxLxV if kv_cache is None else (logits_BxLxV, new_cache)
+
+
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """Random parameters as a plain pytree (logical-axis boxes removed)."""
+    tokens = jnp.zeros((1, min(8, config.max_len)), jnp.int32)
+    return nn.unbox(Transformer(config).init(rng, tokens))["params"]
+
+
+def logical_axes(config: ModelConfig) -> dict:
+    """The pytree of logical axis names of every parameter (for sharding), without any compute."""
+    tokens = jax.ShapeDtypeStruct((1, min(8, config.max_len)), jnp.int32)
+    boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
+    return nn.get_partition_spec(boxed)
+
+
+def count_params(params) -> int:
+    """Number of scalars in a parameter pytree."""
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def num_params(config: ModelConfig) -> int:
+    """Parameter count of a config, computed from shapes only (no memory)."""
+    tokens = jax.ShapeDtypeStruct((1, min(8, config.max_len)), jnp.int32)
+    shapes = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
+    return count_params(nn.unbox(shapes))
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token (PaLM appendix B): 6N + 12·layers·seq·width for training.
+
+    N counts the matmul parameters: every weight matrix including the output projection
+    (counted once even when tied), excluding the embedding lookups. A forward pass is a third.
+    """
+    D, F, K = config.embed_dim, config.mlp_dim, config.head_size
+    attn = D * K * (config.num_heads * 2 + config.kv_heads * 2)  # q, out, k, v
+    mlp = D * F * (3 if config.mlp == "swiglu" else 2)
+    matmul_params = config.num_layers * (attn + mlp) + D * config.vocab_size
+    attention = 4 * config.num_layers * seq_len * config.num_heads * K  # QK^T and AV, forward
+    forward = 2 * matmul_params + attention
+    return 3 * forward if training else forward

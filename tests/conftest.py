@@ -1,0 +1,18 @@
+"""Shared test fixtures."""
+
+import os
+
+import pytest
+
+# The tiny-shakespeare text lives next to the repository, never inside it.
+TINY_SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                "tinyshakespeare.txt")
+
+
+@pytest.fixture(scope="session")
+def tiny_shakespeare() -> str:
+    """The 1,115,394 characters of nanoGPT's tiny shakespeare (skips when absent)."""
+    if not os.path.exists(TINY_SHAKESPEARE):
+        pytest.skip(f"{TINY_SHAKESPEARE} not found")
+    with open(TINY_SHAKESPEARE, encoding="utf-8") as f:
+        return f.read()

@@ -34,8 +34,8 @@ class ModelConfig:
     embed_dim: int
     mlp_dim: int
     max_len: int
-    num_kv_heads: int | None = None  # None: as many as num_heads (multi-head attention)
-    head_dim: int | None = None  # None: embed_dim // num_heads
+    num_kv_heads: int = 0  # 0: as many as num_heads (multi-head attention)
+    head_dim: int = 0  # 0: embed_dim // num_heads
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
     norm: str = "layernorm"  # layernorm | rmsnorm
@@ -70,7 +70,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name}={value!r} must be a positive integer")
-        if self.head_dim is None and self.embed_dim % self.num_heads:
+        for name in ("num_kv_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} must be >= 0 (0 = default)")
+        if not self.head_dim and self.embed_dim % self.num_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must divide model.embed_dim={self.embed_dim} "
                 "(or set model.head_dim)")
@@ -139,3 +142,71 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; presets are {sorted(PRESETS)}")
     return ModelConfig.from_dict({**PRESETS[name], **overrides})
+
+
+def preset_fields(name: str, **overrides: Any) -> dict[str, Any]:
+    """Every ModelConfig field of a preset as a dict (for `config.model.update(...)`)."""
+    return {**dataclasses.asdict(preset(name)), **overrides}
+
+
+def default_config():
+    """The full experiment config with every field and its default (an `ml_collections.ConfigDict`).
+
+    Config files in `experiments/configs/` start from this and override fields; any field can be
+    overridden on the command line (`--config.model.num_layers=4`). Unknown keys are an error.
+    """
+    import ml_collections  # imported here so that ModelConfig alone needs no ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # parameter init and dropout
+    c.init_from = ""  # '' | workdir of another run: start from its params (no optimizer state)
+
+    # Model: the fields of ModelConfig. vocab_size 0 means "the tokenizer's vocab size".
+    c.model = ml_collections.ConfigDict(preset_fields("nanogpt_baby", vocab_size=0))
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = "char"  # char | byte | sentencepiece
+    c.tokenizer.vocab_size = 8000  # sentencepiece only
+    c.tokenizer.model_type = "bpe"  # sentencepiece only: bpe | unigram
+    c.tokenizer.path = ""  # existing SentencePiece .model or saved tokenizer folder ('' = train)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "shakespeare"  # shakespeare (embedded corpus) | files | tfds
+    c.data.train_files = ""  # files: glob(s), comma-separated
+    c.data.val_files = ""  # files: '' = the last val_fraction of the train text
+    c.data.val_fraction = 0.1
+    c.data.tfds_name = ""  # tfds: dataset name, e.g. 'lm1b'
+    c.data.tfds_train_split = "train"
+    c.data.tfds_val_split = "validation"
+    c.data.tfds_text_key = "text"
+    c.data.tfds_data_dir = ""
+    c.data.seq_len = 64  # tokens per training sequence (<= model.max_len)
+    c.data.batch_size = 12  # global batch, in sequences
+    c.data.seed = 0  # batch order: batch k is a pure function of (seed, k)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3  # peak, after linear warmup from 0
+    c.optim.min_learning_rate = 1e-4  # floor of the cosine decay
+    c.optim.warmup_steps = 100
+    c.optim.decay_steps = 0  # cosine decay length including warmup; 0 = train.num_steps
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1  # on matrices only (ndim >= 2), not on biases and norms
+    c.optim.grad_clip = 1.0  # global-norm clipping; 0 = off
+    c.optim.grad_accum = 1  # micro-batches per optimizer step (optax.MultiSteps)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_steps = 2000  # optimizer steps
+    c.train.log_every = 50
+    c.train.eval_every = 250  # 0 = only at the end
+    c.train.eval_batches = 20  # validation batches per eval; -1 = the whole validation set
+    c.train.checkpoint_every = 500  # 0 = only at the end
+    c.train.keep_checkpoints = 3
+    c.train.num_samples = 3  # samples printed at the end of training
+    c.train.sample_prompt = "\n"
+    c.train.sample_len = 200
+    c.train.sample_temperature = 0.8
+    c.train.sample_top_k = 0
+    c.train.progress_bar = True
+    return c

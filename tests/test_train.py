@@ -1,0 +1,142 @@
+"""Training: loss against NumPy, the optimizer's schedule and mask, learning, determinism, errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lmjax import train
+from lmjax.config import default_config
+
+TEXT = "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(300))
+
+
+def tiny_config(tmp_path, **train_fields):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT)
+    config = default_config()
+    config.data.source = "files"
+    config.data.train_files = str(corpus)
+    config.data.seq_len, config.data.batch_size = 32, 8
+    config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
+    config.optim.warmup_steps, config.optim.learning_rate = 5, 3e-3
+    config.train.update(num_steps=40, log_every=10, eval_every=20, eval_batches=4,
+                        num_samples=0, progress_bar=False)
+    config.train.update(train_fields)
+    return config
+
+
+def test_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, size=(3, 5))
+    mask = (rng.random((3, 5)) > 0.3).astype(np.float32)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    loss_sum, count = train.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    np.testing.assert_allclose(loss_sum, (nll * mask).sum(), rtol=1e-5)
+    assert count == mask.sum()
+
+
+def test_loss_fn_ignores_masked_positions(tmp_path):
+    config = tiny_config(tmp_path)
+    mcfg = train.model_config(config, vocab_size=40)
+    params = train.model_lib.init_params(mcfg, jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 40, (2, 8)), "targets": rng.integers(0, 40, (2, 8)),
+             "mask": np.ones((2, 8), np.float32)}
+    masked = dict(batch, mask=batch["mask"].copy(), targets=batch["targets"].copy())
+    masked["mask"][:, 5:] = 0
+    masked["targets"][:, 5:] = 0  # garbage under the mask must not matter
+    logits = train.model_lib.Transformer(mcfg).apply({"params": params}, batch["inputs"])
+    log_probs = jax.nn.log_softmax(logits)
+    expected = -np.mean(np.take_along_axis(np.asarray(log_probs), batch["targets"][..., None], -1)[:, :5])
+    np.testing.assert_allclose(train.loss_fn(params, masked, mcfg), expected, rtol=1e-5)
+
+
+def test_schedule_and_weight_decay_mask():
+    optim = default_config().optim
+    optim.update(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, weight_decay=0.5)
+    tx, schedule = train.make_optimizer(optim, num_steps=100)
+    assert schedule(0) == 0.0
+    np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(schedule(55), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-5)  # cosine mid
+    np.testing.assert_allclose(schedule(100), 1e-4, rtol=1e-6)
+    # With zero gradients only decayed parameters move: matrices yes, biases and norms no.
+    params = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4), "scale": jnp.ones(4)}
+    state = tx.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    for _ in range(11):
+        updates, state = tx.update(zeros, state, params)
+    assert np.all(np.asarray(updates["kernel"]) < 0)
+    assert np.all(np.asarray(updates["bias"]) == 0) and np.all(np.asarray(updates["scale"]) == 0)
+
+
+def test_gradient_accumulation_averages_micro_batches():
+    optim = default_config().optim
+    optim.update(grad_accum=2, warmup_steps=0, weight_decay=0.0, grad_clip=0.0)
+    tx, _ = train.make_optimizer(optim, num_steps=10)
+    plain, _ = train.make_optimizer(_with(optim, grad_accum=1), num_steps=10)
+    params = {"w": jnp.arange(4.0)}
+    g1, g2 = {"w": jnp.array([1.0, -2.0, 3.0, 0.5])}, {"w": jnp.array([3.0, 0.0, -1.0, 0.5])}
+    state = tx.init(params)
+    updates, state = tx.update(g1, state, params)
+    assert np.all(np.asarray(updates["w"]) == 0)  # first micro-step: no update yet
+    updates, state = tx.update(g2, state, params)
+    expected, _ = plain.update({"w": (g1["w"] + g2["w"]) / 2}, plain.init(params), params)
+    np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
+
+
+def _with(section, **fields):
+    copy = section.copy_and_resolve_references()
+    copy.update(fields)
+    return copy
+
+
+def test_training_lowers_loss_and_is_deterministic(tmp_path):
+    config = tiny_config(tmp_path)
+    first = train.train_and_evaluate(config, str(tmp_path / "a"))
+    losses = first["train_loss"]
+    assert len(losses) == 40 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0  # a repetitive corpus is learnable
+    assert first["eval"][-1]["loss"] < first["eval"][0]["loss"]
+    np.testing.assert_allclose(first["eval"][-1]["perplexity"], np.exp(first["eval"][-1]["loss"]))
+    again = train.train_and_evaluate(config, str(tmp_path / "b"))
+    np.testing.assert_array_equal(again["train_loss"], losses)  # same seed, same curve
+    config.data.seed = 1
+    other = train.train_and_evaluate(config, str(tmp_path / "c"))
+    assert other["train_loss"] != losses
+    assert (tmp_path / "a" / "tensorboard").is_dir() and any((tmp_path / "a" / "tensorboard").iterdir())
+
+
+def test_dropout_bf16_and_accumulation_train(tmp_path):
+    config = tiny_config(tmp_path, num_steps=6, eval_every=0)
+    config.model.update(dropout=0.1, dtype="bfloat16")
+    config.optim.grad_accum = 2
+    result = train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert len(result["train_loss"]) == 12 and np.all(np.isfinite(result["train_loss"]))
+    assert int(result["state"].step) == 12
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c.data.__setitem__("seq_len", 64), r"data.seq_len=64 is above .* model.max_len=32"),
+    (lambda c: c.model.__setitem__("num_heads", 3), "model.num_heads=3 must divide"),
+    (lambda c: c.model.update(num_kv_heads=3, num_heads=4), "model.num_kv_heads=3 must divide"),
+    (lambda c: c.data.__setitem__("train_files", "/nonexistent/*.txt"), "data.train_files"),
+    (lambda c: c.train.__setitem__("num_step", 3), r"unknown config keys \['train.num_step'\]"),
+    (lambda c: c.optim.__setitem__("warmup_steps", 500), "optim.warmup_steps=500"),
+])
+def test_bad_config_fails_before_compute(tmp_path, monkeypatch, change, message):
+    config = tiny_config(tmp_path)
+    change(config)
+    monkeypatch.setattr(train, "create_train_state", lambda *a: pytest.fail("computed anyway"))
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_empty_corpus_is_an_error(tmp_path):
+    config = tiny_config(tmp_path)
+    (tmp_path / "corpus.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))

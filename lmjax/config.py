@@ -159,7 +159,7 @@ def default_config():
 
     c = ml_collections.ConfigDict()
     c.seed = 0  # parameter init and dropout
-    c.init_from = ""  # '' | workdir of another run: start from its params (no optimizer state)
+    c.init_from = ""  # '' | workdir or step folder of another run: its params, fresh optimizer
 
     # Model: the fields of ModelConfig. vocab_size 0 means "the tokenizer's vocab size".
     c.model = ml_collections.ConfigDict(preset_fields("nanogpt_baby", vocab_size=0))
@@ -203,6 +203,8 @@ def default_config():
     c.train.eval_batches = 20  # validation batches per eval; -1 = the whole validation set
     c.train.checkpoint_every = 500  # 0 = only at the end
     c.train.keep_checkpoints = 3
+    c.train.keep_best = False  # also keep the checkpoint with the lowest validation loss
+    c.train.async_checkpoints = True  # write checkpoints in a background thread (Orbax async)
     c.train.num_samples = 3  # samples printed at the end of training
     c.train.sample_prompt = "\n"
     c.train.sample_len = 200

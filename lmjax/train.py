@@ -8,8 +8,10 @@ notebook can call them one by one; `train_and_evaluate(config, workdir)` strings
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
+import signal
 import time
 from typing import Any, Iterable
 
@@ -21,8 +23,10 @@ import numpy as np
 import optax
 from absl import logging
 
+from lmjax import checkpoint as checkpoint_lib
 from lmjax import data as data_lib
 from lmjax import model as model_lib
+from lmjax import tokenizers as tokenizers_lib
 from lmjax.config import ModelConfig, default_config
 
 Batch = dict[str, np.ndarray]  # inputs int32[B, L], targets int32[B, L], mask float32[B, L]
@@ -167,14 +171,62 @@ def evaluate(eval_fn, params, batches: Iterable[Batch]) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains a model as `config` says, logging to stdout and TensorBoard under `workdir`.
 
+    Checkpoints go to `workdir/checkpoints` (see lmjax.checkpoint); re-running with the same
+    workdir resumes from the newest good one, bit-exactly (batch k depends only on (data.seed, k),
+    dropout on fold_in(rng, step)). `config.init_from` starts from another run's params with a
+    fresh optimizer. Every micro-step's loss goes to `workdir/metrics.jsonl`.
+
+    On SIGTERM the loop finishes the optimizer step in flight, saves a checkpoint at that step,
+    waits for it, prints where to resume and returns normally (`result['preempted'] = True`; the
+    launcher then exits with code 0).
+
     Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', ...}.
     """
     validate_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    checkpoint_lib.check_writable(workdir)  # before any compute: a clear error
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best,
+        async_save=config.train.async_checkpoints)
+    try:
+        return _train_loop(config, workdir, ckpt)
+    finally:
+        try:
+            ckpt.close()  # waits for an asynchronous save in flight
+        except checkpoint_lib.CheckpointError as e:
+            logging.error("%s", e)
+
+
+def _check_resume(config):
+    def check(info):
+        changes = checkpoint_lib.check_resume_config(info["config"], info["model_config"], config)
+        if changes:
+            logging.info("config changes since checkpoint step %d (allowed): %s",
+                         info["meta"]["step"], "; ".join(changes))
+    return check
+
+
+def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer") -> dict[str, Any]:
+    # Before any compute: the newest checkpoint must be resumable with this config.
+    check = _check_resume(config)
+    steps = ckpt.all_steps()
+    if steps:
+        try:
+            info = ckpt.read_info(steps[-1])
+        except checkpoint_lib.CheckpointError:
+            info = None  # unreadable: restore_latest below moves it aside and falls back
+        if info is not None:
+            check(info)
+    init_from = None
+    if not steps and config.init_from:
+        init_from = checkpoint_lib.read_checkpoint_info(config.init_from)
+        if not tokenizers_lib.has_saved_tokenizer(workdir):  # fine-tune with the same ids
+            checkpoint_lib.write_tokenizer_files(
+                checkpoint_lib.read_tokenizer_item(init_from["step_dir"]), workdir)
+    elif steps and config.init_from:
+        logging.info("workdir has checkpoints: resuming, init_from=%s ignored", config.init_from)
+
     data = data_lib.build_data(config, workdir)
     mcfg = model_config(config, data.tokenizer.vocab_size)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
     logging.info("model: %s parameters, %.3g FLOPs/token; data: %d train / %d val tokens",
                  f"{model_lib.num_params(mcfg):,}", model_lib.flops_per_token(mcfg, config.data.seq_len),
                  data.train_tokens, data.val_tokens)
@@ -182,56 +234,195 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     accum = config.optim.grad_accum
     num_micro_steps = config.train.num_steps * accum
     tx, schedule = make_optimizer(config.optim, config.train.num_steps)
-    state = create_train_state(mcfg, tx, jax.random.key(config.seed))
+    restored = ckpt.restore_latest(checkpoint_lib.abstract_train_state(mcfg, tx), check=check) \
+        if steps else None
+    if restored is not None:
+        state, meta = restored
+        message = (f"resuming from checkpoint step {meta['step']} (micro-step "
+                   f"{meta['micro_step']}) in {ckpt.step_dir(meta['step'])}")
+    elif init_from is not None:
+        errors = checkpoint_lib.model_differences(
+            init_from["model_config"], mcfg, checkpoint_lib.SHAPE_MODEL_FIELDS)
+        if errors:
+            raise checkpoint_lib.IncompatibleCheckpointError(
+                f"init_from={config.init_from!r} has parameters of another shape: "
+                + "; ".join(errors))
+        params, _, _ = checkpoint_lib.load_params(init_from["step_dir"])
+        _, train_rng = jax.random.split(jax.random.key(config.seed))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=tx.init(params), rng=train_rng)
+        message = (f"starting from the params of {init_from['step_dir']} "
+                   "(fresh optimizer state)")
+    else:
+        state = create_train_state(mcfg, tx, jax.random.key(config.seed))
+        message = "starting from scratch"
+    logging.info("%s", message)
+    print(message, flush=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    with open(os.path.join(workdir, "model_config.json"), "w") as f:
+        f.write(mcfg.to_json())
+
     step_fn = jax.jit(functools.partial(train_step, config=mcfg, tx=tx), donate_argnums=0)
     eval_fn = jax.jit(functools.partial(eval_step, config=mcfg))
     max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
 
     from tensorboardX import SummaryWriter  # local: only the loop writes event files
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    start_micro = int(state.step)
+    history = _rewind_metrics(os.path.join(workdir, METRICS_FILE), start_micro, accum)
+    metrics_file = open(os.path.join(workdir, METRICS_FILE), "a")
     tokens_per_micro_step = config.data.batch_size * config.data.seq_len
-    history = {"train_loss": [], "eval": []}
-    progress = _progress_bar(config, num_micro_steps, int(state.step))
-    pending, tick, tick_step = [], time.perf_counter(), int(state.step)
+    progress = _progress_bar(config, num_micro_steps, start_micro)
+    pending, tick, tick_step = [], time.perf_counter(), start_micro
+    unwritten = []  # (micro_step, metrics) not yet in metrics.jsonl
 
-    for micro_step in range(int(state.step), num_micro_steps):
-        state, metrics = step_fn(state, data.train.batch(micro_step))
-        pending.append(metrics)  # fetched at log points only: no host sync per step
-        step = (micro_step + 1) // accum  # optimizer steps done
-        is_last = micro_step + 1 == num_micro_steps
-        if (micro_step + 1) % accum:
-            continue
-        if step % config.train.log_every == 0 or is_last:
-            losses = [float(m["loss"]) for m in pending]
-            elapsed = time.perf_counter() - tick
-            tokens_per_s = (micro_step + 1 - tick_step) * tokens_per_micro_step / elapsed
-            train_loss = float(np.mean(losses))
-            history["train_loss"].extend(losses)
-            writer.add_scalar("train/loss", train_loss, step)
-            writer.add_scalar("train/grad_norm", float(pending[-1]["grad_norm"]), step)
-            writer.add_scalar("train/learning_rate", float(schedule(step)), step)
-            writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
-            progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            progress.update(micro_step + 1 - tick_step)
-            if not config.train.progress_bar:
-                logging.info("step %d: train loss %.4f, %.0f tokens/s", step, train_loss, tokens_per_s)
-            pending, tick, tick_step = [], time.perf_counter(), micro_step + 1
-        if (config.train.eval_every and step % config.train.eval_every == 0) or is_last:
-            result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
-            history["eval"].append({"step": step, **result})
-            writer.add_scalar("eval/loss", result["loss"], step)
-            writer.add_scalar("eval/perplexity", result["perplexity"], step)
-            progress.write(f"step {step}: eval loss {result['loss']:.4f}, "
-                           f"perplexity {result['perplexity']:.2f}")
-            tick = time.perf_counter()  # do not count eval time as training time
-    progress.close()
-    writer.flush()
+    def write_losses():  # every micro-step's loss, before any checkpoint that covers it
+        for k, m in unwritten:
+            metrics_file.write(json.dumps({"micro_step": k, "step": (k + 1) // accum,
+                                           "loss": float(m["loss"])}) + "\n")
+        metrics_file.flush()
+        unwritten.clear()
+
+    def save(step, micro_step, metrics=None, reason="periodic"):
+        write_losses()
+        return ckpt.save(state, step=step, micro_step=micro_step, config=config,
+                         model_config=mcfg, tokenizer=data.tokenizer, metrics=metrics,
+                         reason=reason)
+
+    preemption = _PreemptionWatcher()
+    preempted_at = None
+    try:
+        for micro_step in range(start_micro, num_micro_steps):
+            state, metrics = step_fn(state, data.train.batch(micro_step))
+            pending.append(metrics)  # fetched at log points only: no host sync per step
+            unwritten.append((micro_step, metrics))
+            step = (micro_step + 1) // accum  # optimizer steps done
+            is_last = micro_step + 1 == num_micro_steps
+            if (micro_step + 1) % accum:
+                continue
+            if step % config.train.log_every == 0 or is_last:
+                losses = [float(m["loss"]) for m in pending]
+                elapsed = time.perf_counter() - tick
+                tokens_per_s = (micro_step + 1 - tick_step) * tokens_per_micro_step / elapsed
+                train_loss = float(np.mean(losses))
+                history["train_loss"].extend(losses)
+                write_losses()
+                writer.add_scalar("train/loss", train_loss, step)
+                writer.add_scalar("train/grad_norm", float(pending[-1]["grad_norm"]), step)
+                writer.add_scalar("train/learning_rate", float(schedule(step)), step)
+                writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
+                progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                progress.update(micro_step + 1 - tick_step)
+                if not config.train.progress_bar:
+                    logging.info("step %d: train loss %.4f, %.0f tokens/s", step, train_loss,
+                                 tokens_per_s)
+                pending, tick, tick_step = [], time.perf_counter(), micro_step + 1
+            stop = preemption.requested(step)
+            save_due = is_last or (config.train.checkpoint_every
+                                   and step % config.train.checkpoint_every == 0)
+            result = None
+            if ((config.train.eval_every and step % config.train.eval_every == 0) or is_last
+                    or (save_due and config.train.keep_best and not stop)):
+                result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
+                history["eval"].append({"step": step, **result})
+                metrics_file.write(json.dumps({"step": step, "eval_loss": result["loss"]}) + "\n")
+                writer.add_scalar("eval/loss", result["loss"], step)
+                writer.add_scalar("eval/perplexity", result["perplexity"], step)
+                progress.write(f"step {step}: eval loss {result['loss']:.4f}, "
+                               f"perplexity {result['perplexity']:.2f}")
+            if save_due or stop:
+                save(step, micro_step + 1, None if result is None else {"val_loss": result["loss"]},
+                     reason="preemption" if stop else "final" if is_last else "periodic")
+                tick = time.perf_counter()  # do not count eval/save time as training time
+            if stop:
+                preempted_at = step
+                break
+            if result is not None:
+                tick = time.perf_counter()
+    finally:
+        preemption.uninstall()
+        progress.close()
+        writer.flush()
+        metrics_file.close()
+
+    ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
+    if preempted_at is not None:
+        message = (f"Preempted (SIGTERM): checkpoint saved at step {preempted_at} in "
+                   f"{ckpt.step_dir(preempted_at)}. Re-run the same command (same --workdir) "
+                   "to resume.")
+        logging.warning("%s", message)
+        print(message, flush=True)
+        return {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
+                "samples": [], "preempted": True, "step": preempted_at, **history}
 
     samples = _end_of_run_samples(config, state.params, mcfg, data.tokenizer)
     for text in samples:
         print("-" * 40 + "\n" + text)
     return {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
-            "samples": samples, **history}
+            "samples": samples, "preempted": False, **history}
+
+
+METRICS_FILE = "metrics.jsonl"  # {"micro_step", "step", "loss"} per micro-step; {"step", "eval_loss"}
+
+
+def _rewind_metrics(path: str, start_micro: int, accum: int) -> dict[str, list]:
+    """Drops lines of `metrics.jsonl` past the resumed step (a killed run wrote them after its
+    last checkpoint); returns the kept losses and evals as the start of the run's history."""
+    kept, history = [], {"train_loss": [], "eval": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill
+                if "micro_step" in entry and entry["micro_step"] < start_micro:
+                    history["train_loss"].append(entry["loss"])
+                elif "eval_loss" in entry and entry["step"] <= start_micro // accum:
+                    history["eval"].append({"step": entry["step"], "loss": entry["eval_loss"]})
+                else:
+                    continue
+                kept.append(line if line.endswith("\n") else line + "\n")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return history
+
+
+class _PreemptionWatcher:
+    """SIGTERM -> stop after the step in flight (single process); multi-process runs use JAX's
+    preemption sync point so that every process stops (and saves) at the same step."""
+
+    def __init__(self):
+        self.signalled = False
+        self._previous = None
+        self._multiprocess = jax.process_count() > 1
+        if not self._multiprocess:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handler)
+            except ValueError:  # not the main thread: no handler, no preemption saves
+                logging.warning("not in the main thread: SIGTERM will not trigger a checkpoint")
+
+    def _handler(self, signum, frame):
+        del frame
+        self.signalled = True
+        logging.warning("signal %d received: saving a checkpoint after the current step", signum)
+
+    def requested(self, step: int) -> bool:
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+            try:
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except Exception as e:  # noqa: BLE001 - no preemption service (no distributed init)
+                logging.log_first_n(logging.WARNING, "no preemption sync point: %s", 1, e)
+                return False
+        return self.signalled
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def _progress_bar(config, total: int, initial: int):

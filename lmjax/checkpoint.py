@@ -1,0 +1,464 @@
+"""Checkpoints with Orbax: exact resume, preemption, params-only loading.
+
+Layout of a run's workdir:
+
+    WORKDIR/checkpoints/<step>/          one Orbax step folder per saved optimizer step
+        params/                          the parameters (an Orbax PyTree item)
+        train_state/                     step (micro-steps), opt_state, rng key data
+        meta/                            JSON: step, micro_step, data position, rng impl, time
+        config/                          JSON: the experiment config (config.json equivalent)
+        model_config/                    JSON: the ModelConfig fields (model_config.json)
+        tokenizer/                       JSON: the tokenizer's files (base64), so a step folder
+                                         alone is enough for `load_params`
+    WORKDIR/corrupt_checkpoints/<step>-<time>/   steps found unreadable on resume, moved aside
+
+Writes are atomic: Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when every
+item is on disk, so a half-written step is never listed; `Checkpointer` moves aside a listed step
+that cannot be read (truncated file, missing item) and falls back to the newest good one.
+Old steps are deleted only after a newer save has completed.
+
+    ckpt = Checkpointer(workdir, keep=3, keep_best=True, async_save=True)
+    restored = ckpt.restore_latest(abstract_train_state(model_cfg, tx))  # None: fresh run
+    ckpt.save(state, step=..., micro_step=..., config=config, model_config=model_cfg,
+              tokenizer=tokenizer, metrics={'val_loss': 1.9})
+    ckpt.close()                                                         # waits for saves
+
+    params, model_cfg, tokenizer = load_params(workdir_or_step_folder)   # no optimizer needed
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+from lmjax import model as model_lib
+from lmjax import tokenizers
+from lmjax.config import ModelConfig
+
+CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt_checkpoints"
+ITEMS = ("params", "train_state", "meta", "config", "model_config", "tokenizer")
+JSON_ITEMS = ("meta", "config", "model_config", "tokenizer")
+
+# Model fields a resume may change: they alter neither the parameter tree nor the function
+# computed at inference (dropout is training-only; dtype/remat change precision/memory only).
+SAFE_MODEL_FIELDS = ("dropout", "dtype", "remat", "init_std")
+# Fields that fix the parameter shapes: `init_from` (fine-tuning) needs these to match.
+SHAPE_MODEL_FIELDS = ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len",
+                      "num_kv_heads", "head_dim", "position", "norm", "mlp", "bias",
+                      "tie_embeddings")
+# Non-model fields a resume may not change: they change the optimizer-state tree.
+UNSAFE_CONFIG_FIELDS = ("optim.grad_accum", "tokenizer.kind")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read."""
+
+
+class IncompatibleCheckpointError(ValueError):
+    """The config asks for a model (or optimizer state) that the checkpoint cannot provide."""
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def check_writable(directory: str) -> None:
+    """Creates `directory` if needed and writes/removes a probe file; a clear error otherwise."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_probe_", dir=directory)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"workdir {directory!r} is not writable ({e.strerror or e}); checkpoints, logs and "
+            "the tokenizer go there: choose another --workdir or fix its permissions.") from e
+
+
+def _is_step_folder(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "params"))
+
+
+def _steps_in(directory: str) -> list[int]:
+    if not os.path.isdir(directory):
+        return []
+    return sorted(int(n) for n in os.listdir(directory)
+                  if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+
+
+def resolve_step_dir(path: str, step: int | None = None) -> str:
+    """The step folder meant by `path`: a workdir, its `checkpoints` folder or a step folder.
+
+    `step=None` takes the newest step whose folder is complete (Orbax only renames finished
+    steps into place, so tmp folders are never candidates).
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    if _is_step_folder(path):
+        if step is not None and os.path.basename(path).isdigit() and int(
+                os.path.basename(path)) != step:
+            raise ValueError(f"{path} is the step folder of step {os.path.basename(path)}, "
+                             f"not step {step}")
+        return path
+    directory = path if not os.path.isdir(os.path.join(path, CHECKPOINT_DIR)) else (
+        os.path.join(path, CHECKPOINT_DIR))
+    steps = _steps_in(directory)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {path!r} (looked for step folders in "
+                                f"{directory})")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; steps: {steps}")
+    return os.path.join(directory, str(step))
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def _sharded(tree, sharding):
+    """ShapeDtypeStructs of `tree` with `sharding` (one Sharding, or a pytree of them)."""
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, sharding)
+
+
+def abstract_params(model_config: ModelConfig, sharding=None):
+    """Shapes/dtypes/shardings of a model's parameters (no memory, no compute)."""
+    shapes = jax.eval_shape(lambda rng: model_lib.init_params(model_config, rng), jax.random.key(0))
+    return _sharded(shapes, sharding)
+
+
+def abstract_train_state(model_config: ModelConfig, tx, sharding=None):
+    """The restore target of a TrainState: every leaf a ShapeDtypeStruct with `.sharding`.
+
+    `sharding` is one `jax.sharding.Sharding` for all leaves or a pytree of them matching
+    TrainState; None places everything on the default device. The rng leaf is the uint32 key
+    data (as saved), not a typed key.
+    """
+    from lmjax import train as train_lib  # train imports this module
+
+    state = jax.eval_shape(lambda: train_lib.create_train_state(model_config, tx,
+                                                                jax.random.key(0)))
+    state = state.replace(rng=jax.eval_shape(jax.random.key_data, state.rng))
+    return _sharded(state, sharding)
+
+
+def _tokenizer_to_json(tokenizer) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        files = {}
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                files[name] = base64.b64encode(f.read()).decode("ascii")
+    return {"kind": tokenizer.kind, "files": files}
+
+
+def _tokenizer_from_json(content: dict):
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(content, tmp)
+        return tokenizers.load_tokenizer(tmp)
+
+
+def write_tokenizer_files(content: dict, directory: str) -> None:
+    """Writes a checkpoint's tokenizer item as files (lmjax_tokenizer.json, ...) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    for name, data in content["files"].items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(base64.b64decode(data))
+
+
+def _read_json_item(step_dir: str, item: str) -> Any:
+    try:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(
+            os.path.join(step_dir, item), args=ocp.args.JsonRestore())
+    except Exception as e:  # noqa: BLE001 - Orbax raises many types
+        raise CheckpointError(f"cannot read item {item!r} of checkpoint {step_dir}: {e}") from e
+
+
+def read_tokenizer_item(path: str, step: int | None = None) -> dict:
+    """The raw tokenizer item of a checkpoint (see `write_tokenizer_files`)."""
+    return _read_json_item(resolve_step_dir(path, step), "tokenizer")
+
+
+def read_checkpoint_info(path: str, step: int | None = None) -> dict:
+    """{'step_dir', 'meta', 'config', 'model_config'} of a checkpoint, reading only small JSON."""
+    step_dir = resolve_step_dir(path, step)
+    return {"step_dir": step_dir, **{k: _read_json_item(step_dir, k)
+                                      for k in ("meta", "config", "model_config")}}
+
+
+# ----------------------------------------------------------------------------- config checks
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def model_differences(saved: dict, current: ModelConfig,
+                      fields: tuple[str, ...] | None = None) -> list[str]:
+    """['model.num_layers: checkpoint 6, config 4', ...] for `fields` (default: all unsafe)."""
+    current_dict = dataclasses.asdict(current)
+    if fields is None:
+        fields = tuple(k for k in current_dict if k not in SAFE_MODEL_FIELDS)
+    return [f"model.{k}: checkpoint {saved.get(k)!r}, config {current_dict[k]!r}"
+            for k in fields if saved.get(k) != current_dict[k]]
+
+
+def check_resume_config(saved_config: dict, saved_model: dict,
+                        config: ml_collections.ConfigDict) -> list[str]:
+    """Checks that `config` may resume a checkpoint; returns the safe changes, for logging.
+
+    Raises IncompatibleCheckpointError naming every field that changes the model or the
+    optimizer-state tree (`model.num_layers: checkpoint 6, config 4`).
+    """
+    fields = config.model.to_dict()
+    if not fields.get("vocab_size"):  # 0 = the tokenizer's: the checkpoint's tokenizer
+        fields["vocab_size"] = saved_model.get("vocab_size")
+    try:
+        current = ModelConfig.from_dict(fields)
+    except ValueError as e:
+        raise IncompatibleCheckpointError(f"config.model is invalid: {e}") from e
+    errors = model_differences(saved_model, current)
+    old, new = _flatten(saved_config), _flatten(config.to_dict())
+    for key in UNSAFE_CONFIG_FIELDS:
+        if key in old and old[key] != new.get(key):
+            errors.append(f"{key}: checkpoint {old[key]!r}, config {new.get(key)!r}")
+    if errors:
+        raise IncompatibleCheckpointError(
+            "the config does not match the checkpoint it would resume: " + "; ".join(errors)
+            + ". Use a new --workdir (or --config.init_from=OLD_WORKDIR to start from its "
+            "params), or undo these changes.")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if not k.startswith("model.") and k != "init_from" and old.get(k) != new.get(k)]
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+class _QuietOrbax:
+    """absl-logging filter: Orbax's INFO lines (dozens per save) are dropped, warnings kept."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= 30 or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    import logging as py_logging
+    logger = py_logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+        logger.addFilter(_QuietOrbax())
+
+
+class Checkpointer:
+    """Orbax CheckpointManager in `workdir/checkpoints` with lmjax's items and policies.
+
+    keep: the newest `keep` steps are kept; keep_best: also the step with the lowest
+    `metrics['val_loss']`; async_save: `save` returns once arrays are copied to host memory and
+    writes in a background thread (`wait()`/`close()` block until done).
+    """
+
+    def __init__(self, workdir: str, *, keep: int = 3, keep_best: bool = False,
+                 async_save: bool = True):
+        self.workdir = os.path.abspath(workdir)
+        self.directory = checkpoint_dir(self.workdir)
+        check_writable(self.directory)
+        quiet_orbax_logs()
+        policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]
+        if keep_best:
+            policies.append(ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            cleanup_tmp_directories=True,  # half-written steps of a killed run
+            enable_async_checkpointing=async_save,
+            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+            # best_fn only makes Orbax write each step's metrics (used by BestN on restarts).
+            best_fn=(lambda m: m["val_loss"]) if keep_best else None, best_mode="min")
+        self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        self.last_save_blocking_s = 0.0
+
+    # -- saving
+
+    def save(self, state, *, step: int, micro_step: int, config: ml_collections.ConfigDict,
+             model_config: ModelConfig, tokenizer, metrics: dict | None = None,
+             reason: str = "periodic") -> bool:
+        """Saves `state` as step `step` (optimizer steps); `micro_step` is the data position.
+
+        Raises CheckpointError if this save or a previous asynchronous one failed; the steps
+        already on disk are left as they were.
+        """
+        if step in self._manager.all_steps():
+            return False
+        tree = {"step": state.step, "opt_state": state.opt_state,
+                "rng": jax.random.key_data(state.rng)}
+        meta = {"step": int(step), "micro_step": int(micro_step),
+                "data_position": int(micro_step), "rng_impl": str(jax.random.key_impl(state.rng)),
+                "reason": reason, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                "metrics": metrics or {}}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            train_state=ocp.args.StandardSave(tree),
+            meta=ocp.args.JsonSave(meta),
+            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
+            model_config=ocp.args.JsonSave(dataclasses.asdict(model_config)),
+            tokenizer=ocp.args.JsonSave(_tokenizer_to_json(tokenizer)))
+        start = time.perf_counter()
+        try:
+            saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(step, e) from e
+        self.last_save_blocking_s = time.perf_counter() - start
+        return saved
+
+    def _save_error(self, step: int, error: BaseException) -> CheckpointError:
+        intact = _steps_in(self.directory)
+        return CheckpointError(
+            f"saving checkpoint step {step} (or the previous asynchronous save) in "
+            f"{self.directory} failed: {type(error).__name__}: {error}. Earlier checkpoints are "
+            f"intact: steps {intact}. Free disk space / fix permissions and re-run to resume.")
+
+    def wait(self) -> None:
+        """Blocks until asynchronous saves are on disk; CheckpointError if one failed."""
+        try:
+            self._manager.wait_until_finished()
+            self._manager.check_for_errors()
+        except Exception as e:  # noqa: BLE001
+            raise self._save_error(self._manager.latest_step() or -1, e) from e
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    # -- reading
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def read_info(self, step: int) -> dict:
+        return read_checkpoint_info(self.step_dir(step))
+
+    def restore(self, step: int, abstract_state):
+        """TrainState of `step`, placed as `abstract_state` (see `abstract_train_state`) says."""
+        tree = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+                "rng": abstract_state.rng}
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state.params),
+            train_state=ocp.args.StandardRestore(tree),
+            meta=ocp.args.JsonRestore()))
+        meta, state_tree = restored["meta"], restored["train_state"]
+        rng = jax.random.wrap_key_data(state_tree["rng"], impl=meta.get("rng_impl"))
+        state = abstract_state.replace(step=state_tree["step"], params=restored["params"],
+                                       opt_state=state_tree["opt_state"], rng=rng)
+        if int(state.step) != meta["micro_step"]:
+            raise CheckpointError(f"step {step}: train_state.step={int(state.step)} but "
+                                  f"meta.micro_step={meta['micro_step']}")
+        return state, meta
+
+    def restore_latest(self, abstract_state,
+                       check: Callable[[dict], None] | None = None):
+        """(state, meta) of the newest readable step, or None when there is none.
+
+        A step that fails to read is logged as bad, moved to `WORKDIR/corrupt_checkpoints/`
+        (never deleted) and the next older one is tried. `check(info)` runs on each candidate's
+        JSON (`read_info`) before any array is read, e.g. to reject an incompatible config;
+        its exceptions propagate.
+        """
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                info = self.read_info(step)
+            except Exception as e:  # noqa: BLE001
+                self._quarantine(step, e)
+                continue
+            if check is not None:
+                check(info)
+            try:
+                return self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001
+                self._quarantine(step, e)
+        return None
+
+    def _quarantine(self, step: int, error: BaseException) -> None:
+        message = f"{type(error).__name__}: {error}".splitlines()[0][:400]
+        target = os.path.join(self.workdir, CORRUPT_DIR,
+                              f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(self.step_dir(step), target)
+        logging.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and falling "
+                        "back to an older step", step, self.directory, message, target)
+        print(f"WARNING: checkpoint step {step} is corrupt or incomplete ({message}); "
+              f"moved to {target}; falling back to the newest good checkpoint.", flush=True)
+        self._manager.reload()
+
+
+# ----------------------------------------------------------------------------- params only
+
+
+def load_params(workdir_or_path: str, step: int | None = None, sharding=None):
+    """Parameters, ModelConfig and tokenizer of a checkpoint, without any optimizer state.
+
+    `workdir_or_path` is a run's workdir (newest step, or `step`), its `checkpoints` folder, a
+    step folder, or a folder written by `export_params`. `sharding`: as `abstract_train_state`.
+    Returns (params, model_config, tokenizer).
+    """
+    step_dir = resolve_step_dir(workdir_or_path, step)
+    model_config = ModelConfig.from_dict(_read_json_item(step_dir, "model_config"))
+    tokenizer = _tokenizer_from_json(_read_json_item(step_dir, "tokenizer"))
+    target = abstract_params(model_config, sharding)
+    try:
+        params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), target)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"cannot read the params of checkpoint {step_dir}: {e}") from e
+    return params, model_config, tokenizer
+
+
+def export_params(path: str, params, model_config: ModelConfig, tokenizer,
+                  config: ml_collections.ConfigDict | None = None) -> str:
+    """Writes a params-only folder (params, model_config, tokenizer[, config]) for inference.
+
+    The folder has a step folder's layout without `train_state`, so `load_params(path)` reads it.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; export_params does not overwrite")
+    items = {"params": ocp.args.StandardSave(params),
+             "model_config": ocp.args.JsonSave(dataclasses.asdict(model_config)),
+             "tokenizer": ocp.args.JsonSave(_tokenizer_to_json(tokenizer))}
+    if config is not None:
+        items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(path, ocp.args.Composite(**items))
+    return path

@@ -197,9 +197,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _check_resume(config):
+    logged = set()
+
     def check(info):
         changes = checkpoint_lib.check_resume_config(info["config"], info["model_config"], config)
-        if changes:
+        if changes and info["meta"]["step"] not in logged:
+            logged.add(info["meta"]["step"])
             logging.info("config changes since checkpoint step %d (allowed): %s",
                          info["meta"]["step"], "; ".join(changes))
     return check

@@ -1,0 +1,118 @@
+r"""How long a checkpoint stalls training: blocking part of an async save vs one train step.
+
+    python benchmarks/checkpoint_overhead.py [--repeats=3] [--workdir=/tmp/lmjax_ckpt_bench]
+
+GPT-2 124M (f32 params and compute, context 256, batch 4, AdamW): times one jitted train step,
+then saves the full TrainState (params + AdamW moments + step + rng, plus the JSON items) with
+`lmjax.checkpoint.Checkpointer`: 'blocking' is the time `save` takes to return with async saving
+on (device-to-host copy; training continues after it), 'full' is until the step is on disk
+(`wait()`), and 'sync' is a save with async saving off. Prints JSON, then a Markdown table.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from lmjax import checkpoint as ckpt_lib
+from lmjax import model as model_lib
+from lmjax import train as train_lib
+from lmjax.config import default_config, preset_fields
+from lmjax.tokenizers import ByteTokenizer
+
+
+def _dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", default="")
+    parser.add_argument("--seq_len", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=4)
+    args = parser.parse_args()
+
+    config = default_config()
+    config.model.update(preset_fields("gpt2_124m", max_len=args.seq_len, dtype="float32",
+                                      param_dtype="float32"))
+    config.data.seq_len, config.data.batch_size = args.seq_len, args.batch_size
+    mcfg = train_lib.model_config(config, vocab_size=config.model.vocab_size)
+    tx, _ = train_lib.make_optimizer(config.optim, 1000)
+    state = jax.jit(lambda key: train_lib.create_train_state(mcfg, tx, key))(jax.random.key(0))
+    step_fn = jax.jit(lambda s, b: train_lib.train_step(s, b, config=mcfg, tx=tx),
+                      donate_argnums=0)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, mcfg.vocab_size, (args.batch_size, args.seq_len + 1), np.int32)
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+             "mask": np.ones((args.batch_size, args.seq_len), np.float32)}
+
+    state, m = step_fn(state, batch)  # compile
+    jax.block_until_ready((state, m))
+    step_times = []
+    for _ in range(max(args.repeats, 3)):
+        start = time.perf_counter()
+        state, m = step_fn(state, batch)
+        jax.block_until_ready((state, m))
+        step_times.append(time.perf_counter() - start)
+
+    root = args.workdir or tempfile.mkdtemp(prefix="lmjax_ckpt_bench_")
+    shutil.rmtree(root, ignore_errors=True)
+    tokenizer = ByteTokenizer()
+    results = {}
+    for mode, async_save in (("async", True), ("sync", False)):
+        ckpt = ckpt_lib.Checkpointer(os.path.join(root, mode), keep=2, async_save=async_save)
+        blocking, full = [], []
+        for i in range(args.repeats + 1):  # the first save also creates folders: not counted
+            state, m = step_fn(state, batch)
+            jax.block_until_ready((state, m))
+            start = time.perf_counter()
+            ckpt.save(state, step=i + 1, micro_step=int(state.step), config=config,
+                      model_config=mcfg, tokenizer=tokenizer, reason="benchmark")
+            returned = time.perf_counter()
+            # Training goes on while the async save writes; the next step donates `state`.
+            ckpt.wait()
+            done = time.perf_counter()
+            if i:
+                blocking.append(returned - start)
+                full.append(done - start)
+        size = _dir_size(ckpt.step_dir(args.repeats + 1))
+        ckpt.close()
+        results[mode] = {"blocking_s": statistics.median(blocking),
+                         "full_s": statistics.median(full)}
+    shutil.rmtree(root, ignore_errors=True)
+
+    step_s = statistics.median(step_times)
+    report = {
+        "model": "gpt2_124m", "params": model_lib.count_params(state.params),
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "dtype": "float32",
+        "device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(),
+        "checkpoint_bytes": size, "train_step_s": step_s,
+        "async_save_blocking_s": results["async"]["blocking_s"],
+        "async_save_full_s": results["async"]["full_s"],
+        "sync_save_s": results["sync"]["full_s"],
+        "blocking_over_step": results["async"]["blocking_s"] / step_s,
+        "repeats": args.repeats,
+    }
+    print(json.dumps(report, indent=2))
+    print()
+    print(f"GPT-2 124M, f32, context {args.seq_len}, batch {args.batch_size}, "
+          f"{report['backend']} ({report['device']}), checkpoint "
+          f"{size / 2**20:.0f} MiB, median of {args.repeats}")
+    print()
+    print("| what | time (s) | × train step |")
+    print("|---|---:|---:|")
+    for name, key in (("one train step", "train_step_s"),
+                      ("async save, blocking part", "async_save_blocking_s"),
+                      ("async save, until on disk", "async_save_full_s"),
+                      ("synchronous save", "sync_save_s")):
+        print(f"| {name} | {report[key]:.3f} | {report[key] / step_s:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

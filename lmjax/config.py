@@ -13,6 +13,7 @@ _CHOICES = {
     "position": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
+    "rope_scaling": ("none", "linear", "llama3"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
@@ -38,10 +39,19 @@ class ModelConfig:
     head_dim: int = 0  # 0: embed_dim // num_heads
     position: str = "learned"  # learned | rope
     rope_theta: float = 10000.0
+    # RoPE context extension, as Hugging Face's rope_type: linear divides every frequency by the
+    # factor; llama3 divides the low ones, keeps the high ones, and interpolates in between.
+    rope_scaling: str = "none"  # none | linear | llama3
+    rope_scaling_factor: float = 1.0  # linear, llama3
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_original_max_len: int = 8192  # llama3: the context length the model was pretrained with
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu
     bias: bool = True  # biases in every Dense and LayerNorm
+    qkv_bias: bool = False  # biases on query, key and value even when bias=False (Qwen2)
+    out_bias: bool = False  # bias on the attention output even when bias=False (LLaMA)
     tie_embeddings: bool = True  # output projection = token embedding transposed
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype
@@ -82,6 +92,16 @@ class ModelConfig:
                 f"model.num_kv_heads={self.kv_heads} must divide model.num_heads={self.num_heads}")
         if self.position == "rope" and self.head_size % 2:
             raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
+        if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
+            raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be > 0")
+        if self.rope_scaling == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_max_len > 0):
+            raise ValueError(
+                f"model.rope_scaling='llama3' needs 0 < model.rope_low_freq_factor="
+                f"{self.rope_low_freq_factor} < model.rope_high_freq_factor="
+                f"{self.rope_high_freq_factor} and model.rope_original_max_len="
+                f"{self.rope_original_max_len} > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
 
@@ -165,10 +185,11 @@ def default_config():
     c.model = ml_collections.ConfigDict(preset_fields("nanogpt_baby", vocab_size=0))
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "char"  # char | byte | sentencepiece
+    c.tokenizer.kind = "char"  # char | byte | sentencepiece | hf (a Hugging Face model folder)
     c.tokenizer.vocab_size = 8000  # sentencepiece only
     c.tokenizer.model_type = "bpe"  # sentencepiece only: bpe | unigram
     c.tokenizer.path = ""  # existing SentencePiece .model or saved tokenizer folder ('' = train)
+    # (kind hf: the folder with tokenizer.json or tokenizer.model, e.g. a Hugging Face model)
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "shakespeare"  # shakespeare (embedded corpus) | files | tfds

@@ -32,10 +32,34 @@ def _partitioned(init, names: tuple[str | None, ...]):
     return nn.with_logical_partitioning(init, names)
 
 
-def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(config: ModelConfig) -> jax.Array:
+    """RoPE's inverse frequencies theta^(-2i/K) for i < K/2, with `config.rope_scaling` applied.
+
+    The scalings are Hugging Face's (`modeling_rope_utils.py`): 'linear' (position interpolation)
+    divides every frequency by the factor; 'llama3' (LLaMA 3.1) divides the low frequencies
+    (wavelength > original_max_len / low_freq_factor) by it, keeps the high ones (wavelength <
+    original_max_len / high_freq_factor), and interpolates smoothly in between.
+    """
+    cfg = config
+    half = cfg.head_size // 2
+    inv_freq_K2 = 1.0 / (cfg.rope_theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    if cfg.rope_scaling == "linear":
+        inv_freq_K2 = inv_freq_K2 / cfg.rope_scaling_factor
+    elif cfg.rope_scaling == "llama3":
+        wavelen_K2 = 2 * jnp.pi / inv_freq_K2
+        scaled_K2 = inv_freq_K2 / cfg.rope_scaling_factor
+        smooth_K2 = ((cfg.rope_original_max_len / wavelen_K2 - cfg.rope_low_freq_factor)
+                     / (cfg.rope_high_freq_factor - cfg.rope_low_freq_factor))
+        medium_K2 = (1 - smooth_K2) * scaled_K2 + smooth_K2 * inv_freq_K2
+        inv_freq_K2 = jnp.where(
+            wavelen_K2 > cfg.rope_original_max_len / cfg.rope_low_freq_factor, scaled_K2,
+            jnp.where(wavelen_K2 < cfg.rope_original_max_len / cfg.rope_high_freq_factor,
+                      inv_freq_K2, medium_K2))
+    return inv_freq_K2
+
+
+def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, inv_freq_K2: jax.Array) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), rotate-half layout as in LLaMA/HF."""
-    half = x_BxLxNxK.shape[-1] // 2
-    inv_freq_K2 = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
     angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq_K2
     sin, cos = jnp.sin(angles_BxLxK2)[:, :, None, :], jnp.cos(angles_BxLxK2)[:, :, None, :]
     x1, x2 = jnp.split(x_BxLxNxK.astype(jnp.float32), 2, axis=-1)
@@ -70,7 +94,8 @@ class Attention(nn.Module):
 
         def project(name, heads, head_axis):
             return nn.DenseGeneral(
-                (heads, K), use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                (heads, K), use_bias=cfg.bias or cfg.qkv_bias, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
                 kernel_init=_partitioned(_dense_init(cfg), ("embed", head_axis, "head_dim")),
                 bias_init=_partitioned(nn.initializers.zeros, (head_axis, "head_dim")),
                 name=name)(x_BxLxD)
@@ -79,8 +104,9 @@ class Attention(nn.Module):
         k_BxLxGxK = project("key", G, "kv_heads")
         v_BxLxGxK = project("value", G, "kv_heads")
         if cfg.position == "rope":
-            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-            k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, cfg.rope_theta)
+            inv_freq_K2 = rope_inv_freq(cfg)
+            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, inv_freq_K2)
+            k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
 
         if kv_cache is None:
             # Training / full forward: plain causal attention (a fused kernel where available).
@@ -98,8 +124,8 @@ class Attention(nn.Module):
                 kv_cache["v"].astype(q_BxLxHxK.dtype), mask=mask_Bx1xLxT)
 
         out_BxLxD = nn.DenseGeneral(
-            cfg.embed_dim, axis=(-2, -1), use_bias=cfg.bias, dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
+            cfg.embed_dim, axis=(-2, -1), use_bias=cfg.bias or cfg.out_bias,
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             # Residual projections are scaled down with depth (GPT-2, nanoGPT).
             kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.num_layers) ** -0.5),
                                      ("heads", "head_dim", "embed")),

@@ -1,15 +1,18 @@
 """Tokenizers: text <-> integer ids.
 
-Three implementations of one small interface:
+Four implementations of one small interface:
 
 * `CharTokenizer`: one id per character seen in training (nanoGPT's shakespeare_char).
 * `ByteTokenizer`: UTF-8 bytes 0..255 plus pad/bos/eos; needs no training.
 * `SentencePieceTokenizer`: BPE or unigram subwords trained with the `sentencepiece` library,
   set up so that `decode(encode(text)) == text` for any text (whitespace kept verbatim, unseen
   characters fall back to bytes).
+* `HFTokenizer`: the tokenizer of a Hugging Face model folder (`tokenizer.json` through the
+  `tokenizers` library, or a SentencePiece `tokenizer.model`), with the folder's bos/eos/pad ids.
 
 A tokenizer is saved into a directory as `lmjax_tokenizer.json` (plus `tokenizer.model` for
-SentencePiece) and read back with `load_tokenizer`, so a resumed run uses the very same ids.
+SentencePiece, the Hugging Face files for `HFTokenizer`) and read back with `load_tokenizer`, so a
+resumed run uses the very same ids.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
-TOKENIZER_KINDS = ("char", "byte", "sentencepiece")
+TOKENIZER_KINDS = ("char", "byte", "sentencepiece")  # built or trained by lmjax
+HF_KIND = "hf"  # loaded from a Hugging Face folder (tokenizer.path)
 SENTENCEPIECE_MODEL_TYPES = ("bpe", "unigram")
 CONFIG_FILE = "lmjax_tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
@@ -32,7 +36,7 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 class Tokenizer(Protocol):
     """What the rest of lmjax needs from a tokenizer."""
 
-    kind: str  # 'char' | 'byte' | 'sentencepiece'
+    kind: str  # 'char' | 'byte' | 'sentencepiece' | 'hf'
     vocab_size: int
     bos_id: int | None
     eos_id: int | None
@@ -225,6 +229,146 @@ class SentencePieceTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
+# Hugging Face.
+
+HF_TOKENIZER_FILE = "tokenizer.json"
+# Files of a Hugging Face tokenizer folder that HFTokenizer keeps and writes back verbatim.
+HF_TOKENIZER_FILES = (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE, "tokenizer_config.json",
+                      "special_tokens_map.json", "added_tokens.json")
+
+
+class HFTokenizer:
+    """The tokenizer of a Hugging Face model folder.
+
+    `tokenizer.json` is run by the `tokenizers` library (as `transformers`' fast tokenizers do);
+    without it, `tokenizer.model` by `sentencepiece`. The bos/eos/pad ids are those named in
+    `tokenizer_config.json` or `special_tokens_map.json`, else the model's `config.json`
+    `*_token_id` (the first, for a list), else (SentencePiece) the model's own.
+
+    `encode(text)` adds no special tokens, like the other lmjax tokenizers (training text has
+    none); `encode(text, add_special_tokens=True)` adds what `transformers` would (e.g. LLaMA's
+    bos). `decode` drops the bos/eos/pad ids and, unlike `transformers`, does not "clean up"
+    spaces, so that `decode(encode(text)) == text` wherever the tokenizer allows it.
+    """
+
+    kind = HF_KIND
+
+    def __init__(self, files: dict[str, bytes], special_ids: dict[str, int | None] | None = None):
+        """files: file name -> contents (of HF_TOKENIZER_FILES); special_ids: 'bos'/'eos'/'pad' ->
+        id, overriding the tokenizer files (e.g. from config.json)."""
+        self.files = dict(files)
+        if HF_TOKENIZER_FILE in files:
+            import tokenizers  # the Hugging Face library (not this module)
+
+            self.backend = tokenizers.Tokenizer.from_str(files[HF_TOKENIZER_FILE].decode("utf-8"))
+            self.backend.no_truncation()  # a tokenizer.json may truncate or pad: lmjax never does
+            self.backend.no_padding()
+            self.vocab_size = self.backend.get_vocab_size(with_added_tokens=True)
+            token_to_id = self.backend.token_to_id
+            own_ids = {}
+        elif SENTENCEPIECE_FILE in files:
+            self.backend = spm.SentencePieceProcessor(model_proto=files[SENTENCEPIECE_FILE])
+            self.vocab_size = self.backend.get_piece_size()
+            pieces = {self.backend.id_to_piece(i): i for i in range(self.vocab_size)}
+            token_to_id = pieces.get
+            own_ids = {"bos": self.backend.bos_id(), "eos": self.backend.eos_id(),
+                       "pad": self.backend.pad_id()}
+        else:
+            raise ValueError(f"HFTokenizer needs {HF_TOKENIZER_FILE} or {SENTENCEPIECE_FILE}, "
+                             f"got files {sorted(files)}")
+        self.config = self._json("tokenizer_config.json")
+        special_map = self._json("special_tokens_map.json")
+        ids = {}
+        for name in ("bos", "eos", "pad"):
+            token = self.config.get(f"{name}_token") or special_map.get(f"{name}_token")
+            if isinstance(token, dict):  # a serialized AddedToken
+                token = token.get("content")
+            token_id = token_to_id(token) if isinstance(token, str) else None
+            if special_ids and special_ids.get(name) is not None:
+                token_id = special_ids[name]
+            if token_id is None and own_ids.get(name, -1) >= 0:
+                token_id = own_ids[name]
+            if token_id is not None and not 0 <= token_id < self.vocab_size:
+                raise ValueError(f"{name} id {token_id} is outside the tokenizer's vocabulary of "
+                                 f"{self.vocab_size}")
+            ids[name] = token_id
+        self.bos_id, self.eos_id, self.pad_id = ids["bos"], ids["eos"], ids["pad"]
+
+    def _json(self, name: str) -> dict:
+        return json.loads(self.files[name].decode("utf-8")) if name in self.files else {}
+
+    @staticmethod
+    def in_folder(folder: str) -> bool:
+        """Whether `folder` holds a Hugging Face tokenizer (tokenizer.json or tokenizer.model)."""
+        return any(os.path.isfile(os.path.join(folder, name))
+                   for name in (HF_TOKENIZER_FILE, SENTENCEPIECE_FILE))
+
+    @classmethod
+    def from_folder(cls, folder: str) -> "HFTokenizer":
+        """Loads the tokenizer of a Hugging Face folder (e.g. one written by `save_pretrained`)."""
+        if not cls.in_folder(folder):
+            raise FileNotFoundError(f"No Hugging Face tokenizer in {folder!r}: it has neither "
+                                    f"{HF_TOKENIZER_FILE} nor {SENTENCEPIECE_FILE}.")
+        files = {}
+        for name in HF_TOKENIZER_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    files[name] = f.read()
+        # The model's config.json names ids only: they count when the tokenizer files name none.
+        fallback = {}
+        config_path = os.path.join(folder, "config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                model_config = json.load(f)
+            for name in ("bos", "eos", "pad"):
+                value = model_config.get(f"{name}_token_id")
+                fallback[name] = value[0] if isinstance(value, list) and value else value
+        tokenizer = cls(files)
+        missing = {name: i for name, i in fallback.items() if isinstance(i, int)
+                   and getattr(tokenizer, f"{name}_id") is None}
+        return cls(files, missing) if missing else tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if isinstance(self.backend, spm.SentencePieceProcessor):
+            ids = self.backend.encode(text)
+            if add_special_tokens:
+                if self.config.get("add_bos_token", True) and self.bos_id is not None:
+                    ids = [self.bos_id] + ids
+                if self.config.get("add_eos_token", False) and self.eos_id is not None:
+                    ids = ids + [self.eos_id]
+            return ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        specials = _special_ids(self)
+        ids = [int(i) for i in ids if i not in specials]
+        if isinstance(self.backend, spm.SentencePieceProcessor):
+            return self.backend.decode(ids)
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory: str) -> None:
+        """Writes the Hugging Face files verbatim, and lmjax_tokenizer.json with the ids."""
+        _write_json(directory, {"kind": self.kind, "files": sorted(self.files), "bos_id":
+                                self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id})
+        for name, content in self.files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(content)
+
+    @classmethod
+    def load(cls, directory: str, saved: dict) -> "HFTokenizer":
+        """Reads what `save` wrote (`saved` is its lmjax_tokenizer.json)."""
+        files = {}
+        for name in saved["files"]:
+            with open(os.path.join(directory, name), "rb") as f:
+                files[name] = f.read()
+        tokenizer = cls(files)
+        for name in ("bos", "eos", "pad"):  # the ids as saved, None included
+            setattr(tokenizer, f"{name}_id", saved[f"{name}_id"])
+        return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
 # Saving, loading, building from a config.
 
 
@@ -245,17 +389,24 @@ def load_tokenizer(directory: str) -> Tokenizer:
         return ByteTokenizer()
     if saved["kind"] == "sentencepiece":
         return SentencePieceTokenizer.from_file(os.path.join(directory, saved["model_file"]))
+    if saved["kind"] == HF_KIND:
+        return HFTokenizer.load(directory, saved)
     raise ValueError(f"{path}: unknown tokenizer kind {saved['kind']!r}, "
-                     f"expected one of {TOKENIZER_KINDS}.")
+                     f"expected one of {TOKENIZER_KINDS + (HF_KIND,)}.")
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Raises a ValueError naming the field for bad tokenizer settings, before any training."""
-    if config.kind not in TOKENIZER_KINDS:
-        raise ValueError(f"tokenizer.kind must be one of {TOKENIZER_KINDS}, got {config.kind!r}.")
+    if config.kind not in TOKENIZER_KINDS + (HF_KIND,):
+        raise ValueError(f"tokenizer.kind must be one of {TOKENIZER_KINDS}, got {config.kind!r} "
+                         f"(or {HF_KIND!r} with tokenizer.path = a Hugging Face folder).")
     path = config.get("path", "")
     if path and not os.path.exists(path):
         raise FileNotFoundError(f"tokenizer.path = {path!r} does not exist.")
+    if config.kind == HF_KIND and not (path and os.path.isdir(path) and (
+            HFTokenizer.in_folder(path) or has_saved_tokenizer(path))):
+        raise ValueError(f"tokenizer.kind = {HF_KIND!r} needs tokenizer.path = a folder with "
+                         f"{HF_TOKENIZER_FILE} or {SENTENCEPIECE_FILE}, got {path!r}.")
     if config.kind == "sentencepiece" and not path:
         model_type = config.get("model_type", "bpe")
         if model_type not in SENTENCEPIECE_MODEL_TYPES:
@@ -282,9 +433,10 @@ def build_tokenizer(config: ml_collections.ConfigDict, train_text: str | Sequenc
     """Makes the tokenizer described by the `config.tokenizer` section.
 
     Args:
-      config: fields `kind` ('char' | 'byte' | 'sentencepiece'), `vocab_size` and `model_type`
-        ('bpe' | 'unigram') for SentencePiece training, `path` ('' = train on `train_text`,
-        else an existing SentencePiece `.model` file or a directory written by `save`).
+      config: fields `kind` ('char' | 'byte' | 'sentencepiece' | 'hf'), `vocab_size` and
+        `model_type` ('bpe' | 'unigram') for SentencePiece training, `path` ('' = train on
+        `train_text`, else an existing SentencePiece `.model` file or a directory written by
+        `save`; for 'hf', a Hugging Face folder with tokenizer.json or tokenizer.model).
       train_text: the training text, one string or a sequence of documents.
       workdir: if given, a tokenizer already saved there is loaded (a resumed run must use the
         very same tokenizer); otherwise the new tokenizer is saved there.
@@ -295,7 +447,9 @@ def build_tokenizer(config: ml_collections.ConfigDict, train_text: str | Sequenc
 
     texts = [train_text] if isinstance(train_text, str) else list(train_text)
     path = config.get("path", "")
-    if path and os.path.isdir(path):
+    if config.kind == HF_KIND and not has_saved_tokenizer(path):
+        tokenizer = HFTokenizer.from_folder(path)
+    elif path and os.path.isdir(path):
         tokenizer = _load_checked(path, config.kind)
     elif path:
         if config.kind != "sentencepiece":

@@ -473,7 +473,7 @@ def load_hf_params(folder: str, config: ModelConfig, model_type: str) -> dict:
             raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, "
                              f"but the config needs shape {expected[name]}")
         for path, array in rule_of[name].to_lmjax(tensor, shapes):
-            flat[path] = jnp.asarray(array.astype(dtype))
+            flat[path] = jnp.asarray(array.astype(dtype, copy=False))
         del tensor
     return traverse_util.unflatten_dict(flat)
 

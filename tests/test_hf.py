@@ -320,6 +320,9 @@ def test_bfloat16_import(tmp_path):
 def test_folder_without_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         hf.load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(LLAMA, model_type="llama")))
+    with pytest.raises(FileNotFoundError, match="no weights in .*expected model.safetensors"):
+        hf.load_hf(str(tmp_path))
 
 
 def test_unsupported_model_type(tmp_path):

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 _CHOICES = {
     "position": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu"),
+    "mlp": ("gelu", "gelu_exact", "swiglu"),
     "rope_scaling": ("none", "linear", "llama3"),
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
@@ -48,7 +48,7 @@ class ModelConfig:
     rope_original_max_len: int = 8192  # llama3: the context length the model was pretrained with
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
-    mlp: str = "gelu"  # gelu (tanh approximation, as GPT-2) | swiglu
+    mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, nanoGPT) | swiglu
     bias: bool = True  # biases in every Dense and LayerNorm
     qkv_bias: bool = False  # biases on query, key and value even when bias=False (Qwen2)
     out_bias: bool = False  # bias on the attention output even when bias=False (LLaMA)
@@ -232,4 +232,15 @@ def default_config():
     c.train.sample_temperature = 0.8
     c.train.sample_top_k = 0
     c.train.progress_bar = True
+
+    # Parallelism: a (data, fsdp, tensor) device mesh over all devices of all processes; one
+    # size may be -1 (= the remaining devices). See lmjax/sharding.py and the README.
+    from lmjax import sharding  # here, not at the top: sharding imports this module
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # batch split, parameters replicated
+    c.mesh.fsdp = 1  # batch split, parameters split along `embed` (fully sharded data parallel)
+    c.mesh.tensor = 1  # heads, MLP and vocab split (tensor parallel)
+    c.mesh.dcn_data = 1  # slices/hosts joined by the data-centre network (multi-slice TPU)
+    # Logical axis -> mesh axes ('' = replicated, 'data,fsdp' = both), e.g. --config.mesh.rules.embed=
+    c.mesh.rules = ml_collections.ConfigDict(sharding.default_rules_config())
     return c

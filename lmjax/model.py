@@ -7,10 +7,11 @@ Shape letters used in names:
 `Transformer.apply(params, tokens_BxL)` returns `logits_BxLxV`. With a `kv_cache` it also returns
 the updated cache: the same attention code serves training (no cache) and sampling.
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
-`mlp`, `norm`) that `sharding.py` maps to mesh axes; activations carry (`batch`, `length`, ...).
+`mlp`, `norm`) that `sharding.py` maps to mesh axes; activations carry `activation_*` names.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +23,11 @@ from lmjax.config import ModelConfig
 # A KV cache is a list (one entry per layer) of {'k': [B, T, G, K], 'v': [B, T, G, K]}.
 # Slot t of the cache holds the key/value of position t, so "key visible" is just t <= position.
 KVCache = list[dict[str, jax.Array]]
+
+# Logical names of activations (sharding.py maps them to mesh axes: batch over data and fsdp).
+_ACT_BLD = ("activation_batch", "activation_length", "activation_embed")
+_ACT_BLF = ("activation_batch", "activation_length", "activation_mlp")
+_ACT_BLV = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def _dense_init(config: ModelConfig, scale: float = 1.0):
@@ -82,6 +88,31 @@ def _write_rows(cache_BxTxGxK: jax.Array, new_BxLxGxK: jax.Array, start_B: jax.A
     return jax.vmap(write)(cache_BxTxGxK, new_BxLxGxK.astype(cache_BxTxGxK.dtype), start_B)
 
 
+class Projection(nn.Module):
+    """`x @ kernel + bias` contracting x's last `len(in_shape)` axes, with a kernel of shape
+    in_shape + out_shape kept unflattened, so every axis carries its logical name."""
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    names: tuple[str, ...]  # logical names of in_shape + out_shape
+    use_bias: bool
+    config: ModelConfig
+    init_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale), self.names),
+                            self.in_shape + self.out_shape, cfg.param_dtype)
+        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), axes=len(self.in_shape))
+        if self.use_bias:
+            bias = self.param("bias", _partitioned(nn.initializers.zeros,
+                                                   self.names[len(self.in_shape):]),
+                              self.out_shape, cfg.param_dtype)
+            y = y + bias.astype(cfg.dtype)
+        return y
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads, RoPE and an optional KV cache."""
 
@@ -93,12 +124,8 @@ class Attention(nn.Module):
         H, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_size
 
         def project(name, heads, head_axis):
-            return nn.DenseGeneral(
-                (heads, K), use_bias=cfg.bias or cfg.qkv_bias, dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=_partitioned(_dense_init(cfg), ("embed", head_axis, "head_dim")),
-                bias_init=_partitioned(nn.initializers.zeros, (head_axis, "head_dim")),
-                name=name)(x_BxLxD)
+            return Projection((cfg.embed_dim,), (heads, K), ("embed", head_axis, "head_dim"),
+                              cfg.bias or cfg.qkv_bias, cfg, name=name)(x_BxLxD)
 
         q_BxLxHxK = project("query", H, "heads")
         k_BxLxGxK = project("key", G, "kv_heads")
@@ -123,19 +150,15 @@ class Attention(nn.Module):
                 q_BxLxHxK, kv_cache["k"].astype(q_BxLxHxK.dtype),
                 kv_cache["v"].astype(q_BxLxHxK.dtype), mask=mask_Bx1xLxT)
 
-        out_BxLxD = nn.DenseGeneral(
-            cfg.embed_dim, axis=(-2, -1), use_bias=cfg.bias or cfg.out_bias,
-            dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            # Residual projections are scaled down with depth (GPT-2, nanoGPT).
-            kernel_init=_partitioned(_dense_init(cfg, (2 * cfg.num_layers) ** -0.5),
-                                     ("heads", "head_dim", "embed")),
-            bias_init=_partitioned(nn.initializers.zeros, ("embed",)),
-            name="out")(out_BxLxHxK)
+        # Residual projections are scaled down with depth (GPT-2, nanoGPT).
+        out_BxLxD = Projection((H, K), (cfg.embed_dim,), ("heads", "head_dim", "embed"),
+                               cfg.bias or cfg.out_bias, cfg,
+                               init_scale=(2 * cfg.num_layers) ** -0.5, name="out")(out_BxLxHxK)
         return out_BxLxD, kv_cache
 
 
 class Mlp(nn.Module):
-    """GELU MLP (GPT-2) or SwiGLU (LLaMA)."""
+    """GELU MLP (GPT-2: tanh approximation; nanoGPT: exact) or SwiGLU (LLaMA)."""
 
     config: ModelConfig
 
@@ -153,8 +176,9 @@ class Mlp(nn.Module):
             h_BxLxF = (nn.silu(dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD))
                        * dense("up", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD))
         else:
-            h_BxLxF = nn.gelu(dense("fc", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD), approximate=True)
-        h_BxLxF = nn.with_logical_constraint(h_BxLxF, ("batch", "length", "mlp"))
+            h_BxLxF = nn.gelu(dense("fc", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD),
+                              approximate=cfg.mlp == "gelu")
+        h_BxLxF = nn.with_logical_constraint(h_BxLxF, _ACT_BLF)
         return dense("proj", cfg.embed_dim, ("mlp", "embed"),
                      scale=(2 * cfg.num_layers) ** -0.5)(h_BxLxF)
 
@@ -184,7 +208,7 @@ class Block(nn.Module):
             _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache)
         x_BxLxD = x_BxLxD + dropout(h_BxLxD)
         x_BxLxD = x_BxLxD + dropout(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD)))
-        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT_BLD)
         return x_BxLxD, kv_cache
 
 
@@ -217,7 +241,7 @@ class Transformer(nn.Module):
                 (cfg.max_len, cfg.embed_dim), cfg.param_dtype)
             x_BxLxD = x_BxLxD + jnp.take(pos_embed, positions_BxL, axis=0).astype(cfg.dtype)
         x_BxLxD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BxLxD)
-        x_BxLxD = nn.with_logical_constraint(x_BxLxD, ("batch", "length", "embed"))
+        x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT_BLD)
 
         block_cls = Block
         if cfg.remat != "none":
@@ -238,22 +262,28 @@ class Transformer(nn.Module):
                 cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                 kernel_init=_partitioned(_dense_init(cfg), ("embed", "vocab")),
                 name="lm_head")(x_BxLxD)
-        logits_BxLxV = nn.with_logical_constraint(
-            logits_BxLxV.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), _ACT_BLV)
         return logits_BxLxV if kv_cache is None else (logits_BxLxV, new_cache)
+
+
+def init_boxed_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """Random parameters, each wrapped with its logical axis names (`nn.LogicallyPartitioned`)."""
+    tokens = jnp.zeros((1, min(8, config.max_len)), jnp.int32)
+    return Transformer(config).init(rng, tokens)["params"]
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> dict:
     """Random parameters as a plain pytree (logical-axis boxes removed)."""
-    tokens = jnp.zeros((1, min(8, config.max_len)), jnp.int32)
-    return nn.unbox(Transformer(config).init(rng, tokens))["params"]
+    return nn.unbox(init_boxed_params(config, rng))
+
+
+def _abstract_boxed_params(config: ModelConfig) -> dict:
+    return jax.eval_shape(functools.partial(init_boxed_params, config), jax.random.key(0))
 
 
 def logical_axes(config: ModelConfig) -> dict:
     """The pytree of logical axis names of every parameter (for sharding), without any compute."""
-    tokens = jax.ShapeDtypeStruct((1, min(8, config.max_len)), jnp.int32)
-    boxed = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
-    return nn.get_partition_spec(boxed)
+    return nn.get_partition_spec(_abstract_boxed_params(config))
 
 
 def count_params(params) -> int:
@@ -263,9 +293,7 @@ def count_params(params) -> int:
 
 def num_params(config: ModelConfig) -> int:
     """Parameter count of a config, computed from shapes only (no memory)."""
-    tokens = jax.ShapeDtypeStruct((1, min(8, config.max_len)), jnp.int32)
-    shapes = jax.eval_shape(Transformer(config).init, jax.random.key(0), tokens)["params"]
-    return count_params(nn.unbox(shapes))
+    return count_params(nn.unbox(_abstract_boxed_params(config)))
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True) -> float:

@@ -7,6 +7,7 @@ notebook can call them one by one; `train_and_evaluate(config, workdir)` strings
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -16,6 +17,7 @@ import time
 from typing import Any, Iterable
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,6 +28,7 @@ from absl import logging
 from lmjax import checkpoint as checkpoint_lib
 from lmjax import data as data_lib
 from lmjax import model as model_lib
+from lmjax import sharding as sharding_lib
 from lmjax import tokenizers as tokenizers_lib
 from lmjax.config import ModelConfig, default_config
 
@@ -59,7 +62,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                 check_keys(section[key], value, f"{prefix}{key}.")
 
     check_keys(config, default, "")
-    model_config(config, vocab_size=max(config.model.vocab_size, 1))  # named-field errors
+    mcfg = model_config(config, vocab_size=max(config.model.vocab_size, 1))  # named-field errors
+    mesh_shape = sharding_lib.mesh_shape(config.mesh, jax.device_count())
+    sharding_lib.check_divisibility(mcfg, mesh_shape, config.data.batch_size,
+                                    sharding_lib.rules(config.mesh))
     if config.data.seq_len > config.model.max_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} is above the model's maximum "
                          f"length model.max_len={config.model.max_len}")
@@ -96,7 +102,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
     """
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
-        decay_steps=optim.decay_steps or num_steps, end_value=optim.min_learning_rate)
+        decay_steps=max(optim.decay_steps or num_steps, optim.warmup_steps + 1),
+        end_value=optim.min_learning_rate)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
         optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
@@ -107,13 +114,26 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
     return tx, schedule
 
 
-def create_train_state(config: ModelConfig, tx: optax.GradientTransformation,
+def _boxed_train_state(config: ModelConfig, tx: optax.GradientTransformation,
                        rng: jax.Array) -> TrainState:
-    """Fresh parameters and optimizer state."""
     init_rng, train_rng = jax.random.split(rng)
-    params = model_lib.init_params(config, init_rng)
+    params = model_lib.init_boxed_params(config, init_rng)  # leaves carry logical axis names
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=train_rng)
+
+
+def create_train_state(config: ModelConfig, tx: optax.GradientTransformation,
+                       rng: jax.Array) -> TrainState:
+    """Fresh parameters and optimizer state. Under `jax.jit(..., out_shardings=
+    state_shardings(...))` every array is created directly in its sharded layout."""
+    return nn.unbox(_boxed_train_state(config, tx, rng))
+
+
+def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh,
+                    axis_rules) -> TrainState:
+    """A TrainState of NamedShardings: optimizer moments follow their parameters' logical axes."""
+    abstract = jax.eval_shape(functools.partial(_boxed_train_state, config, tx), jax.random.key(0))
+    return sharding_lib.logical_to_sharding(nn.get_partition_spec(abstract), mesh, axis_rules)
 
 
 # ----------------------------------------------------------------------------- loss and steps
@@ -145,7 +165,7 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, config, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -188,7 +208,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best,
         async_save=config.train.async_checkpoints)
     try:
-        return _train_loop(config, workdir, ckpt)
+        with contextlib.ExitStack() as scope:  # the device mesh, entered once it is known
+            return _train_loop(config, workdir, ckpt, scope)
     finally:
         try:
             ckpt.close()  # waits for an asynchronous save in flight
@@ -208,7 +229,8 @@ def _check_resume(config):
     return check
 
 
-def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer") -> dict[str, Any]:
+def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
+                scope: contextlib.ExitStack) -> dict[str, Any]:
     # Before any compute: the newest checkpoint must be resumable with this config.
     check = _check_resume(config)
     steps = ckpt.all_steps()
@@ -234,11 +256,18 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer") -> di
                  f"{model_lib.num_params(mcfg):,}", model_lib.flops_per_token(mcfg, config.data.seq_len),
                  data.train_tokens, data.val_tokens)
 
+    mesh = sharding_lib.make_mesh(config.mesh)
+    axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
+    scope.enter_context(jax.set_mesh(mesh))
+    is_main = jax.process_index() == 0  # logs and metrics are written once
+
     accum = config.optim.grad_accum
     num_micro_steps = config.train.num_steps * accum
     tx, schedule = make_optimizer(config.optim, config.train.num_steps)
-    restored = ckpt.restore_latest(checkpoint_lib.abstract_train_state(mcfg, tx), check=check) \
-        if steps else None
+    state_sh = state_shardings(mcfg, tx, mesh, axis_rules)
+    batch_sh = sharding_lib.batch_sharding(mesh)
+    restored = ckpt.restore_latest(checkpoint_lib.abstract_train_state(mcfg, tx, state_sh),
+                                   check=check) if steps else None
     if restored is not None:
         state, meta = restored
         message = (f"resuming from checkpoint step {meta['step']} (micro-step "
@@ -250,31 +279,41 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer") -> di
             raise checkpoint_lib.IncompatibleCheckpointError(
                 f"init_from={config.init_from!r} has parameters of another shape: "
                 + "; ".join(errors))
-        params, _, _ = checkpoint_lib.load_params(init_from["step_dir"])
+        params, _, _ = checkpoint_lib.load_params(init_from["step_dir"], sharding=state_sh.params)
         _, train_rng = jax.random.split(jax.random.key(config.seed))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                           opt_state=tx.init(params), rng=train_rng)
+                           opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
+                           rng=train_rng)
         message = (f"starting from the params of {init_from['step_dir']} "
                    "(fresh optimizer state)")
     else:
-        state = create_train_state(mcfg, tx, jax.random.key(config.seed))
+        create = jax.jit(functools.partial(create_train_state, mcfg, tx), out_shardings=state_sh)
+        state = create(jax.random.key(config.seed))
         message = "starting from scratch"
     logging.info("%s", message)
     print(message, flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    with open(os.path.join(workdir, "model_config.json"), "w") as f:
-        f.write(mcfg.to_json())
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "model_config.json"), "w") as f:
+            f.write(mcfg.to_json())
 
-    step_fn = jax.jit(functools.partial(train_step, config=mcfg, tx=tx), donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_step, config=mcfg))
+    # Activation sharding constraints in the model follow the rules from here on. (Not during
+    # init: Flax's DenseGeneral initialises a flattened kernel, which the rules do not fit.)
+    scope.enter_context(nn.logical_axis_rules(axis_rules))
+    step_fn = jax.jit(functools.partial(train_step, config=mcfg, tx=tx),
+                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
+                      donate_argnums=0)
+    eval_jit = jax.jit(functools.partial(eval_step, config=mcfg),
+                       in_shardings=(state_sh.params, batch_sh))
+    eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
     max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
 
     from tensorboardX import SummaryWriter  # local: only the loop writes event files
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else _NoWriter()
     start_micro = int(state.step)
-    history = _rewind_metrics(os.path.join(workdir, METRICS_FILE), start_micro, accum)
-    metrics_file = open(os.path.join(workdir, METRICS_FILE), "a")
+    history = _rewind_metrics(os.path.join(workdir, METRICS_FILE), start_micro, accum, is_main)
+    metrics_file = open(os.path.join(workdir, METRICS_FILE) if is_main else os.devnull, "a")
     tokens_per_micro_step = config.data.batch_size * config.data.seq_len
     progress = _progress_bar(config, num_micro_steps, start_micro)
     pending, tick, tick_step = [], time.perf_counter(), start_micro
@@ -297,7 +336,8 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer") -> di
     preempted_at = None
     try:
         for micro_step in range(start_micro, num_micro_steps):
-            state, metrics = step_fn(state, data.train.batch(micro_step))
+            batch = sharding_lib.put_batch(data.train.batch(micro_step), batch_sh)
+            state, metrics = step_fn(state, batch)
             pending.append(metrics)  # fetched at log points only: no host sync per step
             unwritten.append((micro_step, metrics))
             step = (micro_step + 1) // accum  # optimizer steps done
@@ -366,10 +406,20 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer") -> di
             "samples": samples, "preempted": False, **history}
 
 
+class _NoWriter:
+    """Stands in for the TensorBoard writer on processes other than the first."""
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def flush(self):
+        pass
+
+
 METRICS_FILE = "metrics.jsonl"  # {"micro_step", "step", "loss"} per micro-step; {"step", "eval_loss"}
 
 
-def _rewind_metrics(path: str, start_micro: int, accum: int) -> dict[str, list]:
+def _rewind_metrics(path: str, start_micro: int, accum: int, write: bool = True) -> dict[str, list]:
     """Drops lines of `metrics.jsonl` past the resumed step (a killed run wrote them after its
     last checkpoint); returns the kept losses and evals as the start of the run's history."""
     kept, history = [], {"train_loss": [], "eval": []}
@@ -387,9 +437,10 @@ def _rewind_metrics(path: str, start_micro: int, accum: int) -> dict[str, list]:
                 else:
                     continue
                 kept.append(line if line.endswith("\n") else line + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(path + ".tmp", path)
+    if write:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
     return history
 
 

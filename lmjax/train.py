@@ -8,6 +8,7 @@ notebook can call them one by one; `train_and_evaluate(config, workdir)` strings
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -202,6 +203,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', ...}.
     """
+    config = _with_hf_model(config)
     validate_config(config)
     checkpoint_lib.check_writable(workdir)  # before any compute: a clear error
     ckpt = checkpoint_lib.Checkpointer(
@@ -215,6 +217,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             ckpt.close()  # waits for an asynchronous save in flight
         except checkpoint_lib.CheckpointError as e:
             logging.error("%s", e)
+
+
+def _with_hf_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """For `init_from='hf:FOLDER'`: a copy of the config whose model shape and tokenizer are the
+    folder's (dropout, dtypes and remat stay as configured)."""
+    if not config.init_from.startswith("hf:"):
+        return config
+    from lmjax import hf
+    folder = config.init_from[len("hf:"):]
+    hf_model = dataclasses.asdict(hf.config_from_hf(hf.read_hf_config(folder)))
+    config = config.copy_and_resolve_references()
+    keep = {"dropout", "dtype", "param_dtype", "remat"}
+    config.model.update({k: v for k, v in hf_model.items() if k not in keep})
+    config.tokenizer.kind, config.tokenizer.path = "hf", folder
+    return config
 
 
 def _check_resume(config):
@@ -242,7 +259,7 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
         if info is not None:
             check(info)
     init_from = None
-    if not steps and config.init_from:
+    if not steps and config.init_from and not config.init_from.startswith("hf:"):
         init_from = checkpoint_lib.read_checkpoint_info(config.init_from)
         if not tokenizers_lib.has_saved_tokenizer(workdir):  # fine-tune with the same ids
             checkpoint_lib.write_tokenizer_files(
@@ -272,20 +289,27 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
         state, meta = restored
         message = (f"resuming from checkpoint step {meta['step']} (micro-step "
                    f"{meta['micro_step']}) in {ckpt.step_dir(meta['step'])}")
-    elif init_from is not None:
-        errors = checkpoint_lib.model_differences(
-            init_from["model_config"], mcfg, checkpoint_lib.SHAPE_MODEL_FIELDS)
-        if errors:
-            raise checkpoint_lib.IncompatibleCheckpointError(
-                f"init_from={config.init_from!r} has parameters of another shape: "
-                + "; ".join(errors))
-        params, _, _ = checkpoint_lib.load_params(init_from["step_dir"], sharding=state_sh.params)
+    elif config.init_from:
+        if init_from is not None:
+            errors = checkpoint_lib.model_differences(
+                init_from["model_config"], mcfg, checkpoint_lib.SHAPE_MODEL_FIELDS)
+            if errors:
+                raise checkpoint_lib.IncompatibleCheckpointError(
+                    f"init_from={config.init_from!r} has parameters of another shape: "
+                    + "; ".join(errors))
+            params, _, _ = checkpoint_lib.load_params(init_from["step_dir"],
+                                                      sharding=state_sh.params)
+            source = init_from["step_dir"]
+        else:  # hf:FOLDER, whose shape and tokenizer `_with_hf_model` put into the config
+            from lmjax import hf
+            source = config.init_from[len("hf:"):]
+            model_type = hf.read_hf_config(source)["model_type"]
+            params = jax.device_put(hf.load_hf_params(source, mcfg, model_type), state_sh.params)
         _, train_rng = jax.random.split(jax.random.key(config.seed))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
                            rng=train_rng)
-        message = (f"starting from the params of {init_from['step_dir']} "
-                   "(fresh optimizer state)")
+        message = f"starting from the params of {source} (fresh optimizer state)"
     else:
         create = jax.jit(functools.partial(create_train_state, mcfg, tx), out_shardings=state_sh)
         state = create(jax.random.key(config.seed))

@@ -15,6 +15,9 @@ def get_config(path: str = "../shared/data/tinyshakespeare.txt"):
     config.data.seq_len, config.data.batch_size = 64, 12
     config.tokenizer.kind = "char"  # 65 characters
     config.model.update(preset_fields("nanogpt_baby", vocab_size=0, dropout=0.0))
+    # nanoGPT's exact architecture has learned positions (--config.model.position=learned: val
+    # loss 1.90 here); rotary positions, with every hyperparameter above unchanged, reach 1.79.
+    config.model.position = "rope"
     config.optim.learning_rate, config.optim.min_learning_rate = 1e-3, 1e-4
     config.optim.warmup_steps, config.optim.b2 = 100, 0.99
     config.optim.weight_decay, config.optim.grad_clip = 0.1, 1.0

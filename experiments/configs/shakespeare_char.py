@@ -11,9 +11,10 @@ def get_config(size: str = ""):
     config.data.source = "shakespeare"  # whole plays are held out for validation
     config.tokenizer.kind = "char"
     if size == "demo":
-        config.model.update(preset_fields("nanogpt_baby", vocab_size=0))
-        config.data.seq_len, config.data.batch_size = 64, 12
-        config.train.num_steps = 600
+        config.model.update(preset_fields("nanogpt_baby", vocab_size=0, max_len=128,
+                                          position="rope"))
+        config.data.seq_len, config.data.batch_size = 128, 12
+        config.train.num_steps = 800
         config.train.eval_every = 200
         config.train.checkpoint_every = 200
     else:  # nanoGPT config/train_shakespeare_char.py

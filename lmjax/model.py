@@ -20,8 +20,10 @@ import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
 
-# A KV cache is a list (one entry per layer) of {'k': [B, T, G, K], 'v': [B, T, G, K]}.
+# A KV cache is a list (one entry per layer) of {'k': [B, G, T, K], 'v': [B, G, T, K]}.
 # Slot t of the cache holds the key/value of position t, so "key visible" is just t <= position.
+# KV heads come before the length: decoding reads the cache in the layout it is stored in
+# (a [B, T, G, K] cache made XLA copy it every step: 12x slower attention on a CPU).
 KVCache = list[dict[str, jax.Array]]
 
 # Logical names of activations (sharding.py maps them to mesh axes: batch over data and fsdp).
@@ -75,17 +77,34 @@ def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, inv_freq_K2: jax.
 
 def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int | None = None,
                   dtype: Any = None) -> KVCache:
-    """An empty KV cache: per layer keys and values `[B, T, G, K]` (only the KV heads)."""
-    shape = (batch_size, max_len or config.max_len, config.kv_heads, config.head_size)
+    """An empty KV cache: per layer keys and values `[B, G, T, K]` (only the KV heads)."""
+    shape = (batch_size, config.kv_heads, max_len or config.max_len, config.head_size)
     dtype = dtype or config.dtype
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(config.num_layers)]
 
 
-def _write_rows(cache_BxTxGxK: jax.Array, new_BxLxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
+def _write_rows(cache_BxGxTxK: jax.Array, new_BxLxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
     """Writes each row's new keys/values into its cache at its own start position."""
-    write = lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (start, 0, 0))
-    return jax.vmap(write)(cache_BxTxGxK, new_BxLxGxK.astype(cache_BxTxGxK.dtype), start_B)
+    new_BxGxLxK = jnp.swapaxes(new_BxLxGxK, 1, 2).astype(cache_BxGxTxK.dtype)
+    write = lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (0, start, 0))
+    return jax.vmap(write)(cache_BxGxTxK, new_BxGxLxK, start_B)
+
+
+def _cached_attention(q_BxLxHxK: jax.Array, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.Array,
+                      mask_BxLxT: jax.Array) -> jax.Array:
+    """Softmax attention of L new queries over the cache, grouped-query (R = H/G per KV head)."""
+    B, L, H, K = q_BxLxHxK.shape
+    G = k_BxGxTxK.shape[1]
+    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
+    scores_BxGxRxLxT = jnp.einsum("blgrk,bgtk->bgrlt", q_BxLxGxRxK,
+                                  k_BxGxTxK.astype(q_BxLxHxK.dtype)) * K ** -0.5
+    scores_BxGxRxLxT = jnp.where(mask_BxLxT[:, None, None], scores_BxGxRxLxT.astype(jnp.float32),
+                                 jnp.finfo(jnp.float32).min)
+    probs_BxGxRxLxT = jax.nn.softmax(scores_BxGxRxLxT, axis=-1).astype(q_BxLxHxK.dtype)
+    out_BxLxGxRxK = jnp.einsum("bgrlt,bgtk->blgrk", probs_BxGxRxLxT,
+                               v_BxGxTxK.astype(q_BxLxHxK.dtype))
+    return out_BxLxGxRxK.reshape(B, L, H, K)
 
 
 class Projection(nn.Module):
@@ -144,11 +163,9 @@ class Attention(nn.Module):
             start_B = positions_BxL[:, 0]
             kv_cache = {"k": _write_rows(kv_cache["k"], k_BxLxGxK, start_B),
                         "v": _write_rows(kv_cache["v"], v_BxLxGxK, start_B)}
-            slots_T = jnp.arange(kv_cache["k"].shape[1])
-            mask_Bx1xLxT = (slots_T[None, None, :] <= positions_BxL[:, :, None])[:, None]
-            out_BxLxHxK = jax.nn.dot_product_attention(
-                q_BxLxHxK, kv_cache["k"].astype(q_BxLxHxK.dtype),
-                kv_cache["v"].astype(q_BxLxHxK.dtype), mask=mask_Bx1xLxT)
+            slots_T = jnp.arange(kv_cache["k"].shape[2])
+            mask_BxLxT = slots_T[None, None, :] <= positions_BxL[:, :, None]
+            out_BxLxHxK = _cached_attention(q_BxLxHxK, kv_cache["k"], kv_cache["v"], mask_BxLxT)
 
         # Residual projections are scaled down with depth (GPT-2, nanoGPT).
         out_BxLxD = Projection((H, K), (cfg.embed_dim,), ("heads", "head_dim", "embed"),

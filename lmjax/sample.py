@@ -55,8 +55,8 @@ from jax import lax
 from lmjax.config import ModelConfig
 from lmjax.model import KVCache, Transformer, init_kv_cache
 
-# Logical axis names of every cache array [B, T, G, K] (for sharding; not used yet).
-CACHE_AXES = ("cache_batch", "cache_len", "kv_heads", "head_dim")
+# Logical axis names of every cache array [B, G, T, K] (for sharding; not used yet).
+CACHE_AXES = ("cache_batch", "kv_heads", "cache_len", "head_dim")
 MIN_BUCKET = 16  # shortest padded prompt length
 MIN_CACHE = 64  # shortest cache of the first decode phase
 
@@ -167,8 +167,8 @@ def new_cache(model_config: ModelConfig, batch: int, cache_len: int) -> KVCache:
 
 def grow_cache(cache: KVCache, cache_len: int) -> KVCache:
     """The same cache with zero slots appended up to `cache_len` (slot t still holds position t)."""
-    def grow(x_BxTxGxK):
-        return jnp.pad(x_BxTxGxK, ((0, 0), (0, cache_len - x_BxTxGxK.shape[1]), (0, 0), (0, 0)))
+    def grow(x_BxGxTxK):
+        return jnp.pad(x_BxGxTxK, ((0, 0), (0, 0), (0, cache_len - x_BxGxTxK.shape[2]), (0, 0)))
     return jax.tree.map(grow, cache)
 
 

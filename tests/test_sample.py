@@ -91,7 +91,7 @@ def test_cached_logits_equal_full_forward_at_every_step(models, name):
     cached = [np.asarray(logits_BxV)]
     for step in range(1, sampling.max_new_tokens):
         needed = int(lengths_B.max()) + step  # slots used after feeding token step - 1
-        if needed > cache[0]["k"].shape[1]:
+        if needed > cache[0]["k"].shape[2]:
             cache = sample_lib.grow_cache(cache, next(p for p in phases if p >= needed))
         logits_BxV, cache = step_fn(params, cfg, jnp.asarray(fed[:, step - 1]),
                                     jnp.asarray(lengths_B + step - 1), cache)

@@ -1,0 +1,440 @@
+"""Training throughput of lmjax vs PyTorch (`transformers` GPT2LMHeadModel), side by side, as MFU.
+
+    python benchmarks/train_throughput.py                          # every shape (~10 min, 2 cores)
+    python benchmarks/train_throughput.py --shapes baby,middle --steps 20 --repeats 5
+    python benchmarks/train_throughput.py --memory_check           # + GPT-2 124M, 1024 x 8
+
+Shapes (GPT-2 architecture in both frameworks: learned positions, LayerNorm, tanh-GELU MLP, biases,
+tied embeddings, dropout 0, float32):
+  baby    4 layers, 4 heads, width 128, context 64, batch 12, vocab 65 (nanoGPT's CPU baby run)
+  middle  6 layers, 6 heads, width 384, context 256, batch 16, vocab 65
+  gpt2    GPT-2 124M (`preset('gpt2_124m')`), context 256, batch 4, vocab 50257
+
+lmjax runs its own training step: `train.create_train_state` + `train.make_optimizer` (AdamW,
+warmup + cosine, clipping at 1.0, decay on matrices) + the step function that `train._train_loop`
+jits (`train.make_step_fn`: shardings, donated state, `train.steps_per_call` steps per call),
+fed by `sharding.put_batch` on fresh host batches each step, as the training loop does.
+PyTorch runs `GPT2LMHeadModel` + `torch.optim.AdamW` (same decay groups, clipping at 1.0),
+cross-entropy on the logits, `torch.set_num_threads(cores)`.
+
+Each (framework, shape) lives in its own worker process, so that its peak RSS is its own; the
+parent interleaves them (lmjax repeat 1, torch repeat 1, lmjax repeat 2, ...) so that both see
+the same load on a shared machine, and reports medians over repeats with the spread (min-max).
+
+Reported per shape and framework:
+  * step_ms / tokens_s: steady state, median over repeats of (wall time of `--steps` steps)/steps;
+  * compile_s: lmjax: first call minus one steady step (tracing + XLA compilation);
+    torch: first step minus one steady step (eager warm-up);
+  * peak_rss_MiB: the worker's peak resident set size (VmHWM in /proc/self/status) (the whole process:
+    framework, model, optimizer, activations), and `import_rss_MiB` before building anything;
+  * MFU: flops_per_token(config, seq_len) x tokens/s / measured peak. `lmjax.model.flops_per_token`
+    is 6N + 12·layers·seq·width with N the matmul parameters including the output projection
+    (counted once, tied), excluding the embedding lookups (PaLM, appendix B). The same count is
+    used for both frameworks. The peak is the best of several f32 4096x4096 matmuls timed with
+    jax on this machine (also with torch, for reference), measured by this script before and
+    after the runs; MFU uses the larger of the jax measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    "baby": dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=64,
+                 vocab_size=65, seq_len=64, batch=12),
+    "middle": dict(num_layers=6, num_heads=6, embed_dim=384, mlp_dim=1536, max_len=256,
+                   vocab_size=65, seq_len=256, batch=16),
+    "gpt2": dict(preset="gpt2_124m", seq_len=256, batch=4),
+    # Memory check only (--memory_check): does GPT-2 124M train at context 1024, batch 8?
+    "gpt2_1024": dict(preset="gpt2_124m", seq_len=1024, batch=8),
+}
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def rss_mib() -> float:
+    """Peak resident set size of this process in MiB: VmHWM from /proc (ru_maxrss would carry the
+    parent's peak across fork + exec); `resource.getrusage` maxrss where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def experiment_config(shape: str, remat: str = "none", steps_per_call: int = 1):
+    """The lmjax experiment config of a shape (GPT-2 architecture, dropout 0, biases, tied)."""
+    from lmjax.config import default_config, preset_fields
+    spec = dict(SHAPES[shape])
+    seq_len, batch = spec.pop("seq_len"), spec.pop("batch")
+    name = spec.pop("preset", "gpt2_124m")
+    config = default_config()
+    config.model.update(preset_fields(name, **spec, dropout=0.0, bias=True, tie_embeddings=True,
+                                      dtype="float32", param_dtype="float32", remat=remat))
+    config.data.seq_len, config.data.batch_size = seq_len, batch
+    if "steps_per_call" in config.train:
+        config.train.steps_per_call = steps_per_call
+    return config
+
+
+def host_batch(rng, vocab: int, batch: int, seq_len: int) -> dict:
+    import numpy as np
+    tokens = rng.integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+    return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+            "mask": np.ones((batch, seq_len), np.float32)}
+
+
+# --------------------------------------------------------------------------- workers
+
+
+class LmjaxRunner:
+    """lmjax's train step as `train._train_loop` builds it, on one device."""
+
+    def __init__(self, shape: str, remat: str, steps_per_call: int):
+        import functools
+
+        import flax.linen as nn
+        import jax
+        import numpy as np
+
+        from lmjax import sharding, train
+        self.jax, self.np, self.sharding = jax, np, sharding
+        config = experiment_config(shape, remat, steps_per_call)
+        train.validate_config(config)
+        self.mcfg = train.model_config(config, config.model.vocab_size)
+        self.batch_size, self.seq_len = config.data.batch_size, config.data.seq_len
+        mesh = sharding.make_mesh(config.mesh)
+        rules = sharding.rules(config.mesh, self.mcfg, mesh.shape)
+        jax.set_mesh(mesh).__enter__()
+        tx, _ = train.make_optimizer(config.optim, 10_000)
+        state_sh = train.state_shardings(self.mcfg, tx, mesh, rules)
+        self.batch_sh = sharding.batch_sharding(mesh)
+        self.state = jax.jit(functools.partial(train.create_train_state, self.mcfg, tx),
+                             out_shardings=state_sh)(jax.random.key(0))
+        nn.logical_axis_rules(rules).__enter__()
+        if hasattr(train, "make_step_fn"):
+            self.step_fn, self.per_call = train.make_step_fn(config, self.mcfg, tx, state_sh,
+                                                             self.batch_sh)
+        else:  # as train._train_loop did before make_step_fn
+            self.step_fn = jax.jit(functools.partial(train.train_step, config=self.mcfg, tx=tx),
+                                   in_shardings=(state_sh, self.batch_sh),
+                                   out_shardings=(state_sh, None), donate_argnums=0)
+            self.per_call = 1
+        self.rng = np.random.default_rng(0)
+        self.micro_step = 0
+
+    def _batch(self):
+        b = [host_batch(self.rng, self.mcfg.vocab_size, self.batch_size, self.seq_len)
+             for _ in range(self.per_call)]
+        if self.per_call > 1:
+            b = {k: self.np.concatenate([x[k] for x in b]) for k in b[0]}
+        else:
+            b = b[0]
+        return self.sharding.put_batch(b, self.batch_sh)
+
+    def run(self, steps: int) -> float:
+        """Wall time of `steps` optimizer steps (rounded up to whole calls), per step."""
+        calls = max(1, -(-steps // self.per_call))
+        start = time.perf_counter()
+        metrics = None
+        for _ in range(calls):
+            self.state, metrics = self.step_fn(self.state, self._batch())
+        self.jax.block_until_ready((self.state.step, metrics))
+        self.loss = float(self.np.asarray(metrics["loss"]).reshape(-1)[-1])
+        return (time.perf_counter() - start) / (calls * self.per_call)
+
+
+class TorchRunner:
+    """The same model and batch in PyTorch: GPT2LMHeadModel + AdamW."""
+
+    def __init__(self, shape: str, remat: str, steps_per_call: int):
+        del steps_per_call
+        import numpy as np
+        import torch
+        import transformers
+        from lmjax.config import preset
+        torch.set_num_threads(cores())
+        torch.manual_seed(0)
+        self.torch, self.np = torch, np
+        spec = dict(SHAPES[shape])
+        self.seq_len, self.batch_size = spec.pop("seq_len"), spec.pop("batch")
+        mcfg = preset(spec.pop("preset", "gpt2_124m"), **spec)
+        self.vocab = mcfg.vocab_size
+        hf_config = transformers.GPT2Config(
+            vocab_size=mcfg.vocab_size, n_positions=mcfg.max_len, n_embd=mcfg.embed_dim,
+            n_layer=mcfg.num_layers, n_head=mcfg.num_heads, n_inner=mcfg.mlp_dim,
+            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            layer_norm_epsilon=mcfg.norm_eps, tie_word_embeddings=True)
+        self.model = transformers.GPT2LMHeadModel(hf_config).train()
+        if remat != "none":
+            self.model.gradient_checkpointing_enable()
+        decay = [p for p in self.model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in self.model.parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
+        self.rng = np.random.default_rng(0)
+
+    def step(self):
+        torch = self.torch
+        batch = host_batch(self.rng, self.vocab, self.batch_size, self.seq_len)
+        inputs = torch.from_numpy(batch["inputs"]).long()
+        targets = torch.from_numpy(batch["targets"]).long()
+        logits = self.model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 targets.reshape(-1))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        return loss
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = self.step()
+        self.loss = loss.item()
+        return (time.perf_counter() - start) / steps
+
+
+def worker(framework: str, shape: str, remat: str, steps_per_call: int) -> None:
+    """Serves `run N` requests on stdin; answers one JSON line per request on stdout."""
+    out = sys.stdout
+    sys.stdout = sys.stderr  # keep library prints off the protocol channel
+    if framework == "lmjax":
+        import jax  # noqa: F401  (imported before measuring the import RSS)
+    else:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    import_rss = rss_mib()
+    runner = (LmjaxRunner if framework == "lmjax" else TorchRunner)(shape, remat, steps_per_call)
+    start = time.perf_counter()
+    runner.run(1)
+    first_s = time.perf_counter() - start
+    steady_s = min(runner.run(1) for _ in range(2))
+    info = {"first_step_s": first_s, "compile_s": max(first_s - steady_s, 0.0),
+            "import_rss_MiB": import_rss}
+    if framework == "lmjax":
+        import jax
+        info.update(backend=jax.default_backend(), per_call=runner.per_call, jax=jax.__version__,
+                    xla_flags=os.environ.get("XLA_FLAGS", ""))
+    else:
+        import torch
+        info.update(torch=torch.__version__, threads=torch.get_num_threads())
+    out.write(json.dumps(info) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        steps = int(line.split()[1])
+        step_s = runner.run(steps)
+        out.write(json.dumps({"step_s": step_s, "loss": runner.loss,
+                              "peak_rss_MiB": rss_mib()}) + "\n")
+        out.flush()
+
+
+class Worker:
+    def __init__(self, framework: str, shape: str, args, env: dict | None = None):
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--shapes", shape,
+               "--remat", args.remat, "--steps_per_call", str(args.steps_per_call)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=None if env is None else {**os.environ, **env})
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {self.proc.args} died (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def run(self, steps: int) -> dict:
+        self.proc.stdin.write(f"run {steps}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+# --------------------------------------------------------------------------- machine peak
+
+
+def matmul_peak(n: int = 4096, repeats: int = 5, torch_too: bool = True) -> dict:
+    """Best-of-`repeats` f32 n x n matmul FLOP/s with jax (and torch, for reference)."""
+    import jax
+    import jax.numpy as jnp
+    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(jnp.matmul)
+    mm(x, y).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mm(x, y).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    result = {"jax": 2 * n ** 3 / best}
+    if not torch_too:
+        return result
+    try:
+        import torch
+        torch.set_num_threads(cores())
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        result["torch"] = 2 * n ** 3 / best
+    except ImportError:
+        pass
+    return result
+
+
+# --------------------------------------------------------------------------- main
+
+
+def flops_per_token(shape: str) -> float:
+    from lmjax import model
+    from lmjax.train import model_config
+    config = experiment_config(shape)
+    return model.flops_per_token(model_config(config, config.model.vocab_size),
+                                 config.data.seq_len)
+
+
+def bench_shape(shape: str, args, peaks: list) -> dict:
+    spec = SHAPES[shape]
+    tokens_per_step = spec["batch"] * spec["seq_len"]
+    frameworks = ["lmjax"] + ([] if args.no_torch else ["torch"])
+    workers = {}
+    try:
+        for fw in frameworks:  # one at a time: compile / warm-up not under the other's load
+            workers[fw] = Worker(fw, shape, args)
+        samples = {fw: [] for fw in frameworks}
+        for _ in range(args.repeats):
+            peaks.append(matmul_peak(repeats=2, torch_too=False))  # the best over the whole run
+            for fw in frameworks:
+                samples[fw].append(workers[fw].run(args.steps))
+    finally:
+        for w in workers.values():
+            w.close()
+    fpt = flops_per_token(shape)
+    result = {"shape": shape, **spec, "flops_per_token": fpt}
+    for fw in frameworks:
+        times = [s["step_s"] for s in samples[fw]]
+        step_s = statistics.median(times)
+        result[fw] = {
+            "step_ms": 1e3 * step_s, "step_ms_min_max": [1e3 * min(times), 1e3 * max(times)],
+            "tokens_s": tokens_per_step / step_s,
+            "spread_pct": 100 * (max(times) - min(times)) / step_s,
+            "mfu": fpt * tokens_per_step / step_s / max(p["jax"] for p in peaks),
+            "compile_s": workers[fw].info["compile_s"],
+            "peak_rss_MiB": max(s["peak_rss_MiB"] for s in samples[fw]),
+            "import_rss_MiB": workers[fw].info["import_rss_MiB"],
+            "loss": samples[fw][-1]["loss"], "info": workers[fw].info}
+    if "torch" in result:
+        result["speedup"] = result["lmjax"]["tokens_s"] / result["torch"]["tokens_s"]
+        # ratio per repeat (each pair ran back to back): its spread shows the noise of the ratio
+        ratios = [t["step_s"] / l["step_s"] for l, t in zip(samples["lmjax"], samples["torch"])]
+        result["speedup_per_repeat"] = ratios
+    return result
+
+
+def memory_check(args) -> dict:
+    """GPT-2 124M training at context 1024, batch 8: a couple of steps, peak RSS."""
+    w = Worker("lmjax", "gpt2_1024", args)
+    try:
+        run = w.run(args.memory_steps)
+    finally:
+        w.close()
+    return {"shape": "gpt2_1024", **SHAPES["gpt2_1024"], "remat": args.remat,
+            "step_s": run["step_s"], "peak_rss_MiB": run["peak_rss_MiB"],
+            "peak_rss_GiB": run["peak_rss_MiB"] / 1024, "fits_24GiB": run["peak_rss_MiB"] < 24 * 1024,
+            "compile_s": w.info["compile_s"], "loss": run["loss"]}
+
+
+def markdown(results: list[dict], peak: dict) -> str:
+    lines = [f"f32 matmul peak (4096², best over the run): jax {peak['jax'] / 1e9:.1f} GFLOP/s"
+             + (f", torch {peak['torch'] / 1e9:.1f} GFLOP/s" if "torch" in peak else ""), "",
+             "| shape | framework | step ms (min–max) | tokens/s | MFU | compile s | peak RSS MiB "
+             "| lmjax / torch |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        for fw in ("lmjax", "torch"):
+            if fw not in r:
+                continue
+            m = r[fw]
+            ratio = ""
+            if fw == "lmjax" and "speedup" in r:
+                per = r["speedup_per_repeat"]
+                ratio = f"**{r['speedup']:.2f}×** ({min(per):.2f}–{max(per):.2f})"
+            lines.append(
+                f"| {r['shape']} | {fw} | {m['step_ms']:.1f} ({m['step_ms_min_max'][0]:.1f}–"
+                f"{m['step_ms_min_max'][1]:.1f}) | {m['tokens_s']:,.0f} | {100 * m['mfu']:.1f}% "
+                f"| {m['compile_s']:.1f} | {m['peak_rss_MiB']:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shapes", default="baby,middle,gpt2",
+                        help=f"comma-separated subset of {','.join(SHAPES)}")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="steps per timed repeat (0: 40 baby, 3 middle, 1 gpt2)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed repeats per framework, alternating lmjax and torch")
+    parser.add_argument("--no_torch", action="store_true")
+    parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--steps_per_call", type=int, default=1,
+                        help="lmjax train.steps_per_call (optimizer steps per jitted call)")
+    parser.add_argument("--memory_check", action="store_true",
+                        help="also train GPT-2 124M at context 1024, batch 8 (slow on CPU)")
+    parser.add_argument("--memory_steps", type=int, default=2)
+    parser.add_argument("--worker", choices=("lmjax", "torch"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.worker, args.shapes, args.remat, args.steps_per_call)
+
+    default_steps = {"baby": 40, "middle": 3, "gpt2": 1}
+    peaks = [matmul_peak()]
+    results = []
+    for shape in [s for s in args.shapes.split(",") if s]:
+        shape_args = argparse.Namespace(**vars(args))
+        shape_args.steps = args.steps or default_steps.get(shape, 2)
+        results.append(bench_shape(shape, shape_args, peaks))
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    peaks.append(matmul_peak())
+    peak = {k: max(p[k] for p in peaks if k in p) for k in peaks[0]}
+    for r in results:  # MFU against the best peak seen (before or after)
+        for fw in ("lmjax", "torch"):
+            if fw in r:
+                r[fw]["mfu"] = r["flops_per_token"] * r[fw]["tokens_s"] / peak["jax"]
+    out = {"cores": cores(), "peak_flops": peak,
+           "peak_jax_runs_GFLOPs": [round(p["jax"] / 1e9, 1) for p in peaks], "results": results}
+    if args.memory_check:
+        out["memory_check"] = memory_check(args)
+    print(json.dumps(out, indent=1))
+    print()
+    print(markdown(results, peak))
+    if args.memory_check:
+        m = out["memory_check"]
+        print(f"\nMemory check: GPT-2 124M, context 1024, batch 8, remat={m['remat']}: peak RSS "
+              f"{m['peak_rss_GiB']:.2f} GiB ({'fits' if m['fits_24GiB'] else 'does NOT fit'} in "
+              f"24 GiB), {m['step_s']:.1f} s/step, loss {m['loss']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

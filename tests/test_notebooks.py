@@ -38,21 +38,18 @@ def _kernel_dir(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def kernel_env(tmp_path_factory, monkeypatch_module):
-    monkeypatch_module.setenv("JUPYTER_PATH", _kernel_dir(tmp_path_factory))
-    monkeypatch_module.setenv("LMJAX_CI", "1")
-    monkeypatch_module.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
-    monkeypatch_module.delenv("XLA_FLAGS", raising=False)  # the sharding notebook sets its own
-    monkeypatch_module.setenv("JAX_PLATFORMS", "cpu")
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
+def kernel_env(tmp_path_factory):
+    """The kernel's environment: the CI switch on, CPU only, no inherited XLA flags (the sharding
+    notebook sets its own). Only JUPYTER_PATH (to find the kernel spec) changes in this process."""
     with pytest.MonkeyPatch.context() as mp:
-        yield mp
+        mp.setenv("JUPYTER_PATH", _kernel_dir(tmp_path_factory))
+        env = dict(os.environ, LMJAX_CI="1", JAX_PLATFORMS="cpu",
+                   MPLBACKEND="module://matplotlib_inline.backend_inline")
+        env.pop("XLA_FLAGS", None)
+        yield env
 
 
-def execute(path: str, workdir: str) -> tuple[str, set]:
+def execute(path: str, workdir: str, env: dict) -> tuple[str, set]:
     """Runs the notebook in `workdir`; returns its printed text and the files it wrote there."""
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:  # notebooks are stored without outputs
@@ -62,7 +59,7 @@ def execute(path: str, workdir: str) -> tuple[str, set]:
     client = nbclient.NotebookClient(nb, kernel_name=KERNEL, timeout=CELL_TIMEOUT,
                                      resources={"metadata": {"path": workdir}})
     try:
-        client.execute()
+        client.execute(env=env)
     except nbclient.exceptions.CellExecutionError as e:
         pytest.fail(f"{os.path.basename(path)}: a cell failed:\n{str(e)[-6000:]}")
     texts = []
@@ -127,5 +124,5 @@ def test_notebook_metadata(path):
 def test_notebook_runs(path, tmp_path, kernel_env):
     name = os.path.basename(path)
     assert name in CHECKS, f"{name} has no output checks in tests/test_notebooks.py"
-    text, files = execute(path, str(tmp_path))
+    text, files = execute(path, str(tmp_path), kernel_env)
     CHECKS[name](text, files)

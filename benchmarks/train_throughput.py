@@ -12,7 +12,8 @@ tied embeddings, dropout 0, float32):
 
 lmjax runs its own training step: `train.create_train_state` + `train.make_optimizer` (AdamW,
 warmup + cosine, clipping at 1.0, decay on matrices) + the step function that `train._train_loop`
-jits (`train.make_step_fn`: shardings, donated state, `train.steps_per_call` steps per call),
+jits (`train.jit_train_step`: shardings, donated state, `--steps_per_call` = the config's
+`train.steps_per_call` optimizer steps per call under `lax.scan`),
 fed by `sharding.put_batch` on fresh host batches each step, as the training loop does.
 PyTorch runs `GPT2LMHeadModel` + `torch.optim.AdamW` (same decay groups, clipping at 1.0),
 cross-entropy on the logits, `torch.set_num_threads(cores)`.
@@ -86,8 +87,7 @@ def experiment_config(shape: str, remat: str = "none", steps_per_call: int = 1):
     config.model.update(preset_fields(name, **spec, dropout=0.0, bias=True, tie_embeddings=True,
                                       dtype="float32", param_dtype="float32", remat=remat))
     config.data.seq_len, config.data.batch_size = seq_len, batch
-    if "steps_per_call" in config.train:
-        config.train.steps_per_call = steps_per_call
+    config.train.steps_per_call = steps_per_call
     return config
 
 
@@ -126,25 +126,18 @@ class LmjaxRunner:
         self.state = jax.jit(functools.partial(train.create_train_state, self.mcfg, tx),
                              out_shardings=state_sh)(jax.random.key(0))
         nn.logical_axis_rules(rules).__enter__()
-        if hasattr(train, "make_step_fn"):
-            self.step_fn, self.per_call = train.make_step_fn(config, self.mcfg, tx, state_sh,
-                                                             self.batch_sh)
-        else:  # as train._train_loop did before make_step_fn
-            self.step_fn = jax.jit(functools.partial(train.train_step, config=self.mcfg, tx=tx),
-                                   in_shardings=(state_sh, self.batch_sh),
-                                   out_shardings=(state_sh, None), donate_argnums=0)
-            self.per_call = 1
+        self.per_call = config.train.steps_per_call
+        self.step_fn = train.jit_train_step(self.mcfg, tx, state_sh, self.batch_sh, self.per_call)
+        self.put_batches = train.put_batches
         self.rng = np.random.default_rng(0)
-        self.micro_step = 0
 
     def _batch(self):
-        b = [host_batch(self.rng, self.mcfg.vocab_size, self.batch_size, self.seq_len)
-             for _ in range(self.per_call)]
-        if self.per_call > 1:
-            b = {k: self.np.concatenate([x[k] for x in b]) for k in b[0]}
-        else:
-            b = b[0]
-        return self.sharding.put_batch(b, self.batch_sh)
+        """Fresh host batches put on the device, as the training loop does each call."""
+        host = [host_batch(self.rng, self.mcfg.vocab_size, self.batch_size, self.seq_len)
+                for _ in range(self.per_call)]
+        if self.per_call == 1:
+            return self.sharding.put_batch(host[0], self.batch_sh)
+        return self.put_batches(host, self.batch_sh)
 
     def run(self, steps: int) -> float:
         """Wall time of `steps` optimizer steps (rounded up to whole calls), per step."""

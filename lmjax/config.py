@@ -220,6 +220,7 @@ def default_config():
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 2000  # optimizer steps
     c.train.log_every = 50
+    c.train.steps_per_call = 1  # micro-steps per jitted call (lax.scan): less dispatch, same result
     c.train.eval_every = 250  # 0 = only at the end
     c.train.eval_batches = 20  # validation batches per eval; -1 = the whole validation set
     c.train.checkpoint_every = 500  # 0 = only at the end

@@ -75,6 +75,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"data.{name}={config.data[name]} must be >= 1")
     if config.train.num_steps < 1:
         raise ValueError(f"train.num_steps={config.train.num_steps} must be >= 1")
+    if config.train.steps_per_call < 1:
+        raise ValueError(f"train.steps_per_call={config.train.steps_per_call} must be >= 1")
     if config.optim.grad_accum < 1:
         raise ValueError(f"optim.grad_accum={config.optim.grad_accum} must be >= 1")
     if not 0 <= config.optim.warmup_steps <= max(config.train.num_steps, 1):
@@ -168,6 +170,47 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def train_steps(state: TrainState, batches: Batch, *, config: ModelConfig,
+                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+    """`n` micro-steps in one call: `train_step` under `lax.scan` over batches stacked `[n, B, L]`
+    (`train.steps_per_call`: fewer dispatches for small models). Metrics come back stacked `[n]`."""
+    return jax.lax.scan(functools.partial(train_step, config=config, tx=tx), state, batches)
+
+
+def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_sh: TrainState,
+                   batch_sh, steps_per_call: int = 1):
+    """The training call as `train_and_evaluate` jits it (shardings, donated state).
+
+    steps_per_call 1: `(state, batch) -> (state, metrics)`; above 1: `train_steps`, whose batches
+    are stacked `[n, B, L]` (`put_batches`) with `n <= steps_per_call` (one compile per n).
+    """
+    if steps_per_call == 1:
+        fn, in_batch_sh = train_step, batch_sh
+    else:
+        fn, in_batch_sh = train_steps, stacked_batch_sharding(batch_sh)
+    return jax.jit(functools.partial(fn, config=config, tx=tx), in_shardings=(state_sh, in_batch_sh),
+                   out_shardings=(state_sh, None), donate_argnums=0)
+
+
+def stacked_batch_sharding(batch_sh: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    """Batches stacked `[n, B, L]`: the sharding of each `[B, L]` batch, the stack replicated."""
+    return jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+
+
+def put_batches(batches: list[Batch], batch_sh: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+    """Global host batches as one stacked `[n, B, L]` array per key; each process contributes its
+    own rows (as `sharding.put_batch` does for one batch)."""
+    sharding = stacked_batch_sharding(batch_sh)
+    count, index = jax.process_count(), jax.process_index()
+
+    def put(*xs: np.ndarray) -> jax.Array:
+        x = np.stack(xs)
+        rows = x.shape[1] // count
+        return jax.make_array_from_process_local_data(
+            sharding, x[:, index * rows:(index + 1) * rows], x.shape)
+    return jax.tree.map(put, *batches)
 
 
 def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -325,9 +368,8 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
     # Activation sharding constraints in the model follow the rules from here on. (Not during
     # init: Flax's DenseGeneral initialises a flattened kernel, which the rules do not fit.)
     scope.enter_context(nn.logical_axis_rules(axis_rules))
-    step_fn = jax.jit(functools.partial(train_step, config=mcfg, tx=tx),
-                      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
-                      donate_argnums=0)
+    per_call = config.train.steps_per_call
+    step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg),
                        in_shardings=(state_sh.params, batch_sh))
     eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
@@ -356,12 +398,29 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
                          model_config=mcfg, tokenizer=data.tokenizer, metrics=metrics,
                          reason=reason)
 
+    def call_end(micro_step):  # a call of several steps ends where eval or a save may be due
+        every = [config.train.eval_every, config.train.checkpoint_every]
+        ends = [num_micro_steps, micro_step + per_call]
+        ends += [(micro_step // (e * accum) + 1) * e * accum for e in every if e]
+        return min(ends)
+
     preemption = _PreemptionWatcher()
     preempted_at = None
+    in_call = []  # metrics of micro-steps already computed by the last multi-step call
     try:
         for micro_step in range(start_micro, num_micro_steps):
-            batch = sharding_lib.put_batch(data.train.batch(micro_step), batch_sh)
-            state, metrics = step_fn(state, batch)
+            if per_call == 1:
+                batch = sharding_lib.put_batch(data.train.batch(micro_step), batch_sh)
+                state, metrics = step_fn(state, batch)
+            else:
+                if not in_call:
+                    end = call_end(micro_step)
+                    batches = put_batches([data.train.batch(k) for k in range(micro_step, end)],
+                                          batch_sh)
+                    state, stacked = step_fn(state, batches)
+                    in_call = [jax.tree.map(lambda x, i=i: x[i], stacked)
+                               for i in range(end - micro_step)]
+                metrics = in_call.pop(0)
             pending.append(metrics)  # fetched at log points only: no host sync per step
             unwritten.append((micro_step, metrics))
             step = (micro_step + 1) // accum  # optimizer steps done
@@ -385,7 +444,7 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
                     logging.info("step %d: train loss %.4f, %.0f tokens/s", step, train_loss,
                                  tokens_per_s)
                 pending, tick, tick_step = [], time.perf_counter(), micro_step + 1
-            stop = preemption.requested(step)
+            stop = not in_call and preemption.requested(step)  # `state` is at this step
             save_due = is_last or (config.train.checkpoint_every
                                    and step % config.train.checkpoint_every == 0)
             result = None

@@ -190,16 +190,19 @@ def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_
         fn, in_batch_sh = train_step, batch_sh
     else:
         fn, in_batch_sh = train_steps, stacked_batch_sharding(batch_sh)
-    return jax.jit(functools.partial(fn, config=config, tx=tx), in_shardings=(state_sh, in_batch_sh),
-                   out_shardings=(state_sh, None), donate_argnums=0)
+    return jax.jit(functools.partial(fn, config=config, tx=tx),
+                   in_shardings=(state_sh, in_batch_sh), out_shardings=(state_sh, None),
+                   donate_argnums=0)
 
 
 def stacked_batch_sharding(batch_sh: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
     """Batches stacked `[n, B, L]`: the sharding of each `[B, L]` batch, the stack replicated."""
-    return jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec(None, *batch_sh.spec))
+    spec = jax.sharding.PartitionSpec(None, *batch_sh.spec)
+    return jax.sharding.NamedSharding(batch_sh.mesh, spec)
 
 
-def put_batches(batches: list[Batch], batch_sh: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+def put_batches(batches: list[Batch],
+                batch_sh: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
     """Global host batches as one stacked `[n, B, L]` array per key; each process contributes its
     own rows (as `sharding.put_batch` does for one batch)."""
     sharding = stacked_batch_sharding(batch_sh)

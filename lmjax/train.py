@@ -205,15 +205,8 @@ def put_batches(batches: list[Batch],
                 batch_sh: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
     """Global host batches as one stacked `[n, B, L]` array per key; each process contributes its
     own rows (as `sharding.put_batch` does for one batch)."""
-    sharding = stacked_batch_sharding(batch_sh)
-    count, index = jax.process_count(), jax.process_index()
-
-    def put(*xs: np.ndarray) -> jax.Array:
-        x = np.stack(xs)
-        rows = x.shape[1] // count
-        return jax.make_array_from_process_local_data(
-            sharding, x[:, index * rows:(index + 1) * rows], x.shape)
-    return jax.tree.map(put, *batches)
+    stacked = {name: np.stack([b[name] for b in batches]) for name in batches[0]}
+    return sharding_lib.put_batch(stacked, stacked_batch_sharding(batch_sh), batch_axis=1)
 
 
 def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:

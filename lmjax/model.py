@@ -2,7 +2,8 @@
 
 Shape letters used in names:
   B batch, L length of the tokens passed in, T length of the KV cache (max_len),
-  D embed_dim, H num_heads, G num_kv_heads, K head size, F mlp_dim, V vocab_size.
+  D embed_dim, H num_heads, G num_kv_heads, K head size, F mlp_dim, V vocab_size,
+  C = B * G rows of a KV cache, R = H / G query heads per KV head, Q = R * L queries per row.
 
 `Transformer.apply(params, tokens_BxL)` returns `logits_BxLxV`. With a `kv_cache` it also returns
 the updated cache: the same attention code serves training (no cache) and sampling.
@@ -20,10 +21,14 @@ import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
 
-# A KV cache is a list (one entry per layer) of {'k': [B, G, T, K], 'v': [B, G, T, K]}.
-# Slot t of the cache holds the key/value of position t, so "key visible" is just t <= position.
-# KV heads come before the length: decoding reads the cache in the layout it is stored in
-# (a [B, T, G, K] cache made XLA copy it every step: 12x slower attention on a CPU).
+# A KV cache is a list (one entry per layer) of {'k': [C, T, K], 'v': [C, T, K]} with C = B * G:
+# row b * G + g holds KV head g of sequence b. Batch and KV heads share one axis because a batch
+# of 1 would otherwise leave a size-1 axis that made XLA's CPU compiler copy the whole cache
+# several times per decoding step; the length comes before the head size, as each step reads it.
+# Every row writes a call's tokens at the same slots, cache_index .. cache_index + L - 1, so the
+# write is one in-place `dynamic_update_slice` (per-row slots became a scatter that rewrote the
+# whole cache every step). Rows of different lengths are left-padded: a token at slot s with
+# position p sees the slots s - p .. s (its own row's tokens, none of the padding).
 KVCache = list[dict[str, jax.Array]]
 
 # Logical names of activations (sharding.py maps them to mesh axes: batch over data and fsdp).
@@ -77,34 +82,38 @@ def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, inv_freq_K2: jax.
 
 def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int | None = None,
                   dtype: Any = None) -> KVCache:
-    """An empty KV cache: per layer keys and values `[B, G, T, K]` (only the KV heads)."""
-    shape = (batch_size, config.kv_heads, max_len or config.max_len, config.head_size)
+    """An empty KV cache: per layer keys and values `[B * G, T, K]` (only the KV heads)."""
+    shape = (batch_size * config.kv_heads, max_len or config.max_len, config.head_size)
     dtype = dtype or config.dtype
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(config.num_layers)]
 
 
-def _write_rows(cache_BxGxTxK: jax.Array, new_BxLxGxK: jax.Array, start_B: jax.Array) -> jax.Array:
-    """Writes each row's new keys/values into its cache at its own start position."""
-    new_BxGxLxK = jnp.swapaxes(new_BxLxGxK, 1, 2).astype(cache_BxGxTxK.dtype)
-    write = lambda cache, new, start: jax.lax.dynamic_update_slice(cache, new, (0, start, 0))
-    return jax.vmap(write)(cache_BxGxTxK, new_BxGxLxK, start_B)
+def _write_slots(cache_CxTxK: jax.Array, new_BxLxGxK: jax.Array, cache_index) -> jax.Array:
+    """Writes the new keys/values of every row at slots cache_index .. cache_index + L - 1."""
+    B, L, G, K = new_BxLxGxK.shape
+    new_CxLxK = jnp.swapaxes(new_BxLxGxK, 1, 2).reshape(B * G, L, K).astype(cache_CxTxK.dtype)
+    return jax.lax.dynamic_update_slice(cache_CxTxK, new_CxLxK, (0, cache_index, 0))
 
 
-def _cached_attention(q_BxLxHxK: jax.Array, k_BxGxTxK: jax.Array, v_BxGxTxK: jax.Array,
+def _cached_attention(q_BxLxHxK: jax.Array, k_CxTxK: jax.Array, v_CxTxK: jax.Array,
                       mask_BxLxT: jax.Array) -> jax.Array:
-    """Softmax attention of L new queries over the cache, grouped-query (R = H/G per KV head)."""
+    """Softmax attention of L new queries over the cache: the R query heads of KV head g (and
+    the L tokens) become the Q = R * L queries of cache row b * G + g."""
     B, L, H, K = q_BxLxHxK.shape
-    G = k_BxGxTxK.shape[1]
-    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
-    scores_BxGxRxLxT = jnp.einsum("blgrk,bgtk->bgrlt", q_BxLxGxRxK,
-                                  k_BxGxTxK.astype(q_BxLxHxK.dtype)) * K ** -0.5
-    scores_BxGxRxLxT = jnp.where(mask_BxLxT[:, None, None], scores_BxGxRxLxT.astype(jnp.float32),
-                                 jnp.finfo(jnp.float32).min)
-    probs_BxGxRxLxT = jax.nn.softmax(scores_BxGxRxLxT, axis=-1).astype(q_BxLxHxK.dtype)
-    out_BxLxGxRxK = jnp.einsum("bgrlt,bgtk->blgrk", probs_BxGxRxLxT,
-                               v_BxGxTxK.astype(q_BxLxHxK.dtype))
-    return out_BxLxGxRxK.reshape(B, L, H, K)
+    C, T, _ = k_CxTxK.shape
+    G = C // B
+    R = H // G
+    q_CxQxK = (q_BxLxHxK.reshape(B, L, G, R, K).transpose(0, 2, 3, 1, 4)
+               .reshape(C, R * L, K))
+    scores_CxQxT = jnp.einsum("cqk,ctk->cqt", q_CxQxK,
+                              k_CxTxK.astype(q_BxLxHxK.dtype)) * K ** -0.5
+    mask_CxQxT = jnp.broadcast_to(mask_BxLxT[:, None, None], (B, G, R, L, T)).reshape(C, R * L, T)
+    scores_CxQxT = jnp.where(mask_CxQxT, scores_CxQxT.astype(jnp.float32),
+                             jnp.finfo(jnp.float32).min)
+    probs_CxQxT = jax.nn.softmax(scores_CxQxT, axis=-1).astype(q_BxLxHxK.dtype)
+    out_CxQxK = jnp.einsum("cqt,ctk->cqk", probs_CxQxT, v_CxTxK.astype(q_BxLxHxK.dtype))
+    return out_CxQxK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
 
 
 class Projection(nn.Module):
@@ -138,7 +147,8 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, kv_cache: dict[str, jax.Array] | None = None):
+    def __call__(self, x_BxLxD, positions_BxL, kv_cache: dict[str, jax.Array] | None = None,
+                 cache_index=0):
         cfg = self.config
         H, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_size
 
@@ -159,12 +169,15 @@ class Attention(nn.Module):
             out_BxLxHxK = jax.nn.dot_product_attention(
                 q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
         else:
-            # Cached: write this step's keys/values at each row's position, attend to slots <= it.
-            start_B = positions_BxL[:, 0]
-            kv_cache = {"k": _write_rows(kv_cache["k"], k_BxLxGxK, start_B),
-                        "v": _write_rows(kv_cache["v"], v_BxLxGxK, start_B)}
-            slots_T = jnp.arange(kv_cache["k"].shape[2])
-            mask_BxLxT = slots_T[None, None, :] <= positions_BxL[:, :, None]
+            # Cached: write this call's keys/values at cache_index, then each query (slot s,
+            # position p) attends to its row's slots s - p .. s.
+            kv_cache = {"k": _write_slots(kv_cache["k"], k_BxLxGxK, cache_index),
+                        "v": _write_slots(kv_cache["v"], v_BxLxGxK, cache_index)}
+            slots_T = jnp.arange(kv_cache["k"].shape[1])
+            query_slots_L = cache_index + jnp.arange(x_BxLxD.shape[1])
+            first_BxL = query_slots_L[None, :] - positions_BxL
+            mask_BxLxT = ((slots_T >= first_BxL[:, :, None])
+                          & (slots_T <= query_slots_L[None, :, None]))
             out_BxLxHxK = _cached_attention(q_BxLxHxK, kv_cache["k"], kv_cache["v"], mask_BxLxT)
 
         # Residual projections are scaled down with depth (GPT-2, nanoGPT).
@@ -218,11 +231,11 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, kv_cache=None):
+    def __call__(self, x_BxLxD, positions_BxL, kv_cache=None, cache_index=0):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BxLxD, kv_cache = Attention(cfg, name="attn")(
-            _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache)
+            _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache, cache_index)
         x_BxLxD = x_BxLxD + dropout(h_BxLxD)
         x_BxLxD = x_BxLxD + dropout(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD)))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT_BLD)
@@ -236,11 +249,14 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
-                 kv_cache: KVCache | None = None, deterministic: bool = True):
+                 kv_cache: KVCache | None = None, cache_index: int | jax.Array = 0,
+                 deterministic: bool = True):
         """Returns `logits_BxLxV` (f32), or `(logits_BxLxV, kv_cache)` when a cache is passed.
 
-        positions_BxL: absolute position of each token (default 0..L-1). With a cache, each
-          row's tokens are written at slots positions[b, 0] .. positions[b, 0] + L - 1.
+        positions_BxL: position of each token in its own sequence (default 0..L-1).
+        cache_index: with a cache, every row's tokens are written at slots cache_index ..
+          cache_index + L - 1, and a token at slot s with position p attends to slots s - p .. s
+          (so rows of different lengths are left-padded; see the KVCache note above).
         deterministic: False turns dropout on (needs `rngs={'dropout': key}`).
         """
         cfg = self.config
@@ -268,7 +284,7 @@ class Transformer(nn.Module):
         new_cache = []
         for i in range(cfg.num_layers):
             x_BxLxD, layer_cache = block_cls(cfg, deterministic, name=f"blocks_{i}")(
-                x_BxLxD, positions_BxL, None if kv_cache is None else kv_cache[i])
+                x_BxLxD, positions_BxL, None if kv_cache is None else kv_cache[i], cache_index)
             new_cache.append(layer_cache)
         x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
 

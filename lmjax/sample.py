@@ -6,18 +6,18 @@ Shape letters used in names (as in model.py):
 
 How a batch is generated (`generate`):
 
-1. **Bucketing.** Prompts are right-padded to a bucket length L: the next power of two
+1. **Bucketing.** Prompts are left-padded to a bucket length L: the next power of two
    >= the longest prompt, at least 16 and at most `model.max_len`. One `jax.jit` compile serves
    every batch with the same (L, B, SamplingConfig, ModelConfig), so a new prompt length rarely
    means a new compile.
-2. **Prefill.** One forward pass over the padded [B, L] prompts at positions 0..L-1 fills the
-   KV cache; row b's first next-token logits are those at position len_b - 1. The cache slots of
-   the padding hold garbage, but they are never visible: row b's generated token s is written at
-   slot len_b + s, and a query at position p only sees slots <= p, so each garbage slot is
-   overwritten before any query can see it.
+2. **Prefill.** One forward pass over the padded [B, L] prompts fills cache slots 0..L-1; row b's
+   tokens sit at slots L - len_b .. L - 1 with positions 0 .. len_b - 1, and every row's first
+   next-token logits are those at slot L - 1. Left padding puts every row's next token in the
+   same slot, so each step writes the cache with one in-place `dynamic_update_slice`; the
+   attention mask (a token at slot s with position p sees slots s - p .. s) hides the padding.
 3. **Decode.** A `lax.while_loop` inside the same jit emits one token per step for all rows,
-   feeding token s at position len_b + s, and stops when every row has emitted an end token or
-   `max_new_tokens` tokens.
+   feeding token s at slot L + s and position len_b + s, and stops when every row has emitted an
+   end token or `max_new_tokens` tokens.
 4. **A growing cache.** Attention reads the whole cache every step, so a cache sized for the
    longest possible sequence would make early steps pay for the last ones. The cache therefore
    starts at `2 L` slots (at least 64) and doubles between phases of the decode loop (one
@@ -37,8 +37,9 @@ of the text, whatever the sampling knobs; their sum is the sequence log-likeliho
 Beam search (`beam_search`, used by `generate` when num_beams > 1) is deterministic; the KV cache
 holds B * N rows and follows the beams (rows gathered by parent beam each step).
 
-The KV cache is a plain pytree made in one place (`new_cache`, `grow_cache`) with the logical
-axis names `CACHE_AXES`, so that sharding it later touches only those two functions.
+The KV cache is a plain pytree (see model.py for its [B * G, T, K] layout) made in one place
+(`new_cache`, `grow_cache`, `take_sequences`) with the logical axis names `CACHE_AXES`, so that
+sharding it later touches only those functions.
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ from jax import lax
 from lmjax.config import ModelConfig
 from lmjax.model import KVCache, Transformer, init_kv_cache
 
-# Logical axis names of every cache array [B, G, T, K] (for sharding; not used yet).
-CACHE_AXES = ("cache_batch", "kv_heads", "cache_len", "head_dim")
+# Logical axis names of every cache array [B * G, T, K] (rows are batch-major, so sharding the
+# rows over the data axes splits whole sequences; for sharding, not used yet).
+CACHE_AXES = ("cache_batch", "cache_len", "head_dim")
 MIN_BUCKET = 16  # shortest padded prompt length
 MIN_CACHE = 64  # shortest cache of the first decode phase
 
@@ -167,9 +169,18 @@ def new_cache(model_config: ModelConfig, batch: int, cache_len: int) -> KVCache:
 
 def grow_cache(cache: KVCache, cache_len: int) -> KVCache:
     """The same cache with zero slots appended up to `cache_len` (slot t still holds position t)."""
-    def grow(x_BxGxTxK):
-        return jnp.pad(x_BxGxTxK, ((0, 0), (0, 0), (0, cache_len - x_BxGxTxK.shape[2]), (0, 0)))
+    def grow(x_CxTxK):
+        return jnp.pad(x_CxTxK, ((0, 0), (0, cache_len - x_CxTxK.shape[1]), (0, 0)))
     return jax.tree.map(grow, cache)
+
+
+def take_sequences(cache: KVCache, index_M: jax.Array, batch: int) -> KVCache:
+    """The cache of sequences `index_M` out of the `batch` it holds (sequence b owns the G rows
+    b * G .. b * G + G - 1 of every array)."""
+    def take(x_CxTxK):
+        x_BxGxTxK = x_CxTxK.reshape(batch, -1, *x_CxTxK.shape[1:])
+        return jnp.take(x_BxGxTxK, index_M, axis=0).reshape(-1, *x_CxTxK.shape[1:])
+    return jax.tree.map(take, cache)
 
 
 def bucket_length(prompt_len: int, max_len: int) -> int:
@@ -180,8 +191,8 @@ def bucket_length(prompt_len: int, max_len: int) -> int:
 def cache_phases(bucket: int, max_new_tokens: int, max_len: int) -> tuple[int, ...]:
     """Cache lengths of the decode phases: doubling from max(2 L, 64) to T = min(L + S, max_len).
 
-    Phase i decodes the steps whose fed token fits in its cache: token s (fed at position
-    len_b + s <= L - 1 + s) needs s <= cache_len - L.
+    Phase i decodes the steps whose fed token fits in its cache: token s (fed at slot L + s)
+    needs s <= cache_len - L - 1.
     """
     total = min(bucket + max_new_tokens, max_len)
     phases = [min(max(2 * bucket, MIN_CACHE), total)]
@@ -191,8 +202,9 @@ def cache_phases(bucket: int, max_new_tokens: int, max_len: int) -> tuple[int, .
 
 
 def _last_step_of_phase(cache_len: int, bucket: int, max_new_tokens: int) -> int:
-    """Exclusive bound on the decode steps of a phase (step s feeds token s - 1)."""
-    return min(cache_len - bucket + 2, max_new_tokens)
+    """Exclusive bound on the decode steps of a phase: step s feeds token s - 1 at slot
+    bucket + s - 1, which must be < cache_len."""
+    return min(cache_len - bucket + 1, max_new_tokens)
 
 
 # ------------------------------------------------------------------------------ picking tokens
@@ -253,20 +265,23 @@ def _token_logprob(logits_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
 
 def _prefill(params, model_config: ModelConfig, prompt_BxL: jax.Array, lengths_B: jax.Array,
              cache_len: int) -> tuple[jax.Array, KVCache]:
-    """One forward pass over the padded prompts: (logits at position len_b - 1 [B, V], cache)."""
+    """One forward pass over the left-padded prompts: (logits at slot L - 1 [B, V], cache)."""
     B, L = prompt_BxL.shape
-    positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    # Padding gets position 0 (its keys are masked; a negative position has no embedding).
+    positions_BxL = jnp.maximum(jnp.arange(L, dtype=jnp.int32) - (L - lengths_B)[:, None], 0)
     logits_BxLxV, cache = Transformer(model_config).apply(
-        {"params": params}, prompt_BxL, positions_BxL, kv_cache=new_cache(model_config, B, cache_len))
-    last_BxV = jnp.take_along_axis(logits_BxLxV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
-    return last_BxV, cache
+        {"params": params}, prompt_BxL, positions_BxL, kv_cache=new_cache(model_config, B, cache_len),
+        cache_index=0)
+    return logits_BxLxV[:, -1], cache
 
 
 def _forward_one(params, model_config: ModelConfig, tokens_B: jax.Array, positions_B: jax.Array,
-                 cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """One decode step: feed one token per row at its position; next-token logits [B, V]."""
+                 cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+    """One decode step: every row's token goes in at slot `cache_index` and its own position;
+    next-token logits [B, V]."""
     logits_Bx1xV, cache = Transformer(model_config).apply(
-        {"params": params}, tokens_B[:, None], positions_B[:, None], kv_cache=cache)
+        {"params": params}, tokens_B[:, None], positions_B[:, None], kv_cache=cache,
+        cache_index=cache_index)
     return logits_Bx1xV[:, 0], cache
 
 
@@ -307,9 +322,11 @@ def _sample_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, rng: jax.Ar
             done=state["done"] | (active_B & _is_end(tokens_B, sampling.eos_ids)))
 
     def body(state):
-        # Token step - 1 goes in at position len_b + step - 1; out come the logits of token step.
+        # Token step - 1 goes in at slot L + step - 1, position len_b + step - 1; out come the
+        # logits of token step.
         logits_BxV, cache = _forward_one(params, model_config, state["feed"],
-                                         lengths_B + state["step"] - 1, state["cache"])
+                                         lengths_B + state["step"] - 1, state["cache"],
+                                         L + state["step"] - 1)
         return emit(dict(state, cache=cache), logits_BxV)
 
     first_BxV, cache = _prefill(params, model_config, prompt_BxL, lengths_B, phases[0])
@@ -385,20 +402,20 @@ def _beam_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, *,
             fin_score=fin_score_BxN, fin_seq=fin_seq, fin_lp=fin_lp, fin_len=fin_len)
 
     def follow_beams(cache, parent_BxN):
-        """Cache rows follow their beams: row b*N + n becomes row b*N + parent[b, n]."""
-        rows = (jnp.arange(B)[:, None] * N + parent_BxN).reshape(B * N)
-        return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), cache)
+        """The cache follows the beams: sequence b*N + n becomes sequence b*N + parent[b, n]."""
+        index = (jnp.arange(B)[:, None] * N + parent_BxN).reshape(B * N)
+        return take_sequences(cache, index, B * N)
 
     def body(state):
         cache = follow_beams(state["cache"], state["parent"])
         positions = jnp.repeat(lengths_B, N) + state["step"] - 1
         logits, cache = _forward_one(params, model_config, state["feed"].reshape(B * N),
-                                     positions, cache)
+                                     positions, cache, L + state["step"] - 1)
         logprobs_BxNxV = jax.nn.log_softmax(logits, axis=-1).reshape(B, N, V)
         return select(dict(state, cache=cache), logprobs_BxNxV)
 
     first_BxV, cache = _prefill(params, model_config, prompt_BxL, lengths_B, phases[0])
-    cache = jax.tree.map(lambda x: jnp.repeat(x, N, axis=0), cache)
+    cache = take_sequences(cache, jnp.repeat(jnp.arange(B), N), B)
     # Only beam 0 is alive at first (the others would be copies of it).
     alive_sum = jnp.where(jnp.arange(N) == 0, 0.0, neg_inf)
     state = dict(
@@ -420,7 +437,7 @@ def _beam_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, *,
 
 def prepare_prompts(prompt_ids, model_config: ModelConfig, sampling: SamplingConfig,
                     prompt_lengths=None) -> tuple[np.ndarray, np.ndarray]:
-    """Validates prompts and right-pads them to their bucket: (int32[B, L], int32[B] lengths).
+    """Validates prompts and left-pads them to their bucket: (int32[B, L], int32[B] lengths).
 
     `prompt_ids` is a list of token-id lists, or an int array [B, W] with `prompt_lengths` [B]
     (default: every row is W long). Raises ValueError, naming the problem, before any compile.
@@ -456,7 +473,7 @@ def prepare_prompts(prompt_ids, model_config: ModelConfig, sampling: SamplingCon
     lengths = np.array([len(row) for row in rows], np.int32)
     padded = np.zeros((len(rows), bucket_length(int(lengths.max()), max_len)), np.int32)
     for b, row in enumerate(rows):
-        padded[b, :len(row)] = row
+        padded[b, padded.shape[1] - len(row):] = row
     return padded, lengths
 
 
@@ -480,10 +497,10 @@ def generate(params: Any, model_config: ModelConfig, prompt_ids, sampling: Sampl
       `Generation(tokens int32[B, S], logprobs float32[B, S], lengths int32[B])`: see the
       module docstring for what the log-probabilities are.
     """
-    prompt_BxL, lengths_B = prepare_prompts(prompt_ids, model_config, sampling, prompt_lengths)
     if sampling.num_beams > 1:
-        best = beam_search(params, model_config, prompt_BxL, sampling, lengths_B)
+        best = beam_search(params, model_config, prompt_ids, sampling, prompt_lengths)
         return Generation(best.tokens[:, 0], best.logprobs[:, 0], best.lengths[:, 0])
+    prompt_BxL, lengths_B = prepare_prompts(prompt_ids, model_config, sampling, prompt_lengths)
     tokens, logprobs, lengths, _ = _sample_jit(
         params, jnp.asarray(prompt_BxL), jnp.asarray(lengths_B), _as_key(rng),
         model_config=model_config, sampling=sampling,

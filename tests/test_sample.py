@@ -26,7 +26,9 @@ CONFIGS = {
     "rope_gqa": preset("llama_tiny", **_TINY, num_kv_heads=2),
 }
 GPT, LLAMA = CONFIGS["learned_mha"], CONFIGS["rope_gqa"]
-PROMPTS = [[5, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7], [4, 4, 2, 8, 1]]
+# Mixed lengths, one of them filling its bucket (16): the cache's first phase is then full.
+PROMPTS = [[5, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [7], [4, 4, 2, 8, 1],
+           [6, 1, 8, 2, 9, 3, 7, 4, 5, 5, 4, 7, 3, 9, 2, 8]]
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +92,11 @@ def test_cached_logits_equal_full_forward_at_every_step(models, name):
                                             jnp.asarray(lengths_B), phases[0])
     cached = [np.asarray(logits_BxV)]
     for step in range(1, sampling.max_new_tokens):
-        needed = int(lengths_B.max()) + step  # slots used after feeding token step - 1
-        if needed > cache[0]["k"].shape[2]:
+        needed = L + step  # slots used after feeding token step - 1 at slot L + step - 1
+        if needed > cache[0]["k"].shape[1]:
             cache = sample_lib.grow_cache(cache, next(p for p in phases if p >= needed))
         logits_BxV, cache = step_fn(params, cfg, jnp.asarray(fed[:, step - 1]),
-                                    jnp.asarray(lengths_B + step - 1), cache)
+                                    jnp.asarray(lengths_B + step - 1), cache, L + step - 1)
         cached.append(np.asarray(logits_BxV))
     cached = np.stack(cached, axis=1)  # [B, S, V]
     for b, prompt in enumerate(PROMPTS):

@@ -448,7 +448,8 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
                     or (save_due and config.train.keep_best and not stop)):
                 result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
                 history["eval"].append({"step": step, **result})
-                metrics_file.write(json.dumps({"step": step, "eval_loss": result["loss"]}) + "\n")
+                metrics_file.write(json.dumps({"step": step, **{
+                    f"eval_{name}": value for name, value in result.items()}}) + "\n")
                 writer.add_scalar("eval/loss", result["loss"], step)
                 writer.add_scalar("eval/perplexity", result["perplexity"], step)
                 progress.write(f"step {step}: eval loss {result['loss']:.4f}, "
@@ -495,7 +496,9 @@ class _NoWriter:
         pass
 
 
-METRICS_FILE = "metrics.jsonl"  # {"micro_step", "step", "loss"} per micro-step; {"step", "eval_loss"}
+# One JSON line per micro-step {"micro_step", "step", "loss"} and per evaluation
+# {"step", "eval_loss", "eval_perplexity", "eval_tokens"}.
+METRICS_FILE = "metrics.jsonl"
 
 
 def _rewind_metrics(path: str, start_micro: int, accum: int, write: bool = True) -> dict[str, list]:
@@ -512,7 +515,9 @@ def _rewind_metrics(path: str, start_micro: int, accum: int, write: bool = True)
                 if "micro_step" in entry and entry["micro_step"] < start_micro:
                     history["train_loss"].append(entry["loss"])
                 elif "eval_loss" in entry and entry["step"] <= start_micro // accum:
-                    history["eval"].append({"step": entry["step"], "loss": entry["eval_loss"]})
+                    history["eval"].append({"step": entry["step"], **{
+                        name[len("eval_"):]: value for name, value in entry.items()
+                        if name.startswith("eval_")}})
                 else:
                     continue
                 kept.append(line if line.endswith("\n") else line + "\n")

@@ -127,6 +127,20 @@ def test_steps_per_call_matches_one_step_per_call(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_resumed_history_keeps_eval_perplexity(tmp_path):
+    """A run extended in the same workdir returns the evaluations read back from metrics.jsonl
+    with the same fields (loss, perplexity, tokens) as the new ones."""
+    config = tiny_config(tmp_path, num_steps=20, eval_every=10)
+    first = train.train_and_evaluate(config, str(tmp_path / "w"))
+    config.train.num_steps = 30
+    extended = train.train_and_evaluate(config, str(tmp_path / "w"))
+    assert [e["step"] for e in extended["eval"]] == [10, 20, 30]
+    assert extended["eval"][:2] == first["eval"]
+    for entry in extended["eval"]:
+        assert set(entry) == {"step", "loss", "perplexity", "tokens"}
+        np.testing.assert_allclose(entry["perplexity"], np.exp(entry["loss"]), rtol=1e-6)
+
+
 def test_dropout_bf16_and_accumulation_train(tmp_path):
     config = tiny_config(tmp_path, num_steps=6, eval_every=0)
     config.model.update(dropout=0.1, dtype="bfloat16")

@@ -388,6 +388,22 @@ def test_bucketing_reuses_one_compile(models):
     assert sample_lib._sample_jit._cache_size() == before
 
 
+def test_padded_array_prompts_equal_list_prompts(models):
+    """A right-padded [B, W] array with prompt_lengths gives what the lists give (greedy and beam
+    search; prompts are re-padded on the left internally)."""
+    cfg, params = models["rope_gqa"]
+    width = max(map(len, PROMPTS))
+    array = np.full((len(PROMPTS), width), 7, np.int32)  # junk after each prompt
+    for b, prompt in enumerate(PROMPTS):
+        array[b, :len(prompt)] = prompt
+    lengths = [len(p) for p in PROMPTS]
+    for sampling in (SamplingConfig(8, greedy=True), SamplingConfig(8, num_beams=3)):
+        from_lists = sample_lib.generate(params, cfg, PROMPTS, sampling)
+        from_array = sample_lib.generate(params, cfg, array, sampling, prompt_lengths=lengths)
+        np.testing.assert_array_equal(from_array.tokens, from_lists.tokens)
+        np.testing.assert_allclose(from_array.logprobs, from_lists.logprobs, atol=1e-6)
+
+
 BAD_CONFIGS = [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-0.5), "temperature"),

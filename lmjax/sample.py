@@ -168,7 +168,7 @@ def new_cache(model_config: ModelConfig, batch: int, cache_len: int) -> KVCache:
 
 
 def grow_cache(cache: KVCache, cache_len: int) -> KVCache:
-    """The same cache with zero slots appended up to `cache_len` (slot t still holds position t)."""
+    """The same cache with zero slots appended up to `cache_len` (every slot keeps its contents)."""
     def grow(x_CxTxK):
         return jnp.pad(x_CxTxK, ((0, 0), (0, cache_len - x_CxTxK.shape[1]), (0, 0)))
     return jax.tree.map(grow, cache)
@@ -270,8 +270,8 @@ def _prefill(params, model_config: ModelConfig, prompt_BxL: jax.Array, lengths_B
     # Padding gets position 0 (its keys are masked; a negative position has no embedding).
     positions_BxL = jnp.maximum(jnp.arange(L, dtype=jnp.int32) - (L - lengths_B)[:, None], 0)
     logits_BxLxV, cache = Transformer(model_config).apply(
-        {"params": params}, prompt_BxL, positions_BxL, kv_cache=new_cache(model_config, B, cache_len),
-        cache_index=0)
+        {"params": params}, prompt_BxL, positions_BxL,
+        kv_cache=new_cache(model_config, B, cache_len), cache_index=0)
     return logits_BxLxV[:, -1], cache
 
 

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+from lmjax.config import default_config
+
 # The tiny-shakespeare text lives next to the repository, never inside it.
 TINY_SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                 "tinyshakespeare.txt")
@@ -22,3 +24,29 @@ def tiny_shakespeare(tiny_shakespeare_path) -> str:
     """The 1,115,394 characters of nanoGPT's tiny shakespeare."""
     with open(tiny_shakespeare_path, encoding="utf-8") as f:
         return f.read()
+
+
+@pytest.fixture(scope="session")
+def pigs_text() -> str:
+    """A small repetitive corpus (300 lines) that a tiny model learns within a few dozen steps."""
+    return "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(300))
+
+
+@pytest.fixture
+def tiny_config(tmp_path, pigs_text):
+    """`tiny_config(**train_fields)`: a 2-layer, width-32 experiment config training on
+    `pigs_text`, written to `tmp_path / 'corpus.txt'`."""
+    def make(**train_fields):
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(pigs_text)
+        config = default_config()
+        config.data.source = "files"
+        config.data.train_files = str(corpus)
+        config.data.seq_len, config.data.batch_size = 32, 8
+        config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
+        config.optim.warmup_steps, config.optim.learning_rate = 5, 3e-3
+        config.train.update(num_steps=40, log_every=10, eval_every=20, eval_batches=4,
+                            num_samples=0, progress_bar=False)
+        config.train.update(train_fields)
+        return config
+    return make

@@ -1,5 +1,4 @@
 """The absl launchers and the fine-tuning path from a Hugging Face folder, end to end."""
-import json
 import os
 import subprocess
 import sys
@@ -9,26 +8,8 @@ import pytest
 
 from lmjax import data as data_lib
 from lmjax import train
-from lmjax.config import default_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXT = "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(300))
-
-
-def small_config(tmp_path, **train_fields):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT)
-    config = default_config()
-    config.data.source, config.data.train_files = "files", str(corpus)
-    config.data.seq_len, config.data.batch_size = 32, 4
-    config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=64)
-    config.optim.warmup_steps = 1
-    config.train.update(num_steps=3, log_every=1, eval_every=0, eval_batches=2, num_samples=0,
-                        progress_bar=False)
-    config.train.update(train_fields)
-    return config
-
-
 def run(args, **kwargs):
     done = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"), **kwargs)
@@ -37,7 +18,7 @@ def run(args, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def gpt2_folder(tmp_path_factory):
+def gpt2_folder(tmp_path_factory, pigs_text):
     """A random GPT-2 with a byte-level BPE trained here, saved as Hugging Face files."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -46,7 +27,7 @@ def gpt2_folder(tmp_path_factory):
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator([TEXT], tokenizers.trainers.BpeTrainer(
+    bpe.train_from_iterator([pigs_text], tokenizers.trainers.BpeTrainer(
         vocab_size=300, special_tokens=["<|endoftext|>"],
         initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
     bpe.save(str(folder / "tokenizer.json"))
@@ -58,10 +39,12 @@ def gpt2_folder(tmp_path_factory):
     return str(folder), model.eval()  # eval: no dropout
 
 
-def test_finetune_from_hf_folder_starts_from_its_weights(tmp_path, gpt2_folder):
+def test_finetune_from_hf_folder_starts_from_its_weights(tmp_path, gpt2_folder, tiny_config):
     import torch
     folder, hf_model = gpt2_folder
-    config = small_config(tmp_path)
+    config = tiny_config(num_steps=3, log_every=1, eval_every=0, eval_batches=2)
+    config.data.batch_size, config.model.max_len = 4, 64
+    config.optim.warmup_steps, config.optim.learning_rate = 1, 1e-3
     config.init_from = f"hf:{folder}"
     result = train.train_and_evaluate(config, str(tmp_path / "run"))
     assert result["model_config"].num_layers == 2 and result["tokenizer"].kind == "hf"
@@ -79,7 +62,7 @@ def test_finetune_from_hf_folder_starts_from_its_weights(tmp_path, gpt2_folder):
     assert result["train_loss"][-1] < result["train_loss"][0]
 
 
-def test_train_and_sample_launchers(tmp_path):
+def test_train_and_sample_launchers(tmp_path, pigs_text):
     config_file = tmp_path / "config.py"
     config_file.write_text(
         "from lmjax.config import default_config\n"
@@ -87,7 +70,7 @@ def test_train_and_sample_launchers(tmp_path):
         "    c = default_config()\n"
         f"    c.data.source, c.data.train_files = 'files', {str(tmp_path / 'corpus.txt')!r}\n"
         "    return c\n")
-    (tmp_path / "corpus.txt").write_text(TEXT)
+    (tmp_path / "corpus.txt").write_text(pigs_text)
     workdir = str(tmp_path / "run")
     out = run(["experiments/train.py", f"--config={config_file}", f"--workdir={workdir}",
                "--config.model.num_layers=1", "--config.model.embed_dim=32",

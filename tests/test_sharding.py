@@ -37,10 +37,9 @@ def run_worker(job: dict, devices: int = 8, timeout: int = 600) -> dict:
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus(tmp_path_factory, pigs_text):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n"
-                            for i in range(300)))
+    path.write_text(pigs_text)
     return str(path)
 
 

@@ -2,28 +2,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from lmjax import train
 from lmjax.config import default_config
-
-TEXT = "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(300))
-
-
-def tiny_config(tmp_path, **train_fields):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT)
-    config = default_config()
-    config.data.source = "files"
-    config.data.train_files = str(corpus)
-    config.data.seq_len, config.data.batch_size = 32, 8
-    config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
-    config.optim.warmup_steps, config.optim.learning_rate = 5, 3e-3
-    config.train.update(num_steps=40, log_every=10, eval_every=20, eval_batches=4,
-                        num_samples=0, progress_bar=False)
-    config.train.update(train_fields)
-    return config
 
 
 def test_cross_entropy_matches_numpy():
@@ -39,8 +21,8 @@ def test_cross_entropy_matches_numpy():
     assert count == mask.sum()
 
 
-def test_loss_fn_ignores_masked_positions(tmp_path):
-    config = tiny_config(tmp_path)
+def test_loss_fn_ignores_masked_positions(tiny_config):
+    config = tiny_config()
     mcfg = train.model_config(config, vocab_size=40)
     params = train.model_lib.init_params(mcfg, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -94,8 +76,8 @@ def _with(section, **fields):
     return copy
 
 
-def test_training_lowers_loss_and_is_deterministic(tmp_path):
-    config = tiny_config(tmp_path)
+def test_training_lowers_loss_and_is_deterministic(tmp_path, tiny_config):
+    config = tiny_config()
     first = train.train_and_evaluate(config, str(tmp_path / "a"))
     losses = first["train_loss"]
     assert len(losses) == 40 and np.all(np.isfinite(losses))
@@ -110,11 +92,11 @@ def test_training_lowers_loss_and_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "tensorboard").is_dir() and any((tmp_path / "a" / "tensorboard").iterdir())
 
 
-def test_steps_per_call_matches_one_step_per_call(tmp_path):
+def test_steps_per_call_matches_one_step_per_call(tmp_path, tiny_config):
     """Several micro-steps per jitted call (lax.scan) give the same run as one per call: the
     same losses and parameters, with calls cut where an evaluation is due (20 is not a multiple
     of 3) and dropout keyed by the step."""
-    config = tiny_config(tmp_path, num_steps=26, eval_every=20)
+    config = tiny_config(num_steps=26, eval_every=20)
     config.model.dropout = 0.1
     config.optim.grad_accum = 2
     one = train.train_and_evaluate(config, str(tmp_path / "one"))
@@ -127,10 +109,10 @@ def test_steps_per_call_matches_one_step_per_call(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_resumed_history_keeps_eval_perplexity(tmp_path):
+def test_resumed_history_keeps_eval_perplexity(tmp_path, tiny_config):
     """A run extended in the same workdir returns the evaluations read back from metrics.jsonl
     with the same fields (loss, perplexity, tokens) as the new ones."""
-    config = tiny_config(tmp_path, num_steps=20, eval_every=10)
+    config = tiny_config(num_steps=20, eval_every=10)
     first = train.train_and_evaluate(config, str(tmp_path / "w"))
     config.train.num_steps = 30
     extended = train.train_and_evaluate(config, str(tmp_path / "w"))
@@ -141,8 +123,8 @@ def test_resumed_history_keeps_eval_perplexity(tmp_path):
         np.testing.assert_allclose(entry["perplexity"], np.exp(entry["loss"]), rtol=1e-6)
 
 
-def test_dropout_bf16_and_accumulation_train(tmp_path):
-    config = tiny_config(tmp_path, num_steps=6, eval_every=0)
+def test_dropout_bf16_and_accumulation_train(tmp_path, tiny_config):
+    config = tiny_config(num_steps=6, eval_every=0)
     config.model.update(dropout=0.1, dtype="bfloat16")
     config.optim.grad_accum = 2
     result = train.train_and_evaluate(config, str(tmp_path / "w"))
@@ -158,16 +140,16 @@ def test_dropout_bf16_and_accumulation_train(tmp_path):
     (lambda c: c.train.__setitem__("num_step", 3), r"unknown config keys \['train.num_step'\]"),
     (lambda c: c.optim.__setitem__("warmup_steps", 500), "optim.warmup_steps=500"),
 ])
-def test_bad_config_fails_before_compute(tmp_path, monkeypatch, change, message):
-    config = tiny_config(tmp_path)
+def test_bad_config_fails_before_compute(tmp_path, monkeypatch, change, message, tiny_config):
+    config = tiny_config()
     change(config)
     monkeypatch.setattr(train, "create_train_state", lambda *a: pytest.fail("computed anyway"))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train.train_and_evaluate(config, str(tmp_path / "w"))
 
 
-def test_empty_corpus_is_an_error(tmp_path):
-    config = tiny_config(tmp_path)
+def test_empty_corpus_is_an_error(tmp_path, tiny_config):
+    config = tiny_config()
     (tmp_path / "corpus.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         train.train_and_evaluate(config, str(tmp_path / "w"))

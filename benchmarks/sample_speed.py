@@ -71,49 +71,15 @@ def weight_bytes_per_step(params) -> int:
 
 
 def to_hf_gpt2(params, config):
-    """An HF `GPT2LMHeadModel` holding lmjax GPT-2 params (Conv1D weights are [in, out])."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """An HF `GPT2LMHeadModel` holding lmjax GPT-2 params (exported with `lmjax.hf.save_hf`)."""
+    import tempfile
 
-    D = config.embed_dim
-    hf_config = GPT2Config(
-        vocab_size=config.vocab_size, n_positions=config.max_len, n_embd=D,
-        n_layer=config.num_layers, n_head=config.num_heads, n_inner=config.mlp_dim,
-        activation_function="gelu_new", layer_norm_epsilon=config.norm_eps,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
-    t = lambda x: torch.from_numpy(np.asarray(x, np.float32).copy())
-    state = {"transformer.wte.weight": t(params["embed"]["embedding"]),
-             "transformer.wpe.weight": t(params["pos_embed"]),
-             "transformer.ln_f.weight": t(params["final_norm"]["scale"]),
-             "transformer.ln_f.bias": t(params["final_norm"]["bias"])}
-    for i in range(config.num_layers):
-        block, prefix = params[f"blocks_{i}"], f"transformer.h.{i}."
-        attn = block["attn"]
-        qkv = [attn[name] for name in ("query", "key", "value")]
-        state.update({
-            prefix + "ln_1.weight": t(block["attn_norm"]["scale"]),
-            prefix + "ln_1.bias": t(block["attn_norm"]["bias"]),
-            prefix + "ln_2.weight": t(block["mlp_norm"]["scale"]),
-            prefix + "ln_2.bias": t(block["mlp_norm"]["bias"]),
-            # [D, H, K] kernels -> [D, H*K], concatenated q | k | v along the output axis.
-            prefix + "attn.c_attn.weight": t(np.concatenate(
-                [np.asarray(p["kernel"]).reshape(D, -1) for p in qkv], axis=1)),
-            prefix + "attn.c_attn.bias": t(np.concatenate(
-                [np.asarray(p["bias"]).reshape(-1) for p in qkv])),
-            prefix + "attn.c_proj.weight": t(np.asarray(attn["out"]["kernel"]).reshape(-1, D)),
-            prefix + "attn.c_proj.bias": t(attn["out"]["bias"]),
-            prefix + "mlp.c_fc.weight": t(block["mlp"]["fc"]["kernel"]),
-            prefix + "mlp.c_fc.bias": t(block["mlp"]["fc"]["bias"]),
-            prefix + "mlp.c_proj.weight": t(block["mlp"]["proj"]["kernel"]),
-            prefix + "mlp.c_proj.bias": t(block["mlp"]["proj"]["bias"]),
-        })
-    model = GPT2LMHeadModel(hf_config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" and not k.endswith(".attn.bias")]
-    if missing or unexpected:
-        raise RuntimeError(f"HF state dict mismatch: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    return model.eval()
+    from transformers import GPT2LMHeadModel
+
+    from lmjax import hf
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_hf(folder, config, params, model_type="gpt2")
+        return GPT2LMHeadModel.from_pretrained(folder).eval()
 
 
 def pick_torch_threads(model, prompts: np.ndarray, forced: int = 0) -> int:

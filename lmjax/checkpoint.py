@@ -180,10 +180,8 @@ def _tokenizer_from_json(content: dict):
 
 def write_tokenizer_files(content: dict, directory: str) -> None:
     """Writes a checkpoint's tokenizer item as files (lmjax_tokenizer.json, ...) into `directory`."""
-    os.makedirs(directory, exist_ok=True)
-    for name, data in content["files"].items():
-        with open(os.path.join(directory, name), "wb") as f:
-            f.write(base64.b64decode(data))
+    tokenizers.write_files(directory, {name: base64.b64decode(data)
+                                       for name, data in content["files"].items()})
 
 
 def _read_json_item(step_dir: str, item: str) -> Any:

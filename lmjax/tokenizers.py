@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import uuid
 from typing import Iterable, Iterator, Protocol, Sequence
 
 import ml_collections
@@ -54,10 +55,20 @@ class Tokenizer(Protocol):
         ...
 
 
-def _write_json(directory: str, content: dict) -> None:
+def write_files(directory: str, files: dict[str, bytes]) -> None:
+    """Writes a tokenizer's files into `directory`, lmjax_tokenizer.json last (its presence
+    means a saved tokenizer), each through a temporary file and a rename: the processes of a
+    multi-host run share the workdir, and none may read a half-written tokenizer."""
     os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(content, f, ensure_ascii=False, indent=1)
+    for name in sorted(files, key=lambda name: name == CONFIG_FILE):
+        tmp = os.path.join(directory, f".{name}.{uuid.uuid4().hex}.tmp")  # unique across hosts
+        with open(tmp, "wb") as f:
+            f.write(files[name])
+        os.replace(tmp, os.path.join(directory, name))
+
+
+def _json(content: dict) -> bytes:
+    return json.dumps(content, ensure_ascii=False, indent=1).encode("utf-8")
 
 
 def _special_ids(tokenizer: Tokenizer) -> set[int]:
@@ -112,7 +123,7 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def save(self, directory: str) -> None:
-        _write_json(directory, {"kind": self.kind, "chars": self.chars})
+        write_files(directory, {CONFIG_FILE: _json({"kind": self.kind, "chars": self.chars})})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,7 +147,7 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def save(self, directory: str) -> None:
-        _write_json(directory, {"kind": self.kind})
+        write_files(directory, {CONFIG_FILE: _json({"kind": self.kind})})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,9 +234,9 @@ class SentencePieceTokenizer:
         return self.processor.decode([int(i) for i in ids if i not in specials])
 
     def save(self, directory: str) -> None:
-        _write_json(directory, {"kind": self.kind, "model_file": SENTENCEPIECE_FILE})
-        with open(os.path.join(directory, SENTENCEPIECE_FILE), "wb") as f:
-            f.write(self.model_proto)
+        write_files(directory, {
+            SENTENCEPIECE_FILE: self.model_proto,
+            CONFIG_FILE: _json({"kind": self.kind, "model_file": SENTENCEPIECE_FILE})})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -349,11 +360,9 @@ class HFTokenizer:
 
     def save(self, directory: str) -> None:
         """Writes the Hugging Face files verbatim, and lmjax_tokenizer.json with the ids."""
-        _write_json(directory, {"kind": self.kind, "files": sorted(self.files), "bos_id":
-                                self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id})
-        for name, content in self.files.items():
-            with open(os.path.join(directory, name), "wb") as f:
-                f.write(content)
+        write_files(directory, {**self.files, CONFIG_FILE: _json({
+            "kind": self.kind, "files": sorted(self.files), "bos_id": self.bos_id,
+            "eos_id": self.eos_id, "pad_id": self.pad_id})})
 
     @classmethod
     def load(cls, directory: str, saved: dict) -> "HFTokenizer":

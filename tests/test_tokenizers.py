@@ -112,6 +112,25 @@ def test_save_load(kind, tmp_path):
     assert loaded.encode(TRICKY) == tokenizer.encode(TRICKY)
 
 
+def test_saving_renames_complete_files_and_the_marker_last(training_text, tmp_path, monkeypatch):
+    """Processes of a multi-host run share the workdir: each tokenizer file appears whole (a
+    rename of a finished temporary file), lmjax_tokenizer.json after the model file."""
+    renamed = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        assert open(src, "rb").read()  # complete before it becomes visible
+        renamed.append(os.path.basename(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    trained = tokenizers.build_tokenizer(tokenizer_config(), training_text)
+    trained.save(str(tmp_path))
+    assert renamed == ["tokenizer.model", "lmjax_tokenizer.json"]
+    assert sorted(os.listdir(tmp_path)) == renamed[::-1]  # no temporary files left
+    assert tokenizers.load_tokenizer(str(tmp_path)).encode(TRICKY) == trained.encode(TRICKY)
+
+
 def test_workdir_tokenizer_is_reused_on_resume(tmp_path):
     first = tokenizers.build_tokenizer(tokenizer_config(kind="char"), "abc", str(tmp_path))
     # A resumed run must get the saved tokenizer, whatever text it is handed.

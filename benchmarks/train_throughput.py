@@ -244,7 +244,6 @@ def worker(framework: str, shape: str, remat: str, steps_per_call: int) -> None:
     out.flush()
     for line in sys.stdin:
         steps = int(line.split()[1])
-        runner.run(1)  # untimed: the first step after a pause is slow (module docstring)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step_s = runner.run(steps)
         faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / steps
@@ -340,6 +339,7 @@ def bench_shape(shape: str, args, peaks: list) -> dict:
         for _ in range(args.repeats):
             peaks.append(matmul_peak(repeats=2, torch_too=False))  # the best over the whole run
             for fw in frameworks:
+                workers[fw].run(1)  # untimed: the first step after a pause is slow (docstring)
                 samples[fw].append(workers[fw].run(args.steps))
     finally:
         for w in workers.values():

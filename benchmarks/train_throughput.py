@@ -3,9 +3,11 @@
     python benchmarks/train_throughput.py                          # every shape (~10 min, 2 cores)
     python benchmarks/train_throughput.py --shapes baby,middle --steps 20 --repeats 5
     python benchmarks/train_throughput.py --memory_check           # + GPT-2 124M, 1024 x 8 (slow)
+    python benchmarks/train_throughput.py --dtype bfloat16         # mixed precision in both
 
 Shapes (GPT-2 architecture in both frameworks: learned positions, LayerNorm, tanh-GELU MLP, biases,
-tied embeddings, dropout 0, float32):
+tied embeddings, dropout 0; float32, or with `--dtype bfloat16` mixed precision: float32 parameters
+and optimizer, bfloat16 matmul inputs with float32 accumulation):
   baby    4 layers, 4 heads, width 128, context 64, batch 12, vocab 65 (nanoGPT's CPU baby run)
   middle  6 layers, 6 heads, width 384, context 256, batch 16, vocab 65
   gpt2    GPT-2 124M (`preset('gpt2_124m')`), context 256, batch 4, vocab 50257
@@ -16,7 +18,9 @@ jits (`train.jit_train_step`: shardings, donated state, `--steps_per_call` = the
 `train.steps_per_call` optimizer steps per call under `lax.scan`),
 fed by `sharding.put_batch` on fresh host batches each step, as the training loop does.
 PyTorch runs `GPT2LMHeadModel` + `torch.optim.AdamW` (same decay groups, clipping at 1.0),
-cross-entropy on the logits, `torch.set_num_threads(cores)`.
+cross-entropy on the logits, `torch.set_num_threads(cores)`. With `--dtype bfloat16`, lmjax runs
+`model.dtype='bfloat16'` (params float32) and PyTorch runs the forward pass and loss under
+`torch.autocast('cpu', torch.bfloat16)`, its standard mixed precision.
 
 Each (framework, shape) lives in its own worker process, so that its peak RSS is its own; the
 parent interleaves them (lmjax repeat 1, torch repeat 1, lmjax repeat 2, ...) so that both see
@@ -36,9 +40,10 @@ Reported per shape and framework:
   * MFU: flops_per_token(config, seq_len) x tokens/s / measured peak. `lmjax.model.flops_per_token`
     is 6N + 12·layers·seq·width with N the matmul parameters including the output projection
     (counted once, tied), excluding the embedding lookups (PaLM, appendix B). The same count is
-    used for both frameworks. The peak is the best of several f32 4096x4096 matmuls timed with
-    jax on this machine (also with torch, for reference), measured by this script before and
-    after the runs; MFU uses the larger of the jax measurements.
+    used for both frameworks. The peak is the best of several 4096x4096 matmuls in the run's
+    dtype (bfloat16: bf16 inputs, f32 accumulation) timed with jax on this machine (also with
+    torch), measured by this script before, between and after the runs; MFU uses the largest
+    measurement of either (in float32 that is jax's; in bfloat16 torch's was ~10% higher).
 
 Environment: lmjax workers run with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (lmjax's recommended
 CPU setting, as in the Makefile; `--lmjax_glibc_tunables=""` turns it off). XLA's CPU runtime
@@ -90,15 +95,17 @@ def rss_mib() -> float:
 # --------------------------------------------------------------------------- configs
 
 
-def experiment_config(shape: str, remat: str = "none", steps_per_call: int = 1):
-    """The lmjax experiment config of a shape (GPT-2 architecture, dropout 0, biases, tied)."""
+def experiment_config(shape: str, remat: str = "none", steps_per_call: int = 1,
+                      dtype: str = "float32"):
+    """The lmjax experiment config of a shape (GPT-2 architecture, dropout 0, biases, tied),
+    computing in `dtype` with float32 parameters."""
     from lmjax.config import default_config, preset_fields
     spec = dict(SHAPES[shape])
     seq_len, batch = spec.pop("seq_len"), spec.pop("batch")
     name = spec.pop("preset", "gpt2_124m")
     config = default_config()
     config.model.update(preset_fields(name, **spec, dropout=0.0, bias=True, tie_embeddings=True,
-                                      dtype="float32", param_dtype="float32", remat=remat))
+                                      dtype=dtype, param_dtype="float32", remat=remat))
     config.data.seq_len, config.data.batch_size = seq_len, batch
     config.train.steps_per_call = steps_per_call
     return config
@@ -117,7 +124,7 @@ def host_batch(rng, vocab: int, batch: int, seq_len: int) -> dict:
 class LmjaxRunner:
     """lmjax's train step as `train._train_loop` builds it, on one device."""
 
-    def __init__(self, shape: str, remat: str, steps_per_call: int):
+    def __init__(self, shape: str, remat: str, steps_per_call: int, dtype: str = "float32"):
         import functools
 
         import flax.linen as nn
@@ -126,7 +133,7 @@ class LmjaxRunner:
 
         from lmjax import sharding, train
         self.jax, self.np, self.sharding = jax, np, sharding
-        config = experiment_config(shape, remat, steps_per_call)
+        config = experiment_config(shape, remat, steps_per_call, dtype)
         train.validate_config(config)
         self.mcfg = train.model_config(config, config.model.vocab_size)
         self.batch_size, self.seq_len = config.data.batch_size, config.data.seq_len
@@ -167,8 +174,11 @@ class LmjaxRunner:
 class TorchRunner:
     """The same model and batch in PyTorch: GPT2LMHeadModel + AdamW."""
 
-    def __init__(self, shape: str, remat: str, steps_per_call: int):
+    def __init__(self, shape: str, remat: str, steps_per_call: int, dtype: str = "float32"):
         del steps_per_call
+        import contextlib
+        import functools
+
         import numpy as np
         import torch
         import transformers
@@ -194,15 +204,18 @@ class TorchRunner:
                                       {"params": no_decay, "weight_decay": 0.0}],
                                      lr=1e-4, betas=(0.9, 0.99), eps=1e-8)
         self.rng = np.random.default_rng(0)
+        self.autocast = (functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+                         if dtype == "bfloat16" else contextlib.nullcontext)
 
     def step(self):
         torch = self.torch
         batch = host_batch(self.rng, self.vocab, self.batch_size, self.seq_len)
         inputs = torch.from_numpy(batch["inputs"]).long()
         targets = torch.from_numpy(batch["targets"]).long()
-        logits = self.model(input_ids=inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                 targets.reshape(-1))
+        with self.autocast():
+            logits = self.model(input_ids=inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                     targets.reshape(-1))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
@@ -217,14 +230,15 @@ class TorchRunner:
         return (time.perf_counter() - start) / steps
 
 
-def worker(framework: str, shape: str, remat: str, steps_per_call: int) -> None:
+def worker(framework: str, shape: str, remat: str, steps_per_call: int, dtype: str) -> None:
     """Serves `run N` requests on stdin; answers one JSON line per request on stdout."""
     out = sys.stdout
     sys.stdout = sys.stderr  # keep library prints off the protocol channel
     for module in ("jax",) if framework == "lmjax" else ("torch", "transformers"):
         importlib.import_module(module)  # before measuring the RSS of the imports alone
     import_rss = rss_mib()
-    runner = (LmjaxRunner if framework == "lmjax" else TorchRunner)(shape, remat, steps_per_call)
+    runner = (LmjaxRunner if framework == "lmjax" else TorchRunner)(shape, remat, steps_per_call,
+                                                                    dtype)
     start = time.perf_counter()
     runner.run(1)
     first_s = time.perf_counter() - start
@@ -255,7 +269,8 @@ def worker(framework: str, shape: str, remat: str, steps_per_call: int) -> None:
 class Worker:
     def __init__(self, framework: str, shape: str, args, env: dict | None = None):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", framework, "--shapes", shape,
-               "--remat", args.remat, "--steps_per_call", str(args.steps_per_call)]
+               "--remat", args.remat, "--steps_per_call", str(args.steps_per_call),
+               "--dtype", args.dtype]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=None if env is None else {**os.environ, **env})
         self.info = self._read()
@@ -279,13 +294,17 @@ class Worker:
 # --------------------------------------------------------------------------- machine peak
 
 
-def matmul_peak(n: int = 4096, repeats: int = 5, torch_too: bool = True) -> dict:
-    """Best-of-`repeats` f32 n x n matmul FLOP/s with jax (and torch, for reference)."""
+def matmul_peak(n: int = 4096, repeats: int = 5, torch_too: bool = True,
+                dtype: str = "float32") -> dict:
+    """Best-of-`repeats` n x n matmul FLOP/s in `dtype` (accumulating in float32) with jax (and
+    torch, for reference)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
-    x = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    y = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    mm = jax.jit(jnp.matmul)
+    x = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    y = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    mm = jax.jit(functools.partial(jnp.matmul, preferred_element_type=jnp.float32))
     mm(x, y).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
@@ -298,7 +317,7 @@ def matmul_peak(n: int = 4096, repeats: int = 5, torch_too: bool = True) -> dict
     try:
         import torch
         torch.set_num_threads(cores())
-        a, b = torch.randn(n, n), torch.randn(n, n)
+        a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
         a @ b
         best = float("inf")
         for _ in range(repeats):
@@ -314,7 +333,7 @@ def matmul_peak(n: int = 4096, repeats: int = 5, torch_too: bool = True) -> dict
 # --------------------------------------------------------------------------- main
 
 
-def flops_per_token(shape: str) -> float:
+def flops_per_token(shape: str) -> float:  # the same in every dtype
     from lmjax import model
     from lmjax.train import model_config
     config = experiment_config(shape)
@@ -337,7 +356,8 @@ def bench_shape(shape: str, args, peaks: list) -> dict:
             workers[fw] = Worker(fw, shape, args, env=lmjax_env(args) if fw == "lmjax" else None)
         samples = {fw: [] for fw in frameworks}
         for _ in range(args.repeats):
-            peaks.append(matmul_peak(repeats=2, torch_too=False))  # the best over the whole run
+            # the best over the whole run
+            peaks.append(matmul_peak(repeats=2, torch_too=False, dtype=args.dtype))
             for fw in frameworks:
                 workers[fw].run(1)  # untimed: the first step after a pause is slow (docstring)
                 samples[fw].append(workers[fw].run(args.steps))
@@ -354,7 +374,7 @@ def bench_shape(shape: str, args, peaks: list) -> dict:
             "tokens_s": tokens_per_step / step_s,
             "spread_pct": 100 * (max(times) - min(times)) / step_s,
             "best_tokens_s": tokens_per_step / min(times),
-            "mfu": fpt * tokens_per_step / step_s / max(p["jax"] for p in peaks),
+            "mfu": fpt * tokens_per_step / step_s / max(max(p.values()) for p in peaks),
             "compile_s": workers[fw].info["compile_s"],
             "peak_rss_MiB": max(s["peak_rss_MiB"] for s in samples[fw]),
             "page_faults_per_step": statistics.median(s["page_faults_per_step"]
@@ -396,8 +416,10 @@ def memory_check(args) -> dict:
 
 
 def markdown(results: list[dict], peak: dict) -> str:
-    lines = [f"f32 matmul peak (4096², best over the run): jax {peak['jax'] / 1e9:.1f} GFLOP/s"
-             + (f", torch {peak['torch'] / 1e9:.1f} GFLOP/s" if "torch" in peak else ""), "",
+    lines = [f"{peak['dtype']} matmul peak (4096², best over the run): jax "
+             f"{peak['jax'] / 1e9:.1f} GFLOP/s"
+             + (f", torch {peak['torch'] / 1e9:.1f} GFLOP/s" if "torch" in peak else "")
+             + "; MFU is against the larger", "",
              "| shape | framework | step ms median (min–max) | tokens/s | MFU | best tokens/s "
              "| compile s | peak RSS MiB | page faults/step | lmjax / torch: median (per repeat) "
              "| best / best |",
@@ -434,6 +456,8 @@ def main():
     parser.add_argument("--lmjax_glibc_tunables", default="glibc.malloc.hugetlb=1",
                         help="GLIBC_TUNABLES of the lmjax workers ('' for glibc's defaults)")
     parser.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of both frameworks (bfloat16: mixed precision)")
     parser.add_argument("--steps_per_call", type=int, default=0,
                         help="lmjax train.steps_per_call (optimizer steps per jitted call); "
                              "0: 8 for baby, 1 for the others")
@@ -446,10 +470,10 @@ def main():
     parser.add_argument("--worker", choices=("lmjax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.worker, args.shapes, args.remat, args.steps_per_call)
+        return worker(args.worker, args.shapes, args.remat, args.steps_per_call, args.dtype)
 
     default_steps = {"baby": 40, "middle": 3, "gpt2": 1}
-    peaks = [matmul_peak()]
+    peaks = [matmul_peak(dtype=args.dtype)]
     results = []
     for shape in [s for s in args.shapes.split(",") if s]:
         shape_args = argparse.Namespace(**vars(args))
@@ -457,13 +481,15 @@ def main():
         shape_args.steps_per_call = args.steps_per_call or (8 if shape == "baby" else 1)
         results.append(bench_shape(shape, shape_args, peaks))
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    peaks.append(matmul_peak())
+    peaks.append(matmul_peak(dtype=args.dtype))
     peak = {k: max(p[k] for p in peaks if k in p) for k in peaks[0]}
-    for r in results:  # MFU against the best peak seen (before or after)
+    peak["dtype"] = args.dtype
+    best_peak = max(peak["jax"], peak.get("torch", 0.0))
+    for r in results:  # MFU against the best peak seen (before or after, either framework)
         for fw in ("lmjax", "torch"):
             if fw in r:
-                r[fw]["mfu"] = r["flops_per_token"] * r[fw]["tokens_s"] / peak["jax"]
-    out = {"cores": cores(), "peak_flops": peak,
+                r[fw]["mfu"] = r["flops_per_token"] * r[fw]["tokens_s"] / best_peak
+    out = {"cores": cores(), "dtype": args.dtype, "peak_flops": peak,
            "peak_jax_runs_GFLOPs": [round(p["jax"] / 1e9, 1) for p in peaks], "results": results}
     print(markdown(results, peak), file=sys.stderr, flush=True)  # before the slow memory check
     if args.memory_check:

@@ -98,20 +98,57 @@ def _write_slots(cache_CxTxK: jax.Array, new_BxLxGxK: jax.Array, cache_index) ->
     return jax.lax.dynamic_update_slice(cache_CxTxK, new_CxLxK, (0, cache_index, 0))
 
 
+def matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
+    """`einsum(spec, a, b)` with both inputs cast to `dtype`, accumulated and returned in float32.
+
+    Below float32 (mixed precision) the gradients are the two transposed einsums of the
+    cotangent cast to `dtype`, also accumulated in float32 and returned in the dtypes that a and
+    b came in (a float32 kernel gets a float32 gradient). So every matmul of the backward pass
+    takes low-precision inputs too: plain autodiff would feed them a float32 cotangent, and on
+    XLA's CPU compiler a dot with a low-precision result runs in float32. Every letter of `spec`
+    must appear in two of its three terms (true of projections and attention).
+    """
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
+    return _low_precision_einsum(spec, jnp.dtype(dtype), a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _low_precision_einsum(spec: str, dtype, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _low_precision_einsum_fwd(spec, dtype, a, b):
+    return _low_precision_einsum(spec, dtype, a, b), (a, b)
+
+
+def _low_precision_einsum_bwd(spec, dtype, ab, cotangent):
+    a, b = ab
+    (spec_a, spec_b), spec_out = spec.split("->")[0].split(","), spec.split("->")[1]
+    cotangent, a_low, b_low = cotangent.astype(dtype), a.astype(dtype), b.astype(dtype)
+    grad_a = jnp.einsum(f"{spec_out},{spec_b}->{spec_a}", cotangent, b_low,
+                        preferred_element_type=jnp.float32)
+    grad_b = jnp.einsum(f"{spec_a},{spec_out}->{spec_b}", a_low, cotangent,
+                        preferred_element_type=jnp.float32)
+    return grad_a.astype(a.dtype), grad_b.astype(b.dtype)
+
+
+_low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
+
+
 def _attend(q_XxQxK: jax.Array, k_XxSxK: jax.Array, v_XxSxK: jax.Array,
             mask_XxQxS: jax.Array) -> jax.Array:
     """Softmax attention of scaled queries over keys where `mask` (broadcast to [X, Q, S]) is
-    True, X independent groups at once. Scores and the softmax are f32; the softmax is
-    normalised after the value matmul ([Q, K] divisions instead of [Q, S])."""
-    scores_XxQxS = jnp.einsum("xqk,xsk->xqs", q_XxQxK, k_XxSxK.astype(q_XxQxK.dtype))
-    scores_XxQxS = jnp.where(mask_XxQxS, scores_XxQxS.astype(jnp.float32),
-                             jnp.finfo(jnp.float32).min)
+    True, X independent groups at once, in the queries' dtype. Scores and the softmax are f32;
+    the softmax is normalised after the value matmul ([Q, K] divisions instead of [Q, S])."""
+    dtype = q_XxQxK.dtype
+    scores_XxQxS = matmul("xqk,xsk->xqs", q_XxQxK, k_XxSxK, dtype)
+    scores_XxQxS = jnp.where(mask_XxQxS, scores_XxQxS, jnp.finfo(jnp.float32).min)
     # Subtracting the (constant) row max keeps exp finite; it needs no gradient.
     max_XxQx1 = jax.lax.stop_gradient(scores_XxQxS.max(-1, keepdims=True))
     weights_XxQxS = jnp.exp(scores_XxQxS - max_XxQx1)
-    out_XxQxK = jnp.einsum("xqs,xsk->xqk", weights_XxQxS.astype(q_XxQxK.dtype),
-                           v_XxSxK.astype(q_XxQxK.dtype))
-    return (out_XxQxK / weights_XxQxS.sum(-1, keepdims=True)).astype(q_XxQxK.dtype)
+    out_XxQxK = matmul("xqs,xsk->xqk", weights_XxQxS, v_XxSxK, dtype)
+    return (out_XxQxK / weights_XxQxS.sum(-1, keepdims=True)).astype(dtype)
 
 
 def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
@@ -164,7 +201,8 @@ def _cached_attention(q_BxLxHxK: jax.Array, k_CxTxK: jax.Array, v_CxTxK: jax.Arr
 
 class Projection(nn.Module):
     """`x @ kernel + bias` contracting x's last `len(in_shape)` axes, with a kernel of shape
-    in_shape + out_shape kept unflattened, so every axis carries its logical name."""
+    in_shape + out_shape kept unflattened, so every axis carries its logical name. Computed in
+    `config.dtype` with float32 accumulation (`matmul`)."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -178,13 +216,16 @@ class Projection(nn.Module):
         cfg = self.config
         kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale), self.names),
                             self.in_shape + self.out_shape, cfg.param_dtype)
-        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), axes=len(self.in_shape))
+        # einsum letters: a.. x's leading axes, d.. the contracted ones, h.. the outputs.
+        lead, ins = "abc"[:x.ndim - len(self.in_shape)], "defg"[:len(self.in_shape)]
+        outs = "hijk"[:len(self.out_shape)]
+        y = matmul(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, cfg.dtype)
         if self.use_bias:
             bias = self.param("bias", _partitioned(nn.initializers.zeros,
                                                    self.names[len(self.in_shape):]),
                               self.out_shape, cfg.param_dtype)
-            y = y + bias.astype(cfg.dtype)
-        return y
+            y = y + bias
+        return y.astype(cfg.dtype)
 
 
 class Attention(nn.Module):
@@ -240,21 +281,15 @@ class Mlp(nn.Module):
     def __call__(self, x_BxLxD):
         cfg = self.config
 
-        def dense(name, features, names, scale=1.0):
-            return nn.Dense(
-                features, use_bias=cfg.bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=_partitioned(_dense_init(cfg, scale), names),
-                bias_init=_partitioned(nn.initializers.zeros, names[-1:]), name=name)
-
+        D, F = cfg.embed_dim, cfg.mlp_dim
+        up = functools.partial(Projection, (D,), (F,), ("embed", "mlp"), cfg.bias, cfg)
         if cfg.mlp == "swiglu":
-            h_BxLxF = (nn.silu(dense("gate", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD))
-                       * dense("up", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD))
+            h_BxLxF = nn.silu(up(name="gate")(x_BxLxD)) * up(name="up")(x_BxLxD)
         else:
-            h_BxLxF = nn.gelu(dense("fc", cfg.mlp_dim, ("embed", "mlp"))(x_BxLxD),
-                              approximate=cfg.mlp == "gelu")
+            h_BxLxF = nn.gelu(up(name="fc")(x_BxLxD), approximate=cfg.mlp == "gelu")
         h_BxLxF = nn.with_logical_constraint(h_BxLxF, _ACT_BLF)
-        return dense("proj", cfg.embed_dim, ("mlp", "embed"),
-                     scale=(2 * cfg.num_layers) ** -0.5)(h_BxLxF)
+        return Projection((F,), (D,), ("mlp", "embed"), cfg.bias, cfg,
+                          init_scale=(2 * cfg.num_layers) ** -0.5, name="proj")(h_BxLxF)
 
 
 def _norm(config: ModelConfig, name: str) -> nn.Module:
@@ -333,12 +368,10 @@ class Transformer(nn.Module):
         x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
 
         if cfg.tie_embeddings:
-            logits_BxLxV = embed.attend(x_BxLxD)
+            logits_BxLxV = matmul("bld,vd->blv", x_BxLxD, embed.embedding, cfg.dtype)
         else:
-            logits_BxLxV = nn.Dense(
-                cfg.vocab_size, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                kernel_init=_partitioned(_dense_init(cfg), ("embed", "vocab")),
-                name="lm_head")(x_BxLxD)
+            logits_BxLxV = Projection((cfg.embed_dim,), (cfg.vocab_size,), ("embed", "vocab"),
+                                      False, cfg, name="lm_head")(x_BxLxD)
         logits_BxLxV = nn.with_logical_constraint(logits_BxLxV.astype(jnp.float32), _ACT_BLV)
         return logits_BxLxV if kv_cache is None else (logits_BxLxV, new_cache)
 

@@ -1,5 +1,6 @@
 """The Transformer against an independent NumPy forward pass, causality, counts and config errors."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,6 +168,68 @@ def test_bf16_compute_with_f32_params():
     reference = model_lib.Transformer(ModelConfig(**GPT)).apply({"params": params}, tokens)
     assert logits.dtype == jnp.float32
     assert np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
+
+
+def _bf16(x):
+    """x rounded to bfloat16, as float64 for NumPy."""
+    return np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64)
+
+
+@pytest.mark.parametrize("spec, shape_a, shape_b", [
+    ("bld,dh->blh", (2, 3, 8), (8, 5)),  # a projection
+    ("xqk,xsk->xqs", (3, 4, 8), (3, 6, 8)),  # attention scores
+])
+def test_mixed_precision_matmul_and_its_gradients(spec, shape_a, shape_b):
+    """bf16 inputs, f32 accumulation; the gradients are the transposed products of the cotangent
+    rounded to bf16, returned in each input's own dtype."""
+    ka, kb, kw = jax.random.split(jax.random.key(0), 3)
+    a = jax.random.normal(ka, shape_a, jnp.bfloat16)  # an activation
+    b = jax.random.normal(kb, shape_b, jnp.float32)  # a float32 parameter
+    out = model_lib.matmul(spec, a, b, jnp.bfloat16)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, np.einsum(spec, _bf16(a), _bf16(b)), rtol=1e-5, atol=1e-5)
+
+    w = jax.random.normal(kw, out.shape, jnp.float32)
+    grad_a, grad_b = jax.grad(lambda a, b: jnp.sum(model_lib.matmul(spec, a, b, "bfloat16") * w),
+                              argnums=(0, 1))(a, b)
+    assert grad_a.dtype == jnp.bfloat16 and grad_b.dtype == jnp.float32
+    (spec_a, spec_b), spec_out = spec.split("->")[0].split(","), spec.split("->")[1]
+    np.testing.assert_allclose(np.asarray(grad_a, np.float64),
+                               _bf16(np.einsum(f"{spec_out},{spec_b}->{spec_a}", _bf16(w), _bf16(b))),
+                               rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(grad_b, np.einsum(f"{spec_a},{spec_out}->{spec_b}", _bf16(a), _bf16(w)),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_training_gradient_matmuls_all_take_bf16_inputs():
+    """The point of `matmul`'s custom gradient: in a bf16 model's loss gradient, every matmul
+    (forward and backward) multiplies bf16 operands (autodiff alone gives the backward ones a
+    float32 cotangent), and the gradients stay close to the float32 model's."""
+    cfg = ModelConfig(**dict(GPT, dtype="bfloat16"))
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    tokens = jnp.arange(16)[None] % cfg.vocab_size
+
+    def loss(params, cfg):
+        logits = model_lib.Transformer(cfg).apply({"params": params}, tokens)
+        return -jnp.mean(jax.nn.log_softmax(logits)[0, :-1, tokens[0, 1:]])
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, cfg)
+    dots = []
+
+    def collect(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "dot_general":
+                dots.append(tuple(v.aval.dtype for v in eqn.invars))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                collect(sub)
+    collect(jaxpr.jaxpr)
+    assert len(dots) >= 3 * (4 + 2 + 2) * cfg.num_layers  # q, k, v, out, fc, proj, 2 attention
+    assert set(dots) == {(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))}
+    grads = jax.grad(loss)(params, cfg)
+    reference = jax.grad(loss)(params, ModelConfig(**GPT))
+    for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(reference)):
+        assert g.dtype == jnp.float32
+        np.testing.assert_allclose(g, r, atol=0.05 * np.abs(r).max() + 1e-6)
 
 
 @pytest.mark.parametrize("fields, message", [

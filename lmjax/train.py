@@ -99,6 +99,21 @@ def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelCon
 # ----------------------------------------------------------------------------- optimizer
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` as one scalar factor: g * min(1, max_norm / ||g||).
+
+    The same clipping (to rounding) and the same empty state. optax picks between g and
+    g / ||g|| * max_norm element by element, and XLA's CPU compiler then wrote a clipped copy of
+    every gradient to memory before Adam read both again; a scalar factor fuses into Adam's
+    moment updates instead.
+    """
+    def update(updates, state, params=None):
+        del params
+        scale = jnp.minimum(1.0, max_norm / optax.tree.norm(updates))
+        return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
     """AdamW with linear warmup + cosine decay to a floor, global-norm clipping, decay on matrices.
 
@@ -110,7 +125,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
         end_value=optim.min_learning_rate)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
-        optax.clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
+        clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
                     weight_decay=optim.weight_decay, mask=decay_mask))
     if optim.grad_accum > 1:

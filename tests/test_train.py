@@ -70,6 +70,21 @@ def test_gradient_accumulation_averages_micro_batches():
     np.testing.assert_allclose(updates["w"], expected["w"], rtol=1e-6)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 100.0], ids=["clips", "passes"])
+def test_clip_by_global_norm_matches_optax(max_norm):
+    import optax
+    grads = {"w": jnp.array([[3.0, -4.0], [1.0, 2.0]]), "b": jnp.array([0.5, -1.5])}
+    norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
+    ours, reference = train.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    clipped, state = ours.update(grads, ours.init(grads))
+    expected, _ = reference.update(grads, reference.init(grads))
+    assert jax.tree.structure(state) == jax.tree.structure(reference.init(grads))
+    for name in grads:
+        np.testing.assert_allclose(clipped[name], expected[name], rtol=1e-6)
+        np.testing.assert_allclose(clipped[name], np.asarray(grads[name]) * min(1, max_norm / norm),
+                                   rtol=1e-6)
+
+
 def _with(section, **fields):
     copy = section.copy_and_resolve_references()
     copy.update(fields)

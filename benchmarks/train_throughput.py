@@ -415,8 +415,8 @@ def memory_check(args) -> dict:
             "compile_s": w.info["compile_s"], "loss": run["loss"], "xla_flags": flags.strip()}
 
 
-def markdown(results: list[dict], peak: dict) -> str:
-    lines = [f"{peak['dtype']} matmul peak (4096², best over the run): jax "
+def markdown(results: list[dict], peak: dict, dtype: str) -> str:
+    lines = [f"{dtype} matmul peak (4096², best over the run): jax "
              f"{peak['jax'] / 1e9:.1f} GFLOP/s"
              + (f", torch {peak['torch'] / 1e9:.1f} GFLOP/s" if "torch" in peak else "")
              + "; MFU is against the larger", "",
@@ -483,7 +483,6 @@ def main():
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     peaks.append(matmul_peak(dtype=args.dtype))
     peak = {k: max(p[k] for p in peaks if k in p) for k in peaks[0]}
-    peak["dtype"] = args.dtype
     best_peak = max(peak["jax"], peak.get("torch", 0.0))
     for r in results:  # MFU against the best peak seen (before or after, either framework)
         for fw in ("lmjax", "torch"):
@@ -491,12 +490,12 @@ def main():
                 r[fw]["mfu"] = r["flops_per_token"] * r[fw]["tokens_s"] / best_peak
     out = {"cores": cores(), "dtype": args.dtype, "peak_flops": peak,
            "peak_jax_runs_GFLOPs": [round(p["jax"] / 1e9, 1) for p in peaks], "results": results}
-    print(markdown(results, peak), file=sys.stderr, flush=True)  # before the slow memory check
+    print(markdown(results, peak, args.dtype), file=sys.stderr, flush=True)  # before the slow memory check
     if args.memory_check:
         out["memory_check"] = memory_check(args)
     print(json.dumps(out, indent=1))
     print()
-    print(markdown(results, peak))
+    print(markdown(results, peak, args.dtype))
     if args.memory_check and "error" in out["memory_check"]:
         print(f"\nMemory check failed: {out['memory_check']['error']}")
     elif args.memory_check:

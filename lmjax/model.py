@@ -124,7 +124,8 @@ def _low_precision_einsum_fwd(spec, dtype, a, b):
 
 def _low_precision_einsum_bwd(spec, dtype, ab, cotangent):
     a, b = ab
-    (spec_a, spec_b), spec_out = spec.split("->")[0].split(","), spec.split("->")[1]
+    inputs, spec_out = spec.split("->")
+    spec_a, spec_b = inputs.split(",")
     cotangent, a_low, b_low = cotangent.astype(dtype), a.astype(dtype), b.astype(dtype)
     grad_a = jnp.einsum(f"{spec_out},{spec_b}->{spec_a}", cotangent, b_low,
                         preferred_element_type=jnp.float32)

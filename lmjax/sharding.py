@@ -21,30 +21,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmjax.config import ModelConfig
-
-MESH_AXES = ("data", "fsdp", "tensor")
-
-# Logical axis -> mesh axes. Parameters use the plain names; activations the `activation_` ones,
-# so that FSDP splits weights along `embed` while activations stay split along the batch.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_mlp", "tensor"),
-    ("activation_heads", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_len", None),
-    ("embed", "fsdp"),
-    ("vocab", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("head_dim", None),
-    ("length", None),
-    ("norm", None),
-)
+from lmjax.config import DEFAULT_RULES, MESH_AXES, ModelConfig
 
 
 def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> dict[str, int]:
@@ -102,12 +79,6 @@ def _parse_axes(value: str) -> Any:
     return None if not names else names[0] if len(names) == 1 else names
 
 
-def default_rules_config() -> dict[str, str]:
-    """DEFAULT_RULES as strings for `config.mesh.rules` ('' = replicated, 'a,b' = two axes)."""
-    as_str = lambda axes: "" if axes is None else axes if isinstance(axes, str) else ",".join(axes)
-    return {name: as_str(axes) for name, axes in DEFAULT_RULES}
-
-
 def rules(mesh_config: ml_collections.ConfigDict, model: ModelConfig | None = None,
           mesh_shape: Mapping[str, int] | None = None) -> tuple[tuple[str, Any], ...]:
     """The logical-axis rules from `mesh.rules`, checked against the model and the mesh.
@@ -115,13 +86,12 @@ def rules(mesh_config: ml_collections.ConfigDict, model: ModelConfig | None = No
     A vocabulary that the tensor axis does not divide (e.g. 65 characters) is replicated
     instead of split; every other shape must divide (see `check_divisibility`).
     """
-    table = dict(mesh_config.get("rules", None) or default_rules_config())
-    unknown = sorted(set(table) - {name for name, _ in DEFAULT_RULES})
+    table = dict(mesh_config.get("rules", None) or DEFAULT_RULES)
+    unknown = sorted(set(table) - set(DEFAULT_RULES))
     if unknown:
         raise ValueError(f"mesh.rules: unknown logical axes {unknown}; known: "
-                         f"{[name for name, _ in DEFAULT_RULES]}")
-    result = {name: _parse_axes(table.get(name, default_rules_config()[name]))
-              for name, _ in DEFAULT_RULES}
+                         f"{list(DEFAULT_RULES)}")
+    result = {name: _parse_axes(table.get(name, default)) for name, default in DEFAULT_RULES.items()}
     if model is not None and mesh_shape is not None:
         for name in ("vocab", "activation_vocab"):
             if model.vocab_size % _axes_size(mesh_shape, result[name]):
@@ -130,9 +100,10 @@ def rules(mesh_config: ml_collections.ConfigDict, model: ModelConfig | None = No
 
 
 def check_divisibility(model: ModelConfig, mesh_shape: Mapping[str, int], global_batch: int,
-                       axis_rules=DEFAULT_RULES) -> None:
-    """Clear errors, before compiling, for shapes that the mesh cannot split evenly."""
-    table = dict(axis_rules)
+                       axis_rules=None) -> None:
+    """Clear errors, before compiling, for shapes that the mesh cannot split evenly
+    (`axis_rules`: as `rules` returns; None = the default rules)."""
+    table = dict(axis_rules or {name: _parse_axes(axes) for name, axes in DEFAULT_RULES.items()})
     for logical, field, size in (("heads", "num_heads", model.num_heads),
                                  ("kv_heads", "num_kv_heads", model.kv_heads),
                                  ("mlp", "mlp_dim", model.mlp_dim),
@@ -159,10 +130,6 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, axis_rules) -> Any:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches `[B, L]` are split along the batch over data and fsdp."""
     return NamedSharding(mesh, P(("data", "fsdp"), None))
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
 
 
 def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding,

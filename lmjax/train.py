@@ -148,6 +148,13 @@ def create_train_state(config: ModelConfig, tx: optax.GradientTransformation,
     return nn.unbox(_boxed_train_state(config, tx, rng))
 
 
+def abstract_train_state(config: ModelConfig, tx: optax.GradientTransformation, sharding=None):
+    """What `Checkpointer.restore` needs: the TrainState's shapes, placed by `sharding` (one
+    Sharding, a TrainState of them as `state_shardings` returns, or None: the default device)."""
+    shapes = jax.eval_shape(lambda: create_train_state(config, tx, jax.random.key(0)))
+    return checkpoint_lib.restore_target(shapes, sharding)
+
+
 def state_shardings(config: ModelConfig, tx: optax.GradientTransformation, mesh,
                     axis_rules) -> TrainState:
     """A TrainState of NamedShardings: optimizer moments follow their parameters' logical axes."""
@@ -344,7 +351,7 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
     tx, schedule = make_optimizer(config.optim, config.train.num_steps)
     state_sh = state_shardings(mcfg, tx, mesh, axis_rules)
     batch_sh = sharding_lib.batch_sharding(mesh)
-    restored = ckpt.restore_latest(checkpoint_lib.abstract_train_state(mcfg, tx, state_sh),
+    restored = ckpt.restore_latest(abstract_train_state(mcfg, tx, state_sh),
                                    check=check) if steps else None
     if restored is not None:
         state, meta = restored

@@ -49,7 +49,7 @@ TINY = {"model.embed_dim": 32, "model.mlp_dim": 128, "model.num_layers": 2, "mod
 def launcher_cmd(text_file, workdir, **overrides):
     fields = {**TINY, **{k.replace("__", "."): v for k, v in overrides.items()}}
     return ([sys.executable, os.path.join(REPO, "experiments", "train.py"),
-             f"--config={os.path.join(REPO, 'experiments/configs/tiny_shakespeare_char.py')}"
+             "--config=tiny_shakespeare_char"
              f":{text_file}", f"--workdir={workdir}"]
             + [f"--config.{k}={v}" for k, v in fields.items()])
 
@@ -372,7 +372,7 @@ def test_failed_save_is_a_clear_error_and_keeps_previous(tmp_path, monkeypatch, 
     monkeypatch.undo()
     assert ckpt_lib._steps_in(ckpt.directory) == [1]
     restored, meta = ckpt_lib.Checkpointer(str(tmp_path)).restore(
-        1, ckpt_lib.abstract_train_state(mcfg, tx))
+        1, train_lib.abstract_train_state(mcfg, tx))
     assert meta["step"] == 1
     assert_params_equal(restored.params, state.params)
 
@@ -395,7 +395,7 @@ def test_keep_last_and_best(tmp_path):
 
 def test_restore_targets_carry_shardings(tmp_path):
     config, mcfg, tx, state = _tiny_state()
-    abstract = ckpt_lib.abstract_train_state(mcfg, tx)
+    abstract = train_lib.abstract_train_state(mcfg, tx)
     leaves = jax.tree.leaves(abstract)
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
     ckpt = ckpt_lib.Checkpointer(str(tmp_path))

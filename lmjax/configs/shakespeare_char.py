@@ -1,7 +1,7 @@
 """Character-level model on the embedded complete works of Shakespeare (42 works, 5.1M chars).
 
-  --config=experiments/configs/shakespeare_char.py       nanoGPT's shakespeare_char model
-  --config=experiments/configs/shakespeare_char.py:demo  a small model that trains on a CPU in minutes
+  --config=shakespeare_char       nanoGPT's shakespeare_char model
+  --config=shakespeare_char:demo  a small model that trains on a CPU in minutes
 """
 from lmjax.config import default_config, preset_fields
 

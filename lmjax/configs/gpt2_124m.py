@@ -1,7 +1,7 @@
 """GPT-2 124M (Radford et al. 2019) shapes with a byte-level tokenizer by default.
 
-Pass a Hugging Face folder's tokenizer with --config.tokenizer.path once HF import lands; on a CPU
-use --config.data.batch_size=4 --config.data.seq_len=256.
+GPT-2's own BPE: --config.tokenizer.kind=hf --config.tokenizer.path=models/gpt2 (a Hugging Face
+folder); on a CPU use --config.data.batch_size=4 --config.data.seq_len=256.
 """
 from lmjax.config import default_config, preset_fields
 

@@ -469,6 +469,8 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
                     logging.info("step %d: train loss %.4f, %.0f tokens/s", step, train_loss,
                                  tokens_per_s)
                 pending, tick, tick_step = [], time.perf_counter(), micro_step + 1
+            if not in_call:
+                preemption.pause_for_test(step)
             stop = not in_call and preemption.requested(step)  # `state` is at this step
             save_due = is_last or (config.train.checkpoint_every
                                    and step % config.train.checkpoint_every == 0)
@@ -585,6 +587,18 @@ class _PreemptionWatcher:
                 logging.log_first_n(logging.WARNING, "no preemption sync point: %s", 1, e)
                 return False
         return self.signalled
+
+    def pause_for_test(self, step: int) -> None:
+        """Tests that kill a run at a known step: with LMJAX_TEST_PAUSE_AT_STEP=k set, the loop
+        stops after optimizer step k (its losses logged; its eval, save and SIGTERM check not yet
+        done), prints
+        `LMJAX_TEST_PAUSED step=k` and waits for a signal: SIGKILL ends it there, SIGTERM makes it
+        save at step k and return, as a preemption would."""
+        if os.environ.get("LMJAX_TEST_PAUSE_AT_STEP") != str(step):
+            return
+        print(f"LMJAX_TEST_PAUSED step={step}", flush=True)
+        while not self.signalled:
+            signal.pause()  # returns after a signal's handler ran
 
     def uninstall(self) -> None:
         if self._previous is not None:

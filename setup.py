@@ -49,5 +49,5 @@ setuptools.setup(
         "test": ["pytest>=8", "pytest-xdist", "transformers>=4.45", TORCH, "nbclient",
                  "nbformat", "ipykernel", "matplotlib", "scipy"],
     },
-    entry_points={"console_scripts": ["lmjax = lmjax.commands:main"]},
+    entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main"]},
 )

@@ -7,16 +7,14 @@ notebook can call them one by one; `train_and_evaluate(config, workdir)` strings
 """
 from __future__ import annotations
 
-import contextlib
+import collections
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
 import sys
-import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import flax
 import flax.linen as nn
@@ -29,7 +27,10 @@ from absl import logging
 
 from lmjax import checkpoint as checkpoint_lib
 from lmjax import data as data_lib
+from lmjax import hf
+from lmjax import metrics as metrics_lib
 from lmjax import model as model_lib
+from lmjax import sample as sample_lib
 from lmjax import sharding as sharding_lib
 from lmjax import tokenizers as tokenizers_lib
 from lmjax.config import ModelConfig, default_config
@@ -68,6 +69,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     mesh_shape = sharding_lib.mesh_shape(config.mesh, jax.device_count())
     sharding_lib.check_divisibility(mcfg, mesh_shape, config.data.batch_size,
                                     sharding_lib.rules(config.mesh))
+    if config.model.dtype == "float16":
+        raise ValueError(
+            "model.dtype='float16' is for inference only: training in float16 needs loss scaling, "
+            "which lmjax does not do (gradients underflow). Train with model.dtype='bfloat16' "
+            "(same memory, float32's range) or 'float32'")
     if config.data.seq_len > config.model.max_len:
         raise ValueError(f"data.seq_len={config.data.seq_len} is above the model's maximum "
                          f"length model.max_len={config.model.max_len}")
@@ -264,16 +270,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     launcher then exits with code 0).
 
     Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', ...}.
+    Each step below is a public function a notebook can call on its own.
     """
-    config = _with_hf_model(config)
-    validate_config(config)
+    config = prepare_config(config)
     checkpoint_lib.check_writable(workdir)  # before any compute: a clear error
     ckpt = checkpoint_lib.Checkpointer(
         workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best,
         async_save=config.train.async_checkpoints)
     try:
-        with contextlib.ExitStack() as scope:  # the device mesh, entered once it is known
-            return _train_loop(config, workdir, ckpt, scope)
+        init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
+        data = data_lib.build_data(config, workdir)
+        mcfg = model_config(config, data.tokenizer.vocab_size)
+        _log_model_and_data(config, mcfg, data)
+        mesh = sharding_lib.make_mesh(config.mesh)
+        axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
+        with jax.set_mesh(mesh):
+            tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+            state_sh = state_shardings(mcfg, tx, mesh, axis_rules)
+            state = initial_state(config, mcfg, tx, state_sh, ckpt, init_from)
+            write_run_configs(workdir, config, mcfg)
+            # Activation constraints follow the rules from here on (not during init: Flax's
+            # DenseGeneral initialises a flattened kernel, which the rules do not fit).
+            with nn.logical_axis_rules(axis_rules):
+                state, history, preempted_at = train_loop(
+                    config, workdir, ckpt, data, mcfg, tx, schedule, state, state_sh)
+                ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
+                result = {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
+                          "samples": [], "preempted": preempted_at is not None, **history}
+                if preempted_at is not None:
+                    logging.warning("Preempted (SIGTERM): checkpoint saved at step %d in %s. "
+                                    "Re-run the same command (same --workdir) to resume.",
+                                    preempted_at, ckpt.step_dir(preempted_at))
+                    return {**result, "step": preempted_at}
+                result["samples"] = end_of_run_samples(config, state.params, mcfg,
+                                                       data.tokenizer)
+                for text in result["samples"]:
+                    print("-" * 40 + "\n" + text)
+                return result
     finally:
         try:
             ckpt.close()  # waits for an asynchronous save in flight
@@ -281,22 +314,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.error("%s", e)
 
 
-def _with_hf_model(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """For `init_from='hf:FOLDER'`: a copy of the config whose model shape and tokenizer are the
-    folder's (dropout, dtypes and remat stay as configured)."""
-    if not config.init_from.startswith("hf:"):
-        return config
-    from lmjax import hf
-    folder = config.init_from[len("hf:"):]
-    hf_model = dataclasses.asdict(hf.config_from_hf(hf.read_hf_config(folder)))
-    config = config.copy_and_resolve_references()
-    keep = {"dropout", "dtype", "param_dtype", "remat"}
-    config.model.update({k: v for k, v in hf_model.items() if k not in keep})
-    config.tokenizer.kind, config.tokenizer.path = "hf", folder
+def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config a run trains with, checked: for `init_from='hf:FOLDER'` the model shape and
+    tokenizer become the folder's (dropout, dtypes and remat stay as configured). Raises
+    ValueError naming the field for a bad value, before anything is read or computed."""
+    if config.init_from.startswith("hf:"):
+        folder = config.init_from[len("hf:"):]
+        hf_model = dataclasses.asdict(hf.config_from_hf(hf.read_hf_config(folder)))
+        config = config.copy_and_resolve_references()
+        keep = {"dropout", "dtype", "param_dtype", "remat"}
+        config.model.update({k: v for k, v in hf_model.items() if k not in keep})
+        config.tokenizer.kind, config.tokenizer.path = "hf", folder
+    validate_config(config)
     return config
 
 
-def _check_resume(config):
+def _resume_check(config: ml_collections.ConfigDict) -> Callable[[dict], None]:
+    """`check(info)` for a checkpoint: raises for a config it cannot resume, logs the safe
+    changes once per step."""
     logged = set()
 
     def check(info):
@@ -308,71 +343,66 @@ def _check_resume(config):
     return check
 
 
-def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
-                scope: contextlib.ExitStack) -> dict[str, Any]:
-    # Before any compute: the newest checkpoint must be resumable with this config.
-    check = _check_resume(config)
+def check_workdir(config: ml_collections.ConfigDict, workdir: str,
+                  ckpt: checkpoint_lib.Checkpointer) -> dict | None:
+    """Before any compute: the newest checkpoint in `workdir` must be resumable with `config`
+    (IncompatibleCheckpointError otherwise). A fresh workdir with `init_from` (a run, not hf:)
+    gets that run's tokenizer, so fine-tuning keeps its token ids; returns that run's checkpoint
+    info (`checkpoint.read_checkpoint_info`), else None."""
     steps = ckpt.all_steps()
     if steps:
         try:
             info = ckpt.read_info(steps[-1])
         except checkpoint_lib.CheckpointError:
-            info = None  # unreadable: restore_latest below moves it aside and falls back
+            info = None  # unreadable: restore_latest moves it aside and falls back
         if info is not None:
-            check(info)
-    init_from = None
-    if not steps and config.init_from and not config.init_from.startswith("hf:"):
-        init_from = checkpoint_lib.read_checkpoint_info(config.init_from)
-        if not tokenizers_lib.has_saved_tokenizer(workdir):  # fine-tune with the same ids
-            checkpoint_lib.write_tokenizer_files(
-                checkpoint_lib.read_tokenizer_item(init_from["step_dir"]), workdir)
-    elif steps and config.init_from:
-        logging.info("workdir has checkpoints: resuming, init_from=%s ignored", config.init_from)
+            _resume_check(config)(info)
+        if config.init_from:
+            logging.info("workdir has checkpoints: resuming, init_from=%s ignored",
+                         config.init_from)
+        return None
+    if not config.init_from or config.init_from.startswith("hf:"):
+        return None
+    init_from = checkpoint_lib.read_checkpoint_info(config.init_from)
+    if not tokenizers_lib.has_saved_tokenizer(workdir):
+        checkpoint_lib.write_tokenizer_files(
+            checkpoint_lib.read_tokenizer_item(init_from["step_dir"]), workdir)
+    return init_from
 
-    data = data_lib.build_data(config, workdir)
-    mcfg = model_config(config, data.tokenizer.vocab_size)
+
+def _log_model_and_data(config, mcfg: ModelConfig, data) -> None:
+    """One line each: the model and data; the mesh's devices; a CPU speed hint where it helps."""
     logging.info("model: %s parameters, %.3g FLOPs/token; data: %d train / %d val tokens",
-                 f"{model_lib.num_params(mcfg):,}", model_lib.flops_per_token(mcfg, config.data.seq_len),
+                 f"{model_lib.num_params(mcfg):,}",
+                 model_lib.flops_per_token(mcfg, config.data.seq_len),
                  data.train_tokens, data.val_tokens)
-
+    kinds = collections.Counter(d.device_kind for d in jax.devices())
+    logging.info("devices: %s over %d process(es); mesh %s", dict(kinds), jax.process_count(),
+                 sharding_lib.mesh_shape(config.mesh, jax.device_count()))
     if (jax.default_backend() == "cpu" and sys.platform == "linux"
             and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")):
         # XLA's CPU runtime allocates each step's temporaries afresh; glibc maps big blocks anew
         # each time, and with 4 KiB pages GPT-2 124M took ~477k page faults per step.
         logging.info("CPU hint: start Python with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 "
-                     "(transparent huge pages for large allocations): 7-10%% faster steps")
-    mesh = sharding_lib.make_mesh(config.mesh)
-    axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
-    scope.enter_context(jax.set_mesh(mesh))
-    is_main = jax.process_index() == 0  # logs and metrics are written once
+                     "(transparent huge pages for large allocations): 7-10% faster steps")
 
-    accum = config.optim.grad_accum
-    num_micro_steps = config.train.num_steps * accum
-    tx, schedule = make_optimizer(config.optim, config.train.num_steps)
-    state_sh = state_shardings(mcfg, tx, mesh, axis_rules)
-    batch_sh = sharding_lib.batch_sharding(mesh)
-    restored = ckpt.restore_latest(abstract_train_state(mcfg, tx, state_sh),
-                                   check=check) if steps else None
+
+def initial_state(config: ml_collections.ConfigDict, mcfg: ModelConfig,
+                  tx: optax.GradientTransformation, state_sh: TrainState,
+                  ckpt: checkpoint_lib.Checkpointer, init_from: dict | None) -> TrainState:
+    """The state a run starts from, in its sharded layout: the newest good checkpoint of the
+    workdir; else `config.init_from`'s params (a run's or an HF folder's) with a fresh optimizer;
+    else fresh parameters from `config.seed`. Prints which."""
+    restored = None
+    if ckpt.all_steps():
+        restored = ckpt.restore_latest(abstract_train_state(mcfg, tx, state_sh),
+                                       check=_resume_check(config))
     if restored is not None:
         state, meta = restored
         message = (f"resuming from checkpoint step {meta['step']} (micro-step "
                    f"{meta['micro_step']}) in {ckpt.step_dir(meta['step'])}")
     elif config.init_from:
-        if init_from is not None:
-            errors = checkpoint_lib.model_differences(
-                init_from["model_config"], mcfg, checkpoint_lib.SHAPE_MODEL_FIELDS)
-            if errors:
-                raise checkpoint_lib.IncompatibleCheckpointError(
-                    f"init_from={config.init_from!r} has parameters of another shape: "
-                    + "; ".join(errors))
-            params, _, _ = checkpoint_lib.load_params(init_from["step_dir"],
-                                                      sharding=state_sh.params)
-            source = init_from["step_dir"]
-        else:  # hf:FOLDER, whose shape and tokenizer `_with_hf_model` put into the config
-            from lmjax import hf
-            source = config.init_from[len("hf:"):]
-            model_type = hf.read_hf_config(source)["model_type"]
-            params = jax.device_put(hf.load_hf_params(source, mcfg, model_type), state_sh.params)
+        params, source = _init_from_params(config, mcfg, state_sh, init_from)
         _, train_rng = jax.random.split(jax.random.key(config.seed))
         state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                            opt_state=jax.jit(tx.init, out_shardings=state_sh.opt_state)(params),
@@ -382,181 +412,108 @@ def _train_loop(config, workdir: str, ckpt: "checkpoint_lib.Checkpointer",
         create = jax.jit(functools.partial(create_train_state, mcfg, tx), out_shardings=state_sh)
         state = create(jax.random.key(config.seed))
         message = "starting from scratch"
-    logging.info("%s", message)
     print(message, flush=True)
-    if is_main:
+    return state
+
+
+def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from: dict | None):
+    """(params, source) of `config.init_from`: another run's checkpoint or `hf:FOLDER`."""
+    if config.init_from.startswith("hf:"):  # its shape and tokenizer are in the config already
+        source = config.init_from[len("hf:"):]
+        model_type = hf.read_hf_config(source)["model_type"]
+        return jax.device_put(hf.load_hf_params(source, mcfg, model_type), state_sh.params), source
+    init_from = init_from or checkpoint_lib.read_checkpoint_info(config.init_from)
+    errors = checkpoint_lib.model_differences(init_from["model_config"], mcfg,
+                                              checkpoint_lib.SHAPE_MODEL_FIELDS)
+    if errors:
+        raise checkpoint_lib.IncompatibleCheckpointError(
+            f"init_from={config.init_from!r} has parameters of another shape: " + "; ".join(errors))
+    params, _, _ = checkpoint_lib.load_params(init_from["step_dir"], sharding=state_sh.params)
+    return params, init_from["step_dir"]
+
+
+def write_run_configs(workdir: str, config: ml_collections.ConfigDict, mcfg: ModelConfig) -> None:
+    """`config.json` and `model_config.json` in the workdir (process 0), for people and tools."""
+    if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "model_config.json"), "w") as f:
             f.write(mcfg.to_json())
 
-    # Activation sharding constraints in the model follow the rules from here on. (Not during
-    # init: Flax's DenseGeneral initialises a flattened kernel, which the rules do not fit.)
-    scope.enter_context(nn.logical_axis_rules(axis_rules))
-    per_call = config.train.steps_per_call
+
+def _call_end(config, micro_step: int, num_micro_steps: int) -> int:
+    """Where a jitted call of several micro-steps that starts at `micro_step` ends: after
+    `train.steps_per_call` steps, or earlier where an eval or a save is due."""
+    accum = config.optim.grad_accum
+    ends = [num_micro_steps, micro_step + config.train.steps_per_call]
+    ends += [(micro_step // (e * accum) + 1) * e * accum
+             for e in (config.train.eval_every, config.train.checkpoint_every) if e]
+    return min(ends)
+
+
+def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mcfg: ModelConfig,
+               tx: optax.GradientTransformation, schedule, state: TrainState,
+               state_sh: TrainState) -> tuple[TrainState, dict[str, list], int | None]:
+    """Steps from `state.step` to the end, with evaluation, checkpoints and preemption.
+
+    Returns (state, history {'train_loss', 'eval'}, the step a SIGTERM stopped at or None).
+    """
+    accum, per_call = config.optim.grad_accum, config.train.steps_per_call
+    num_micro_steps = config.train.num_steps * accum
+    batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg),
                        in_shardings=(state_sh.params, batch_sh))
     eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
     max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
-
-    from tensorboardX import SummaryWriter  # local: only the loop writes event files
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if is_main else _NoWriter()
-    start_micro = int(state.step)
-    history = _rewind_metrics(os.path.join(workdir, METRICS_FILE), start_micro, accum, is_main)
-    metrics_file = open(os.path.join(workdir, METRICS_FILE) if is_main else os.devnull, "a")
-    tokens_per_micro_step = config.data.batch_size * config.data.seq_len
-    progress = _progress_bar(config, num_micro_steps, start_micro)
-    pending, tick, tick_step = [], time.perf_counter(), start_micro
-    unwritten = []  # (micro_step, metrics) not yet in metrics.jsonl
-
-    def write_losses():  # every micro-step's loss, before any checkpoint that covers it
-        for k, m in unwritten:
-            metrics_file.write(json.dumps({"micro_step": k, "step": (k + 1) // accum,
-                                           "loss": float(m["loss"])}) + "\n")
-        metrics_file.flush()
-        unwritten.clear()
-
-    def save(step, micro_step, metrics=None, reason="periodic"):
-        write_losses()
-        return ckpt.save(state, step=step, micro_step=micro_step, config=config,
-                         model_config=mcfg, tokenizer=data.tokenizer, metrics=metrics,
-                         reason=reason)
-
-    def call_end(micro_step):  # a call of several steps ends where eval or a save may be due
-        every = [config.train.eval_every, config.train.checkpoint_every]
-        ends = [num_micro_steps, micro_step + per_call]
-        ends += [(micro_step // (e * accum) + 1) * e * accum for e in every if e]
-        return min(ends)
-
-    preemption = _PreemptionWatcher()
-    preempted_at = None
-    in_call = []  # metrics of micro-steps already computed by the last multi-step call
+    micro_step = int(state.step)
+    log = metrics_lib.MetricsLog(
+        workdir, start_micro=micro_step, num_micro_steps=num_micro_steps, accum=accum,
+        log_every=config.train.log_every, schedule=schedule,
+        tokens_per_micro_step=config.data.batch_size * config.data.seq_len,
+        progress_bar=config.train.progress_bar, is_main=jax.process_index() == 0)
+    preemption, preempted_at = _PreemptionWatcher(), None
     try:
-        for micro_step in range(start_micro, num_micro_steps):
+        while micro_step < num_micro_steps:
+            end = _call_end(config, micro_step, num_micro_steps) if per_call > 1 else micro_step + 1
+            batches = [data.train.batch(k) for k in range(micro_step, end)]
             if per_call == 1:
-                batch = sharding_lib.put_batch(data.train.batch(micro_step), batch_sh)
-                state, metrics = step_fn(state, batch)
+                state, metrics = step_fn(state, sharding_lib.put_batch(batches[0], batch_sh))
+                call_metrics = [metrics]
             else:
-                if not in_call:
-                    end = call_end(micro_step)
-                    batches = put_batches([data.train.batch(k) for k in range(micro_step, end)],
-                                          batch_sh)
-                    state, stacked = step_fn(state, batches)
-                    in_call = [jax.tree.map(lambda x, i=i: x[i], stacked)
-                               for i in range(end - micro_step)]
-                metrics = in_call.pop(0)
-            pending.append(metrics)  # fetched at log points only: no host sync per step
-            unwritten.append((micro_step, metrics))
-            step = (micro_step + 1) // accum  # optimizer steps done
-            is_last = micro_step + 1 == num_micro_steps
-            if (micro_step + 1) % accum:
+                state, stacked = step_fn(state, put_batches(batches, batch_sh))
+                call_metrics = [jax.tree.map(lambda x, i=i: x[i], stacked)
+                                for i in range(end - micro_step)]
+            for k, metrics in enumerate(call_metrics, micro_step):
+                log.record(k, metrics)
+            micro_step = end
+            if micro_step % accum:
                 continue
-            if step % config.train.log_every == 0 or is_last:
-                losses = [float(m["loss"]) for m in pending]
-                elapsed = time.perf_counter() - tick
-                tokens_per_s = (micro_step + 1 - tick_step) * tokens_per_micro_step / elapsed
-                train_loss = float(np.mean(losses))
-                history["train_loss"].extend(losses)
-                write_losses()
-                writer.add_scalar("train/loss", train_loss, step)
-                writer.add_scalar("train/grad_norm", float(pending[-1]["grad_norm"]), step)
-                writer.add_scalar("train/learning_rate", float(schedule(step)), step)
-                writer.add_scalar("train/tokens_per_s", tokens_per_s, step)
-                progress.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
-                progress.update(micro_step + 1 - tick_step)
-                if not config.train.progress_bar:
-                    logging.info("step %d: train loss %.4f, %.0f tokens/s", step, train_loss,
-                                 tokens_per_s)
-                pending, tick, tick_step = [], time.perf_counter(), micro_step + 1
-            if not in_call:
-                preemption.pause_for_test(step)
-            stop = not in_call and preemption.requested(step)  # `state` is at this step
+            step, is_last = micro_step // accum, micro_step == num_micro_steps
+            preemption.pause_for_test(step)
+            stop = preemption.requested(step)  # `state` is at this step
             save_due = is_last or (config.train.checkpoint_every
                                    and step % config.train.checkpoint_every == 0)
             result = None
             if ((config.train.eval_every and step % config.train.eval_every == 0) or is_last
                     or (save_due and config.train.keep_best and not stop)):
                 result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
-                history["eval"].append({"step": step, **result})
-                metrics_file.write(json.dumps({"step": step, **{
-                    f"eval_{name}": value for name, value in result.items()}}) + "\n")
-                writer.add_scalar("eval/loss", result["loss"], step)
-                writer.add_scalar("eval/perplexity", result["perplexity"], step)
-                progress.write(f"step {step}: eval loss {result['loss']:.4f}, "
-                               f"perplexity {result['perplexity']:.2f}")
+                log.log_eval(step, result)
             if save_due or stop:
-                save(step, micro_step + 1, None if result is None else {"val_loss": result["loss"]},
-                     reason="preemption" if stop else "final" if is_last else "periodic")
-                tick = time.perf_counter()  # do not count eval/save time as training time
+                log.write_losses()  # a checkpoint never covers a step missing from the log
+                ckpt.save(state, step=step, micro_step=micro_step, config=config,
+                          model_config=mcfg, tokenizer=data.tokenizer,
+                          metrics=None if result is None else {"val_loss": result["loss"]},
+                          reason="preemption" if stop else "final" if is_last else "periodic")
             if stop:
                 preempted_at = step
                 break
-            if result is not None:
-                tick = time.perf_counter()
+            if result is not None or save_due:
+                log.restart_clock()  # eval and save time is not training time
     finally:
         preemption.uninstall()
-        progress.close()
-        writer.flush()
-        metrics_file.close()
-
-    ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
-    if preempted_at is not None:
-        message = (f"Preempted (SIGTERM): checkpoint saved at step {preempted_at} in "
-                   f"{ckpt.step_dir(preempted_at)}. Re-run the same command (same --workdir) "
-                   "to resume.")
-        logging.warning("%s", message)
-        print(message, flush=True)
-        return {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
-                "samples": [], "preempted": True, "step": preempted_at, **history}
-
-    samples = _end_of_run_samples(config, state.params, mcfg, data.tokenizer)
-    for text in samples:
-        print("-" * 40 + "\n" + text)
-    return {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
-            "samples": samples, "preempted": False, **history}
-
-
-class _NoWriter:
-    """Stands in for the TensorBoard writer on processes other than the first."""
-
-    def add_scalar(self, *args, **kwargs):
-        pass
-
-    def flush(self):
-        pass
-
-
-# One JSON line per micro-step {"micro_step", "step", "loss"} and per evaluation
-# {"step", "eval_loss", "eval_perplexity", "eval_tokens"}.
-METRICS_FILE = "metrics.jsonl"
-
-
-def _rewind_metrics(path: str, start_micro: int, accum: int, write: bool = True) -> dict[str, list]:
-    """Drops lines of `metrics.jsonl` past the resumed step (a killed run wrote them after its
-    last checkpoint); returns the kept losses and evals as the start of the run's history."""
-    kept, history = [], {"train_loss": [], "eval": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill
-                if "micro_step" in entry and entry["micro_step"] < start_micro:
-                    history["train_loss"].append(entry["loss"])
-                elif "eval_loss" in entry and entry["step"] <= start_micro // accum:
-                    history["eval"].append({"step": entry["step"], **{
-                        name[len("eval_"):]: value for name, value in entry.items()
-                        if name.startswith("eval_")}})
-                else:
-                    continue
-                kept.append(line if line.endswith("\n") else line + "\n")
-    if write:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(path + ".tmp", path)
-    return history
+        log.close()
+    return state, log.history, preempted_at
 
 
 class _PreemptionWatcher:
@@ -606,16 +563,10 @@ class _PreemptionWatcher:
             self._previous = None
 
 
-def _progress_bar(config, total: int, initial: int):
-    import tqdm
-    return tqdm.tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True,
-                     disable=not config.train.progress_bar)
-
-
-def _end_of_run_samples(config, params, mcfg: ModelConfig, tokenizer) -> list[str]:
+def end_of_run_samples(config, params, mcfg: ModelConfig, tokenizer) -> list[str]:
+    """`train.num_samples` samples from `train.sample_prompt`, as the run prints at its end."""
     if config.train.num_samples <= 0:
         return []
-    from lmjax import sample as sample_lib
     prompt_len = len(tokenizer.encode(config.train.sample_prompt))
     sampling = sample_lib.SamplingConfig(
         max_new_tokens=min(config.train.sample_len, mcfg.max_len - max(prompt_len, 1)),

@@ -1,6 +1,7 @@
 """What every subcommand does before its work: config names on the command line, quiet logs."""
 from __future__ import annotations
 
+import difflib
 import logging as py_logging
 import sys
 
@@ -28,6 +29,27 @@ def expand_config_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def check_overrides(argv: list[str]) -> None:
+    """Raises ValueError for a `--config.a.b=v` whose field the config does not have, naming the
+    closest field (ml_collections' own error is an escaped traceback from inside flag parsing)."""
+    spec = next((a[len("--config="):] for a in argv if a.startswith("--config=")), None)
+    overrides = [a[len("--config."):].split("=")[0] for a in argv if a.startswith("--config.")]
+    if spec is None or not overrides:
+        return
+    config = configs.get(spec)
+    for path in overrides:
+        node, parts = config, path.split(".")
+        for depth, key in enumerate(parts):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in fields:
+                where = ".".join(["config"] + parts[:depth])
+                close = difflib.get_close_matches(key, fields, n=1)
+                hint = f"; did you mean --{where}.{close[0]}?" if close else ""
+                raise ValueError(f"--config.{path}: {where} has no field {key!r}{hint} "
+                                 f"Fields of {where}: {', '.join(sorted(fields))}")
+            node = node[key]
+
+
 def setup_logging() -> None:
     """lmjax's INFO lines on stderr; other libraries' only from WARNING up."""
     logging.set_verbosity(logging.INFO)
@@ -37,10 +59,12 @@ def setup_logging() -> None:
 
 
 def run(main, argv: list[str]) -> None:
-    """`absl.app.run(main)` over `argv` with `--config=NAME` expanded; a bad name is a usage
-    error (exit code 2) that lists the shipped configs, before any flag is parsed."""
+    """`absl.app.run(main)` over `argv` with `--config=NAME` expanded; a bad name or an
+    override of a field that does not exist is a usage error (exit code 2), before any flag is
+    parsed."""
     try:
         argv = expand_config_flag(argv)
+        check_overrides(argv)
     except ValueError as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         sys.exit(2)

@@ -37,7 +37,11 @@ def main(argv):
     if _DISTRIBUTED.value or _COORDINATOR.value:
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
-    result = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:  # a bad value is a usage error naming the field, before anything is computed
+        config = train.prepare_config(_CONFIG.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from e
+    result = train.train_and_evaluate(config, _WORKDIR.value)
     if result.get("preempted"):
         logging.info("preempted at step %d; re-run the same command to resume", result["step"])
 

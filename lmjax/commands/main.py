@@ -1,0 +1,46 @@
+"""The `lmjax` command (also `python -m lmjax`): one subcommand per job, each a thin absl main.
+
+    lmjax train  --config=shakespeare_char:demo --workdir=workdirs/demo
+    lmjax sample --workdir=workdirs/demo --prompt="ROMEO."
+    lmjax configs                                   # the shipped configs
+
+Only the chosen subcommand's module is imported, so each defines its own absl flags.
+"""
+from __future__ import annotations
+
+import sys
+
+import lmjax
+
+USAGE = """usage: lmjax COMMAND [--flags]   (lmjax COMMAND --help for its flags)
+
+commands:
+  train    train a model: lmjax train --config=NAME[:ARG] --workdir=DIR [--config.x.y=v ...]
+  sample   sample from a run or a Hugging Face folder: lmjax sample --workdir=DIR --prompt=...
+  configs  list the shipped configs (named in --config=NAME[:ARG])
+  version  print lmjax's version
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatches `lmjax COMMAND ARGS...` to `lmjax.commands.COMMAND.run`."""
+    argv = list(sys.argv if argv is None else argv)
+    command = argv[1] if len(argv) > 1 else ""
+    rest = [f"lmjax {command}"] + argv[2:]
+    if command == "train":
+        from lmjax.commands import train
+        train.run(rest)
+    elif command == "sample":
+        from lmjax.commands import sample
+        sample.run(rest)
+    elif command == "configs":
+        from lmjax import configs
+        for name, doc in configs.describe().items():
+            print(f"{name:24s} {doc}")
+    elif command in ("version", "--version"):
+        print(lmjax.__version__)
+    elif command in ("", "help", "-h", "--help"):
+        print(USAGE, end="")
+    else:
+        print(f"lmjax: unknown command {command!r}\n\n{USAGE}", end="", file=sys.stderr)
+        sys.exit(2)

@@ -295,18 +295,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 state, history, preempted_at = train_loop(
                     config, workdir, ckpt, data, mcfg, tx, schedule, state, state_sh)
                 ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
-                result = {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
-                          "samples": [], "preempted": preempted_at is not None, **history}
-                if preempted_at is not None:
-                    logging.warning("Preempted (SIGTERM): checkpoint saved at step %d in %s. "
-                                    "Re-run the same command (same --workdir) to resume.",
-                                    preempted_at, ckpt.step_dir(preempted_at))
-                    return {**result, "step": preempted_at}
-                result["samples"] = end_of_run_samples(config, state.params, mcfg,
-                                                       data.tokenizer)
-                for text in result["samples"]:
-                    print("-" * 40 + "\n" + text)
-                return result
+                samples = [] if preempted_at is not None else end_of_run_samples(
+                    config, state.params, mcfg, data.tokenizer)
+        result = {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
+                  "samples": samples, "preempted": preempted_at is not None, **history}
+        if preempted_at is not None:
+            logging.warning("Preempted (SIGTERM): checkpoint saved at step %d in %s. Re-run the "
+                            "same command (same --workdir) to resume.", preempted_at,
+                            ckpt.step_dir(preempted_at))
+            return {**result, "step": preempted_at}
+        for text in samples:
+            print("-" * 40 + "\n" + text)
+        return result
     finally:
         try:
             ckpt.close()  # waits for an asynchronous save in flight

@@ -46,7 +46,7 @@ setuptools.setup(
         "torch": [TORCH],  # Hugging Face folders with PyTorch `.bin` weights
         "tfds": ["tensorflow-datasets>=4.9", "array_record", "importlib_resources"],
         "tensorboard": ["tensorboard"],
-        "test": ["pytest>=8", "pytest-xdist", "transformers>=4.45", TORCH, "nbclient",
+        "test": ["pytest>=8", "pytest-xdist", "setuptools>=70.1", "transformers>=4.45", TORCH, "nbclient",
                  "nbformat", "ipykernel", "matplotlib", "scipy"],
     },
     entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main"]},

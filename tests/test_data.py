@@ -259,7 +259,10 @@ def test_build_data_and_resume(tmp_path):
 
 
 def test_tfds_source_reads_a_local_dataset(tmp_path):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    # The `tfds` extra is optional (`make test` installs it): skip only when it is not installed,
+    # fail when it is installed but does not import.
+    tfds = pytest.importorskip("tensorflow_datasets", exc_type=ModuleNotFoundError,
+                               reason='pip install -e ".[tfds]"')
     docs = {"train": ["first doc", "été 日本 🙂\n  spaced", "third"], "validation": ["val doc"]}
 
     class LmjaxTinyText(tfds.core.GeneratorBasedBuilder, skip_registration=True):

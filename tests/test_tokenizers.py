@@ -96,9 +96,11 @@ def test_sentencepiece_matches_reference_and_round_trips(model_type, training_te
 def test_sentencepiece_from_model_file_and_directory(training_text, tmp_path):
     trained = tokenizers.build_tokenizer(tokenizer_config(), training_text)
     trained.save(str(tmp_path / "saved"))
+    reference = spm.SentencePieceProcessor(
+        model_file=str(tmp_path / "saved" / "tokenizer.model")).encode(TRICKY)
     for path in [tmp_path / "saved" / "tokenizer.model", tmp_path / "saved"]:
         loaded = tokenizers.build_tokenizer(tokenizer_config(path=str(path)), "unused")
-        assert loaded.encode(TRICKY) == trained.encode(TRICKY)
+        assert loaded.encode(TRICKY) == trained.encode(TRICKY) == reference
 
 
 @pytest.mark.parametrize("kind", ["char", "byte"])
@@ -109,7 +111,12 @@ def test_save_load(kind, tmp_path):
     loaded = tokenizers.load_tokenizer(str(tmp_path))
     assert type(loaded) is type(tokenizer)
     assert loaded.vocab_size == tokenizer.vocab_size
-    assert loaded.encode(TRICKY) == tokenizer.encode(TRICKY)
+    # The ids the kind defines: UTF-8 bytes, or indices into the sorted characters.
+    chars = sorted(set(TRICKY))
+    expected = (list(TRICKY.encode("utf-8")) if kind == "byte"
+                else [chars.index(c) for c in TRICKY])
+    assert loaded.encode(TRICKY) == tokenizer.encode(TRICKY) == expected
+    assert loaded.decode(expected) == TRICKY
 
 
 def test_saving_renames_complete_files_and_the_marker_last(training_text, tmp_path, monkeypatch):

@@ -20,9 +20,9 @@ def run(args, **kwargs):
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory, pigs_text):
     """A random GPT-2 with a byte-level BPE trained here, saved as Hugging Face files."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
     import tokenizers
+    import torch
+    import transformers
     folder = tmp_path_factory.mktemp("gpt2")
     bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)

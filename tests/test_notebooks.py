@@ -29,10 +29,10 @@ import venv
 import numpy as np
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
-pytest.importorskip("ipykernel")
-pytest.importorskip("matplotlib")
+import ipykernel  # noqa: F401  - the notebooks' kernel (the test extra)
+import matplotlib  # noqa: F401  - the notebooks plot
+import nbclient
+import nbformat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "colab", "*.ipynb")))

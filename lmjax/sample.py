@@ -2,7 +2,8 @@
 
 Shape letters used in names (as in model.py):
   B batch (prompts), N beams per prompt, L padded prompt length (a bucket), T KV cache length,
-  S max_new_tokens, V vocab_size, G kv heads, K head size.
+  S max_new_tokens, V vocab_size, G kv heads, K head size, C = B * G cache rows, J KV-head groups
+  of the rows, E = G / J heads per group, M cached sequences per prompt (beam search).
 
 How a batch is generated (`generate`):
 
@@ -35,11 +36,20 @@ Log-probabilities returned next to the tokens are always those of the **unmodifi
 of the text, whatever the sampling knobs; their sum is the sequence log-likelihood.
 
 Beam search (`beam_search`, used by `generate` when num_beams > 1) is deterministic; the KV cache
-holds B * N rows and follows the beams (rows gathered by parent beam each step).
+holds B * N sequences and follows the beams (each prompt's sequences gathered by parent beam each
+step).
 
-The KV cache is a plain pytree (see model.py for its [B * G, T, K] layout) made in one place
-(`new_cache`, `grow_cache`, `take_sequences`) with the logical axis names `CACHE_AXES`, so that
-sharding it later touches only those functions.
+`max_new_tokens` is capped to what fits the model: model.max_len minus the longest prompt (with a
+warning); a prompt with no room for a new token is an error.
+
+**On a mesh** (inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`, with parameters
+sharded by the same rules), the KV cache gets the shardings of the rules' `cache_*` axes: its rows
+(see model.py: [B * G, T, K], in KV-head groups, then sequences) are split over the mesh axes of
+`cache_heads` (tensor), then those of `cache_batch` (data, fsdp), so each device holds the KV heads
+that its share of the K/V projections computes, of its share of the sequences: decoding moves no
+cache between devices. Every cache passes through `shard_cache` (made by `new_cache`, grown by
+`grow_cache`, reordered by `take_beams`, returned by each forward pass). Without a mesh nothing
+changes: one KV-head group, no constraints.
 """
 from __future__ import annotations
 
@@ -48,17 +58,20 @@ import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax import lax
+from jax.sharding import PartitionSpec
 
 from lmjax.config import ModelConfig
 from lmjax.model import KVCache, Transformer, init_kv_cache
 
-# Logical axis names of every cache array [B * G, T, K] (rows are batch-major, so sharding the
-# rows over the data axes splits whole sequences; for sharding, not used yet).
-CACHE_AXES = ("cache_batch", "cache_len", "head_dim")
+# Logical axes of the KV cache [C, T, K] (rules in config.DEFAULT_RULES): its rows are split over
+# the mesh axes of the first two, KV-head groups then sequences (see model.py's row order).
+CACHE_AXES = ("cache_heads", "cache_batch", "cache_len", "head_dim")
 MIN_BUCKET = 16  # shortest padded prompt length
 MIN_CACHE = 64  # shortest cache of the first decode phase
 
@@ -162,25 +175,87 @@ class BeamResult(NamedTuple):
 # ----------------------------------------------------------------------------------- the cache
 
 
-def new_cache(model_config: ModelConfig, batch: int, cache_len: int) -> KVCache:
+class CacheLayout(NamedTuple):
+    """How the KV cache is split over the active mesh (`cache_layout`); a static argument of the
+    jitted decoders, so that another mesh or rule table compiles anew. The default: no mesh."""
+
+    groups: int = 1  # KV-head groups J of the rows (model.py): the ways the mesh splits them
+    kv_heads: int = 0  # G, to count a cache's sequences; 0: no mesh, nothing is constrained
+    heads: tuple[str, ...] = ()  # mesh axes of the groups (cache_heads)
+    batch: tuple[str, ...] = ()  # mesh axes of the sequences (cache_batch)
+    batch_ways: int = 1  # devices along `batch`
+    length: tuple[str, ...] = ()  # mesh axes of the slots (cache_len)
+    head_dim: tuple[str, ...] = ()
+
+
+def _mesh_axes(axes) -> tuple[str, ...]:
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def cache_layout(model_config: ModelConfig) -> CacheLayout:
+    """The cache layout for the active mesh (`jax.set_mesh`) and logical-axis rules
+    (`nn.logical_axis_rules`); without both, the default (one group, nothing constrained).
+
+    The KV heads form as many groups as the mesh splits `cache_heads` into (when that divides
+    num_kv_heads; otherwise one group, replicated over those axes).
+    """
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return CacheLayout()
+    heads, batch, length, head_dim = map(_mesh_axes, nn.logical_to_mesh_axes(CACHE_AXES, rules))
+
+    def ways(axes):
+        return math.prod(mesh.shape[axis] for axis in axes)
+
+    if model_config.kv_heads % ways(heads):
+        heads = ()
+    return CacheLayout(ways(heads), model_config.kv_heads, heads, batch, ways(batch), length,
+                       head_dim)
+
+
+def shard_cache(cache: KVCache, layout: CacheLayout) -> KVCache:
+    """The cache constrained to the layout's shardings: rows over the mesh axes of the KV-head
+    groups, then of the sequences (those only when they divide the number of sequences).
+    Without a mesh, the cache itself."""
+    if not layout.kv_heads:
+        return cache
+
+    def constrain(x_CxTxK):
+        sequences = x_CxTxK.shape[0] // layout.kv_heads
+        rows = layout.heads + (layout.batch if sequences % layout.batch_ways == 0 else ())
+        spec = PartitionSpec(rows or None, layout.length or None, layout.head_dim or None)
+        return lax.with_sharding_constraint(x_CxTxK, spec)
+    return jax.tree.map(constrain, cache)
+
+
+def new_cache(model_config: ModelConfig, batch: int, cache_len: int,
+              layout: CacheLayout = CacheLayout()) -> KVCache:
     """An empty KV cache of `cache_len` slots: the only place sampling creates one."""
-    return init_kv_cache(model_config, batch, cache_len)
+    return shard_cache(init_kv_cache(model_config, batch, cache_len), layout)
 
 
-def grow_cache(cache: KVCache, cache_len: int) -> KVCache:
+def grow_cache(cache: KVCache, cache_len: int, layout: CacheLayout = CacheLayout()) -> KVCache:
     """The same cache with zero slots appended up to `cache_len` (every slot keeps its contents)."""
     def grow(x_CxTxK):
         return jnp.pad(x_CxTxK, ((0, 0), (0, cache_len - x_CxTxK.shape[1]), (0, 0)))
-    return jax.tree.map(grow, cache)
+    return shard_cache(jax.tree.map(grow, cache), layout)
 
 
-def take_sequences(cache: KVCache, index_M: jax.Array, batch: int) -> KVCache:
-    """The cache of sequences `index_M` out of the `batch` it holds (sequence b owns the G rows
-    b * G .. b * G + G - 1 of every array)."""
+def take_beams(cache: KVCache, parent_BxN: jax.Array, model_config: ModelConfig,
+               layout: CacheLayout = CacheLayout()) -> KVCache:
+    """The cache of B * N sequences whose sequence b * N + n is the cache's sequence
+    b * M + parent[b, n], M its sequences per prompt (1: each prompt copied to N beams; N: the
+    beams follow their parents). Gathering within each prompt keeps it on its own devices."""
+    B, N = parent_BxN.shape
+    J = layout.groups
+    E = model_config.kv_heads // J
+
     def take(x_CxTxK):
-        x_BxGxTxK = x_CxTxK.reshape(batch, -1, *x_CxTxK.shape[1:])
-        return jnp.take(x_BxGxTxK, index_M, axis=0).reshape(-1, *x_CxTxK.shape[1:])
-    return jax.tree.map(take, cache)
+        _, T, K = x_CxTxK.shape
+        x_JxBxMxExTxK = x_CxTxK.reshape(J, B, -1, E, T, K)
+        index_1xBxNx1x1x1 = parent_BxN[None, :, :, None, None, None]
+        return jnp.take_along_axis(x_JxBxMxExTxK, index_1xBxNx1x1x1, axis=2).reshape(-1, T, K)
+    return shard_cache(jax.tree.map(take, cache), layout)
 
 
 def bucket_length(prompt_len: int, max_len: int) -> int:
@@ -263,33 +338,42 @@ def _token_logprob(logits_BxV: jax.Array, tokens_B: jax.Array) -> jax.Array:
 # ------------------------------------------------------------------------------------ prefill
 
 
+def _forward(params, model_config: ModelConfig, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+             cache: KVCache, cache_index, layout: CacheLayout) -> tuple[jax.Array, KVCache]:
+    """The model on tokens that go into the cache at slots cache_index ..: (logits [B, L, V],
+    cache)."""
+    logits_BxLxV, cache = Transformer(model_config, cache_groups=layout.groups).apply(
+        {"params": params}, tokens_BxL, positions_BxL, kv_cache=cache, cache_index=cache_index)
+    return logits_BxLxV, shard_cache(cache, layout)
+
+
 def _prefill(params, model_config: ModelConfig, prompt_BxL: jax.Array, lengths_B: jax.Array,
-             cache_len: int) -> tuple[jax.Array, KVCache]:
+             cache_len: int, layout: CacheLayout = CacheLayout()) -> tuple[jax.Array, KVCache]:
     """One forward pass over the left-padded prompts: (logits at slot L - 1 [B, V], cache)."""
     B, L = prompt_BxL.shape
     # Padding gets position 0 (its keys are masked; a negative position has no embedding).
     positions_BxL = jnp.maximum(jnp.arange(L, dtype=jnp.int32) - (L - lengths_B)[:, None], 0)
-    logits_BxLxV, cache = Transformer(model_config).apply(
-        {"params": params}, prompt_BxL, positions_BxL,
-        kv_cache=new_cache(model_config, B, cache_len), cache_index=0)
+    logits_BxLxV, cache = _forward(params, model_config, prompt_BxL, positions_BxL,
+                                   new_cache(model_config, B, cache_len, layout), 0, layout)
     return logits_BxLxV[:, -1], cache
 
 
 def _forward_one(params, model_config: ModelConfig, tokens_B: jax.Array, positions_B: jax.Array,
-                 cache: KVCache, cache_index: jax.Array) -> tuple[jax.Array, KVCache]:
+                 cache: KVCache, cache_index: jax.Array,
+                 layout: CacheLayout = CacheLayout()) -> tuple[jax.Array, KVCache]:
     """One decode step: every row's token goes in at slot `cache_index` and its own position;
     next-token logits [B, V]."""
-    logits_Bx1xV, cache = Transformer(model_config).apply(
-        {"params": params}, tokens_B[:, None], positions_B[:, None], kv_cache=cache,
-        cache_index=cache_index)
+    logits_Bx1xV, cache = _forward(params, model_config, tokens_B[:, None], positions_B[:, None],
+                                   cache, cache_index, layout)
     return logits_Bx1xV[:, 0], cache
 
 
-def _phased_loop(state: dict, body, cond, phases: tuple[int, ...], bucket: int, steps: int):
+def _phased_loop(state: dict, body, cond, phases: tuple[int, ...], bucket: int, steps: int,
+                 layout: CacheLayout):
     """Runs `body` while `cond` holds, in phases of growing cache (see the module docstring)."""
     for i, cache_len in enumerate(phases):
         if i:
-            state = dict(state, cache=grow_cache(state["cache"], cache_len))
+            state = dict(state, cache=grow_cache(state["cache"], cache_len, layout))
         stop = _last_step_of_phase(cache_len, bucket, steps) if i < len(phases) - 1 else steps
         state = lax.while_loop(lambda s, stop=stop: (s["step"] < stop) & cond(s), body, state)
     return state
@@ -298,9 +382,10 @@ def _phased_loop(state: dict, body, cond, phases: tuple[int, ...], bucket: int, 
 # ----------------------------------------------------------------------------------- sampling
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "sampling", "phases"))
+@functools.partial(jax.jit, static_argnames=("model_config", "sampling", "phases", "layout"))
 def _sample_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, rng: jax.Array, *,
-                model_config: ModelConfig, sampling: SamplingConfig, phases: tuple[int, ...]):
+                model_config: ModelConfig, sampling: SamplingConfig, phases: tuple[int, ...],
+                layout: CacheLayout = CacheLayout()):
     """Greedy / sampled decoding of a padded batch; returns (tokens, logprobs, lengths, steps)."""
     B, L = prompt_BxL.shape
     S = sampling.max_new_tokens
@@ -326,24 +411,25 @@ def _sample_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, rng: jax.Ar
         # logits of token step.
         logits_BxV, cache = _forward_one(params, model_config, state["feed"],
                                          lengths_B + state["step"] - 1, state["cache"],
-                                         L + state["step"] - 1)
+                                         L + state["step"] - 1, layout)
         return emit(dict(state, cache=cache), logits_BxV)
 
-    first_BxV, cache = _prefill(params, model_config, prompt_BxL, lengths_B, phases[0])
+    first_BxV, cache = _prefill(params, model_config, prompt_BxL, lengths_B, phases[0], layout)
     state = dict(step=jnp.int32(0), feed=jnp.zeros(B, jnp.int32), cache=cache,
                  tokens=jnp.full((B, S), pad, jnp.int32), logprobs=jnp.zeros((B, S), jnp.float32),
                  lengths=jnp.zeros(B, jnp.int32), done=jnp.zeros(B, bool))
     state = emit(state, first_BxV)
-    state = _phased_loop(state, body, lambda s: ~jnp.all(s["done"]), phases, L, S)
+    state = _phased_loop(state, body, lambda s: ~jnp.all(s["done"]), phases, L, S, layout)
     return state["tokens"], state["logprobs"], state["lengths"], state["step"]
 
 
 # -------------------------------------------------------------------------------- beam search
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "sampling", "phases"))
+@functools.partial(jax.jit, static_argnames=("model_config", "sampling", "phases", "layout"))
 def _beam_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, *,
-              model_config: ModelConfig, sampling: SamplingConfig, phases: tuple[int, ...]):
+              model_config: ModelConfig, sampling: SamplingConfig, phases: tuple[int, ...],
+              layout: CacheLayout = CacheLayout()):
     """Beam search over a padded batch; returns the finished beams (best first) and steps.
 
     Each step takes the top 2N (beam, token) continuations by summed log-probability: those that
@@ -401,21 +487,16 @@ def _beam_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, *,
             feed=take(token_BxC, pick_BxN),
             fin_score=fin_score_BxN, fin_seq=fin_seq, fin_lp=fin_lp, fin_len=fin_len)
 
-    def follow_beams(cache, parent_BxN):
-        """The cache follows the beams: sequence b*N + n becomes sequence b*N + parent[b, n]."""
-        index = (jnp.arange(B)[:, None] * N + parent_BxN).reshape(B * N)
-        return take_sequences(cache, index, B * N)
-
     def body(state):
-        cache = follow_beams(state["cache"], state["parent"])
+        cache = take_beams(state["cache"], state["parent"], model_config, layout)
         positions = jnp.repeat(lengths_B, N) + state["step"] - 1
         logits, cache = _forward_one(params, model_config, state["feed"].reshape(B * N),
-                                     positions, cache, L + state["step"] - 1)
+                                     positions, cache, L + state["step"] - 1, layout)
         logprobs_BxNxV = jax.nn.log_softmax(logits, axis=-1).reshape(B, N, V)
         return select(dict(state, cache=cache), logprobs_BxNxV)
 
-    first_BxV, cache = _prefill(params, model_config, prompt_BxL, lengths_B, phases[0])
-    cache = take_sequences(cache, jnp.repeat(jnp.arange(B), N), B)
+    first_BxV, cache = _prefill(params, model_config, prompt_BxL, lengths_B, phases[0], layout)
+    cache = take_beams(cache, jnp.zeros((B, N), jnp.int32), model_config, layout)
     # Only beam 0 is alive at first (the others would be copies of it).
     alive_sum = jnp.where(jnp.arange(N) == 0, 0.0, neg_inf)
     state = dict(
@@ -427,7 +508,7 @@ def _beam_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, *,
         fin_lp=jnp.zeros((B, N, S), jnp.float32), fin_len=jnp.zeros((B, N), jnp.int32))
     first_BxNxV = jnp.broadcast_to(jax.nn.log_softmax(first_BxV, axis=-1)[:, None], (B, N, V))
     state = select(state, first_BxNxV)
-    state = _phased_loop(state, body, lambda s: ~jnp.all(s["done"]), phases, L, S)
+    state = _phased_loop(state, body, lambda s: ~jnp.all(s["done"]), phases, L, S, layout)
     return (BeamResult(state["fin_seq"], state["fin_lp"], state["fin_len"], state["fin_score"]),
             state["step"])
 
@@ -436,11 +517,13 @@ def _beam_jit(params, prompt_BxL: jax.Array, lengths_B: jax.Array, *,
 
 
 def prepare_prompts(prompt_ids, model_config: ModelConfig, sampling: SamplingConfig,
-                    prompt_lengths=None) -> tuple[np.ndarray, np.ndarray]:
-    """Validates prompts and left-pads them to their bucket: (int32[B, L], int32[B] lengths).
+                    prompt_lengths=None) -> tuple[np.ndarray, np.ndarray, SamplingConfig]:
+    """Validates prompts, left-pads them to their bucket and fits the sampling config to them:
+    (int32[B, L], int32[B] lengths, sampling).
 
     `prompt_ids` is a list of token-id lists, or an int array [B, W] with `prompt_lengths` [B]
-    (default: every row is W long). Raises ValueError, naming the problem, before any compile.
+    (default: every row is W long). `sampling.max_new_tokens` is capped to model.max_len minus
+    the longest prompt, with a warning. Raises ValueError, naming the problem, before any compile.
     """
     sampling.check_model(model_config)
     if isinstance(prompt_ids, (np.ndarray, jax.Array)):
@@ -459,22 +542,27 @@ def prepare_prompts(prompt_ids, model_config: ModelConfig, sampling: SamplingCon
         rows = [list(row) for row in prompt_ids]
         if not rows:
             raise ValueError("prompt_ids is empty: give at least one prompt")
-    V, max_len, S = model_config.vocab_size, model_config.max_len, sampling.max_new_tokens
+    V, max_len = model_config.vocab_size, model_config.max_len
     for b, row in enumerate(rows):
         if not row:
             raise ValueError(f"prompt {b} is empty: every prompt needs at least one token "
                              "(e.g. a bos token)")
-        if len(row) + S > max_len:
-            raise ValueError(
-                f"prompt {b} has {len(row)} tokens: prompt length + sampling.max_new_tokens="
-                f"{S} = {len(row) + S} exceeds model.max_len={max_len}")
+        if len(row) >= max_len:
+            raise ValueError(f"prompt {b} has {len(row)} tokens: model.max_len={max_len} leaves "
+                             "no room for a new token")
         if min(row) < 0 or max(row) >= V:
             raise ValueError(f"prompt {b} has token ids outside [0, vocab_size={V})")
     lengths = np.array([len(row) for row in rows], np.int32)
+    room = max_len - int(lengths.max())
+    if sampling.max_new_tokens > room:
+        logging.warning("sampling.max_new_tokens=%d does not fit model.max_len=%d after a "
+                        "%d-token prompt: generating at most %d tokens",
+                        sampling.max_new_tokens, max_len, int(lengths.max()), room)
+        sampling = dataclasses.replace(sampling, max_new_tokens=room)
     padded = np.zeros((len(rows), bucket_length(int(lengths.max()), max_len)), np.int32)
     for b, row in enumerate(rows):
         padded[b, padded.shape[1] - len(row):] = row
-    return padded, lengths
+    return padded, lengths, sampling
 
 
 def _as_key(rng) -> jax.Array:
@@ -485,7 +573,11 @@ def _as_key(rng) -> jax.Array:
 
 def generate(params: Any, model_config: ModelConfig, prompt_ids, sampling: SamplingConfig,
              rng: jax.Array | int = 0, prompt_lengths=None) -> Generation:
-    """Continues each prompt by up to `sampling.max_new_tokens` tokens.
+    """Continues each prompt by up to `sampling.max_new_tokens` tokens (capped to what fits
+    model.max_len after the longest prompt, with a warning).
+
+    On a mesh (`jax.set_mesh` and `nn.logical_axis_rules`), the KV cache is sharded by the
+    rules' `cache_*` axes (see the module docstring).
 
     Args:
       params: model parameters (as from `init_params` or a checkpoint).
@@ -500,11 +592,13 @@ def generate(params: Any, model_config: ModelConfig, prompt_ids, sampling: Sampl
     if sampling.num_beams > 1:
         best = beam_search(params, model_config, prompt_ids, sampling, prompt_lengths)
         return Generation(best.tokens[:, 0], best.logprobs[:, 0], best.lengths[:, 0])
-    prompt_BxL, lengths_B = prepare_prompts(prompt_ids, model_config, sampling, prompt_lengths)
+    prompt_BxL, lengths_B, sampling = prepare_prompts(prompt_ids, model_config, sampling,
+                                                      prompt_lengths)
     tokens, logprobs, lengths, _ = _sample_jit(
         params, jnp.asarray(prompt_BxL), jnp.asarray(lengths_B), _as_key(rng),
         model_config=model_config, sampling=sampling,
-        phases=cache_phases(prompt_BxL.shape[1], sampling.max_new_tokens, model_config.max_len))
+        phases=cache_phases(prompt_BxL.shape[1], sampling.max_new_tokens, model_config.max_len),
+        layout=cache_layout(model_config))
     return Generation(tokens, logprobs, lengths)
 
 
@@ -515,11 +609,13 @@ def beam_search(params: Any, model_config: ModelConfig, prompt_ids, sampling: Sa
     `generate` returns beam 0 of this. Scores are sum logprob / length ** length_penalty, length
     counting the generated tokens (end token included).
     """
-    prompt_BxL, lengths_B = prepare_prompts(prompt_ids, model_config, sampling, prompt_lengths)
+    prompt_BxL, lengths_B, sampling = prepare_prompts(prompt_ids, model_config, sampling,
+                                                      prompt_lengths)
     result, _ = _beam_jit(
         params, jnp.asarray(prompt_BxL), jnp.asarray(lengths_B),
         model_config=model_config, sampling=sampling,
-        phases=cache_phases(prompt_BxL.shape[1], sampling.max_new_tokens, model_config.max_len))
+        phases=cache_phases(prompt_BxL.shape[1], sampling.max_new_tokens, model_config.max_len),
+        layout=cache_layout(model_config))
     return result
 
 

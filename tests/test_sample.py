@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,7 @@ def test_cached_logits_equal_full_forward_at_every_step(models, name):
     for a batch of mixed prompt lengths, teacher-forcing random tokens."""
     cfg, params = models[name]
     sampling = SamplingConfig(max_new_tokens=60)
-    prompt_BxL, lengths_B = sample_lib.prepare_prompts(PROMPTS, cfg, sampling)
+    prompt_BxL, lengths_B, _ = sample_lib.prepare_prompts(PROMPTS, cfg, sampling)
     B, L = prompt_BxL.shape
     phases = sample_lib.cache_phases(L, sampling.max_new_tokens, cfg.max_len)
     assert len(phases) > 1  # the test crosses a cache growth
@@ -102,6 +103,24 @@ def test_cached_logits_equal_full_forward_at_every_step(models, name):
     for b, prompt in enumerate(PROMPTS):
         reference = full_logits(cfg, params, prompt + fed[b, :-1].tolist())[len(prompt) - 1:]
         np.testing.assert_allclose(cached[b], reference, atol=1e-4, rtol=0)
+
+
+def test_kv_head_groups_give_the_same_beams():
+    """Cache rows in 2 KV-head groups of 2 heads (the order of a mesh that splits the KV heads 2
+    ways, see model.py), here on one device: beam search (which writes, reads and reorders the
+    rows) finds the same beams, scores and log-probabilities as with batch-major rows."""
+    cfg = preset("llama_tiny", **dict(_TINY, num_layers=1, num_heads=8), num_kv_heads=4)  # R = 2
+    params = init_params(cfg, jax.random.key(5))
+    sampling = SamplingConfig(12, num_beams=3)
+    prompt_BxL, lengths_B, _ = sample_lib.prepare_prompts(PROMPTS, cfg, sampling)
+    phases = sample_lib.cache_phases(prompt_BxL.shape[1], sampling.max_new_tokens, cfg.max_len)
+    beams, grouped = (sample_lib._beam_jit(
+        params, jnp.asarray(prompt_BxL), jnp.asarray(lengths_B), model_config=cfg,
+        sampling=sampling, phases=phases, layout=sample_lib.CacheLayout(groups=groups))[0]
+        for groups in (1, 2))
+    np.testing.assert_array_equal(grouped.tokens, beams.tokens)
+    np.testing.assert_allclose(grouped.logprobs, beams.logprobs, atol=1e-6)
+    np.testing.assert_allclose(grouped.scores, beams.scores, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["learned_mha", "rope_gqa"])
@@ -337,7 +356,7 @@ def test_rows_stop_at_end_tokens_and_loop_stops_early(models):
         assert (tokens[b, lengths[b]:] == -7).all()
         assert (np.asarray(out.logprobs[b, lengths[b]:]) == 0).all()
     # The loop ran only until the last row ended.
-    prompt_BxL, lengths_B = sample_lib.prepare_prompts(PROMPTS, cfg, sampling)
+    prompt_BxL, lengths_B, _ = sample_lib.prepare_prompts(PROMPTS, cfg, sampling)
     *_, steps = sample_lib._sample_jit(
         params, jnp.asarray(prompt_BxL), jnp.asarray(lengths_B), jax.random.key(0),
         model_config=cfg, sampling=sampling,
@@ -404,6 +423,25 @@ def test_padded_array_prompts_equal_list_prompts(models):
         np.testing.assert_allclose(from_array.logprobs, from_lists.logprobs, atol=1e-6)
 
 
+def test_max_new_tokens_is_capped_to_the_context(models, caplog):
+    """200 new tokens do not fit max_len 32: greedy decoding and beam search generate 32 - 5
+    (the longest prompt) tokens, say so once, and equal a run asking for 27."""
+    cfg, params = dataclasses.replace(LLAMA, max_len=32), models["rope_gqa"][1]  # RoPE: no
+    prompts = [[5, 3, 9, 4, 4], [1, 2, 3]]  # table of positions, the parameters fit max_len 32
+    for fits in (SamplingConfig(27, greedy=True), SamplingConfig(27, num_beams=3)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            capped = sample_lib.generate(params, cfg, prompts,
+                                         dataclasses.replace(fits, max_new_tokens=200))
+        notices = [r.getMessage() for r in caplog.records if "max_new_tokens" in r.getMessage()]
+        assert notices == ["sampling.max_new_tokens=200 does not fit model.max_len=32 after a "
+                           "5-token prompt: generating at most 27 tokens"]
+        expected = sample_lib.generate(params, cfg, prompts, fits)
+        assert capped.tokens.shape == (2, 27)
+        np.testing.assert_array_equal(capped.tokens, expected.tokens)
+        np.testing.assert_array_equal(capped.lengths, expected.lengths)
+
+
 BAD_CONFIGS = [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(temperature=-0.5), "temperature"),
@@ -432,8 +470,8 @@ def test_bad_inputs_raise_before_compiling(models, case):
         prompts, match = [], "prompt_ids is empty"
     elif case == "empty_prompt":
         prompts, match = [[1, 2], []], "prompt 1 is empty"
-    elif case == "too_long":
-        prompts, sampling, match = [[1] * 100], SamplingConfig(29), "max_new_tokens.*max_len"
+    elif case == "too_long":  # no room for even one new token
+        prompts, match = [[1, 2], [1] * 128], "prompt 1 has 128 tokens: model.max_len=128"
     elif case == "beams_over_vocab":
         sampling, match = SamplingConfig(4, num_beams=66), "num_beams"
     elif case == "eos_over_vocab":

@@ -1,4 +1,5 @@
-"""Sharding on simulated CPU devices: every mesh trains like one device, and parameters are split.
+"""Sharding on simulated CPU devices: every mesh trains and samples like one device, and
+parameters and the KV cache are split.
 
 Each job runs tests/sharding_worker.py in a fresh process, since the number of simulated devices
 is fixed when JAX starts.
@@ -10,12 +11,14 @@ import socket
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
-from lmjax import sharding
-from lmjax.config import ModelConfig
+from lmjax import model as model_lib, sample as sample_lib, sharding
+from lmjax.config import DEFAULT_RULES, ModelConfig, preset
 
 WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
 MESHES = {
@@ -140,11 +143,43 @@ def test_checkpoint_moves_between_meshes(corpus, tmp_path):
         assert_same_losses(resumed["runs"][0]["losses"][5:], saved[5:])
 
 
-def test_sharded_sampling_matches_one_device(corpus):
-    result = run_worker({"kind": "sample", "corpus": corpus,
-                         "mesh": {"data": 2, "fsdp": 1, "tensor": 4}})
-    assert result["query_spec"] == "P('fsdp', 'tensor', None)" and result["query_shard"] == [64, 2, 8]
-    assert result["sharded"] == result["single"]
+@pytest.mark.parametrize("mesh", ["data2_fsdp2_tensor2", "tensor8"])
+def test_sharded_sampling_matches_one_device_and_splits_the_cache(corpus, mesh):
+    """On a data x fsdp x tensor mesh and a tensor mesh, greedy and beam-search tokens equal one
+    device's, and the KV cache is split over all 8 devices: each holds the KV heads that its key
+    projection computes, for its own sequences, and no cache array moves between devices.
+
+    One layer of 16 heads and 8 KV heads of size 4; 8 prompts, 60 new tokens (the cache grows
+    from 64 to 76 slots), 3 beams: the cache has 8 x 8 rows (24 x 8 in beam search).
+    """
+    result = run_worker({"kind": "sample", "corpus": corpus, "meshes": [MESHES[mesh]]})
+    run = result["meshes"][0]
+    greedy, beam = run["decoders"]
+    assert [greedy["tokens"], beam["tokens"]] == result["single"]
+    assert run["query_spec"] == "P('fsdp', 'tensor', None)"
+    # After the prefill: 8 of the 64 rows per device, those that its projections computed.
+    cache = run["cache"]
+    assert cache["shard_shape"] == [8, 64, 4]
+    for device in cache["devices"]:
+        assert len(device["rows"]) == 8 and device["rows"] == device["projection"]
+        assert device["max_diff"] < 1e-5
+    # In both phases of the compiled decode loops: 1/8 of the rows per device, and no
+    # collective moves a cache-shaped array.
+    assert greedy["carried"] == [[8, 64], [8, 76]]
+    assert beam["carried"] == [[24, 64], [24, 76]]
+    assert greedy["moved"] == beam["moved"] == []
+
+
+def test_every_rule_names_an_axis_in_use():
+    """No dead rules: every logical axis of the rules table names a parameter axis (GPT-2 and
+    LLaMA layouts), an activation or a KV-cache axis."""
+    activations = (model_lib._ACT_BLD, model_lib._ACT_BLF, model_lib._ACT_BLV)
+    used = set(sample_lib.CACHE_AXES) | {name for names in activations for name in names}
+    for config in (preset("nanogpt_baby"), preset("llama_tiny")):
+        specs = jax.tree.leaves(model_lib.logical_axes(config),
+                                is_leaf=lambda x: isinstance(x, PartitionSpec))
+        used |= {name for spec in specs for name in spec if name}
+    assert used == set(DEFAULT_RULES)
 
 
 # ---------------------------------------------------------------- bad input, before any compile

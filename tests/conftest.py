@@ -50,3 +50,26 @@ def tiny_config(tmp_path, pigs_text):
         config.train.update(train_fields)
         return config
     return make
+
+
+def write_random_gpt2(folder: str, text: str, vocab_size: int, n_positions: int):
+    """A random two-layer GPT-2 with a byte-level BPE trained on `text`, saved in `folder` as
+    `save_pretrained` writes it (what `hf download gpt2` gives, smaller). Returns the torch
+    model in eval mode (no dropout)."""
+    import tokenizers
+    import torch
+    import transformers
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    bpe.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(folder, exist_ok=True)
+    bpe.save(os.path.join(folder, "tokenizer.json"))
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=bpe.get_vocab_size(), n_positions=n_positions, n_embd=32, n_layer=2,
+        n_head=2, bos_token_id=0, eos_token_id=0))
+    model.save_pretrained(folder)
+    return model.eval()

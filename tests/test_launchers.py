@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import write_random_gpt2
 from lmjax import data as data_lib
 from lmjax import train
 
@@ -20,23 +21,8 @@ def run(args, **kwargs):
 @pytest.fixture(scope="module")
 def gpt2_folder(tmp_path_factory, pigs_text):
     """A random GPT-2 with a byte-level BPE trained here, saved as Hugging Face files."""
-    import tokenizers
-    import torch
-    import transformers
-    folder = tmp_path_factory.mktemp("gpt2")
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator([pigs_text], tokenizers.trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    bpe.save(str(folder / "tokenizer.json"))
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=bpe.get_vocab_size(), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0))
-    model.save_pretrained(str(folder))
-    return str(folder), model.eval()  # eval: no dropout
+    folder = str(tmp_path_factory.mktemp("gpt2"))
+    return folder, write_random_gpt2(folder, pigs_text, vocab_size=300, n_positions=64)
 
 
 def test_finetune_from_hf_folder_starts_from_its_weights(tmp_path, gpt2_folder, tiny_config):

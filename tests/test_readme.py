@@ -12,6 +12,8 @@ import shlex
 import subprocess
 import sys
 
+from conftest import write_random_gpt2
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -72,32 +74,13 @@ def run(words, cwd, **env):
     return done.stdout
 
 
-def write_random_gpt2(folder: str, text: str) -> None:
-    """A random two-layer GPT-2 with a byte-level BPE trained on `text`, as `save_pretrained`
-    writes it (what `hf download gpt2` gives, smaller)."""
-    import tokenizers
-    import torch
-    import transformers
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
-    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = tokenizers.decoders.ByteLevel()
-    bpe.train_from_iterator([text], tokenizers.trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"],
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()))
-    os.makedirs(folder)
-    bpe.save(os.path.join(folder, "tokenizer.json"))
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=bpe.get_vocab_size(), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0)).save_pretrained(folder)
-
-
 def test_readme_commands_and_snippets_run(tmp_path, tiny_shakespeare):
     checkout = tmp_path / "checkout"
     checkout.mkdir()
     os.symlink(os.path.join(ROOT, "experiments"), checkout / "experiments")
     os.symlink(os.path.join(ROOT, "..", "shared"), tmp_path / "shared")
-    write_random_gpt2(str(checkout / "models" / "gpt2"), tiny_shakespeare[:200_000])
+    write_random_gpt2(str(checkout / "models" / "gpt2"), tiny_shakespeare[:200_000],
+                      vocab_size=400, n_positions=256)
 
     demo = demo_command()
     assert demo[:3] == ["lmjax", "train", "--config=shakespeare_char:demo"], demo

@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+import _env  # benchmarks/_env.py: versions and machine
 from lmjax import checkpoint as ckpt_lib
 from lmjax import model as model_lib
 from lmjax import train as train_lib
@@ -98,9 +99,11 @@ def main():
         "sync_save_s": results["sync"]["full_s"],
         "blocking_over_step": results["async"]["blocking_s"] / step_s,
         "repeats": args.repeats,
+        "environment": _env.environment(),
     }
     print(json.dumps(report, indent=2))
     print()
+    print(_env.measured_with(report["environment"], names=("jax", "orbax-checkpoint")))
     print(f"GPT-2 124M, f32, context {args.seq_len}, batch {args.batch_size}, "
           f"{report['backend']} ({report['device']}), checkpoint "
           f"{size / 2**20:.0f} MiB, median of {args.repeats}")

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _env  # benchmarks/_env.py: versions and machine
 from lmjax import sample as sample_lib
 from lmjax.config import preset
 from lmjax.model import Transformer, count_params, init_params
@@ -143,6 +144,7 @@ def main() -> None:
     params = init_params(config, jax.random.key(0))
     prompts = np.random.RandomState(0).randint(0, config.vocab_size, (max(batches), PROMPT_LEN))
     load_before = os.getloadavg()
+    env = _env.environment(peers=() if args.no_hf else ("torch", "transformers"))
 
     bandwidth = read_bandwidth()
     weight_bytes = weight_bytes_per_step(params)
@@ -197,9 +199,10 @@ def main() -> None:
         machine=platform.processor() or platform.machine(),
         load_average_before=load_before, load_average_after=os.getloadavg(),
         read_bandwidth_gb_s=bandwidth / 1e9, weight_mb_per_step=weight_bytes / 1e6,
-        bound_steps_per_s=steps_bound, **sanity, results=results)
+        bound_steps_per_s=steps_bound, **sanity, environment=env, results=results)
     print(json.dumps(report, indent=2))
 
+    print("\n" + _env.measured_with(env))
     print("\n| batch | new tokens | lmjax tok/s | lmjax ms/token | compile s | HF tok/s "
           "| HF ms/token | speedup | bandwidth bound tok/s | lmjax / bound | greedy agree |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+import _env  # benchmarks/_env.py: versions and machine
 from lmjax import sharding, train
 from lmjax.config import default_config, preset_fields
 
@@ -86,10 +87,16 @@ def main():
     args = parser.parse_args()
     print(f"{jax.device_count()} devices ({jax.devices()[0].platform}); GPT-2 124M, f32, "
           f"context {args.seq_len}, global batch {args.batch}")
+    env = _env.environment()
+    print(json.dumps({"environment": env, "devices": jax.device_count(),
+                      "platform": jax.devices()[0].platform, "seq_len": args.seq_len,
+                      "batch": args.batch, "steps": args.steps}), flush=True)
     rows = []
     for name, sizes in MESHES.items():
         rows.append(measure(name, sizes, args.seq_len, args.batch, args.steps))
         print(json.dumps(rows[-1]), flush=True)
+    print(_env.measured_with(env))
+    print()
     print("| mesh | step s | compile s | params+opt+batch MiB/device | temporaries MiB/device | "
           "query kernel shard | loss |")
     print("|---|---|---|---|---|---|---|")

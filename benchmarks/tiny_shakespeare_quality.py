@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 
+import _env  # benchmarks/_env.py: versions and machine
 from lmjax import configs, train
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,6 +28,9 @@ def main():
     parser.add_argument("--num_steps", type=int, default=2000)
     args = parser.parse_args()
 
+    env = _env.environment()
+    print(json.dumps({"environment": env, "data": os.path.abspath(args.data),
+                      "num_steps": args.num_steps}), flush=True)
     rows = []
     for name, position in (("lmjax (rotary positions)", "rope"),
                            ("nanoGPT architecture (learned positions)", "learned")):
@@ -48,6 +52,8 @@ def main():
             "wall_s": round(wall, 1), "tokens_per_s": round(tokens / wall),
         })
         print(json.dumps(rows[-1]), flush=True)
+    print(_env.measured_with(env))
+    print()
     print("| model | steps | val loss | nanoGPT | train loss (last 50) | wall s | tokens/s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -64,6 +64,8 @@ import subprocess
 import sys
 import time
 
+import _env  # benchmarks/_env.py (this folder is sys.path[0]): versions and machine
+
 SHAPES = {
     "baby": dict(num_layers=4, num_heads=4, embed_dim=128, mlp_dim=512, max_len=64,
                  vocab_size=65, seq_len=64, batch=12),
@@ -415,8 +417,8 @@ def memory_check(args) -> dict:
             "compile_s": w.info["compile_s"], "loss": run["loss"], "xla_flags": flags.strip()}
 
 
-def markdown(results: list[dict], peak: dict, dtype: str) -> str:
-    lines = [f"{dtype} matmul peak (4096², best over the run): jax "
+def markdown(results: list[dict], peak: dict, dtype: str, env: dict) -> str:
+    lines = [_env.measured_with(env), "", f"{dtype} matmul peak (4096², best over the run): jax "
              f"{peak['jax'] / 1e9:.1f} GFLOP/s"
              + (f", torch {peak['torch'] / 1e9:.1f} GFLOP/s" if "torch" in peak else "")
              + "; MFU is against the larger", "",
@@ -473,6 +475,8 @@ def main():
         return worker(args.worker, args.shapes, args.remat, args.steps_per_call, args.dtype)
 
     default_steps = {"baby": 40, "middle": 3, "gpt2": 1}
+    load_before = os.getloadavg()
+    env = _env.environment(peers=() if args.no_torch else ("torch", "transformers"))
     peaks = [matmul_peak(dtype=args.dtype)]
     results = []
     for shape in [s for s in args.shapes.split(",") if s]:
@@ -489,13 +493,15 @@ def main():
             if fw in r:
                 r[fw]["mfu"] = r["flops_per_token"] * r[fw]["tokens_s"] / best_peak
     out = {"cores": cores(), "dtype": args.dtype, "peak_flops": peak,
-           "peak_jax_runs_GFLOPs": [round(p["jax"] / 1e9, 1) for p in peaks], "results": results}
-    print(markdown(results, peak, args.dtype), file=sys.stderr, flush=True)  # before the slow memory check
+           "peak_jax_runs_GFLOPs": [round(p["jax"] / 1e9, 1) for p in peaks],
+           "load_average_before": load_before, "load_average_after": os.getloadavg(),
+           "environment": env, "results": results}
+    print(markdown(results, peak, args.dtype, env), file=sys.stderr, flush=True)  # before the slow memory check
     if args.memory_check:
         out["memory_check"] = memory_check(args)
     print(json.dumps(out, indent=1))
     print()
-    print(markdown(results, peak, args.dtype))
+    print(markdown(results, peak, args.dtype, env))
     if args.memory_check and "error" in out["memory_check"]:
         print(f"\nMemory check failed: {out['memory_check']['error']}")
     elif args.memory_check:

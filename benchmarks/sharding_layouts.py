@@ -20,7 +20,6 @@ import functools
 
 import flax.linen as nn
 import jax
-import ml_collections
 import numpy as np
 
 import _env  # benchmarks/_env.py: versions and machine

@@ -18,7 +18,8 @@ jits (`train.jit_train_step`: shardings, donated state, `--steps_per_call` = the
 `train.steps_per_call` optimizer steps per call under `lax.scan`),
 fed by `sharding.put_batch` on fresh host batches each step, as the training loop does.
 PyTorch runs `GPT2LMHeadModel` + `torch.optim.AdamW` (same decay groups, clipping at 1.0),
-cross-entropy on the logits, `torch.set_num_threads(cores)`. With `--dtype bfloat16`, lmjax runs
+cross-entropy on the logits, with the faster of 1 and all cores as torch's thread count
+(timed in the worker). With `--dtype bfloat16`, lmjax runs
 `model.dtype='bfloat16'` (params float32) and PyTorch runs the forward pass and loss under
 `torch.autocast('cpu', torch.bfloat16)`, its standard mixed precision.
 
@@ -224,6 +225,18 @@ class TorchRunner:
         self.opt.step()
         return loss
 
+    def pick_threads(self) -> dict:
+        """Intra-op threads: the faster of 1 and all cores, as in sample_speed.py. On a shared
+        2-core machine OpenMP's barriers can make 2 threads slower than 1 (every op waits for a
+        descheduled thread), so PyTorch gets whichever is faster here. Returns the timings."""
+        timings = {}
+        for threads in sorted({1, cores()}):
+            self.torch.set_num_threads(threads)
+            self.run(1)
+            timings[threads] = min(self.run(1) for _ in range(2))
+        self.torch.set_num_threads(min(timings, key=timings.get))
+        return timings
+
     def run(self, steps: int) -> float:
         start = time.perf_counter()
         for _ in range(steps):
@@ -254,7 +267,9 @@ def worker(framework: str, shape: str, remat: str, steps_per_call: int, dtype: s
                     xla_flags=os.environ.get("XLA_FLAGS", ""))
     else:
         import torch
-        info.update(torch=torch.__version__, threads=torch.get_num_threads())
+        timings = runner.pick_threads()
+        info.update(torch=torch.__version__, threads=torch.get_num_threads(),
+                    thread_step_s={str(k): v for k, v in timings.items()})
     info["glibc_tunables"] = os.environ.get("GLIBC_TUNABLES", "")
     out.write(json.dumps(info) + "\n")
     out.flush()

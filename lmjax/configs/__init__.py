@@ -9,6 +9,7 @@ starts from `lmjax.config.default_config()` and overrides fields.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 
@@ -50,7 +51,6 @@ def describe() -> dict[str, str]:
     out = {}
     for name in names():
         with open(os.path.join(DIRECTORY, name + ".py"), encoding="utf-8") as f:
-            text = f.read()
-        doc = text.split('"""')[1].strip().splitlines()[0] if text.startswith('"""') else ""
-        out[name] = doc
+            doc = ast.get_docstring(ast.parse(f.read())) or ""
+        out[name] = doc.splitlines()[0] if doc else ""
     return out

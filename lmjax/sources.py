@@ -159,6 +159,10 @@ def _tfds_builder(tfds, spec: dict):
     if not builder.is_prepared():
         try:
             builder.download_and_prepare()
+        except ImportError as e:  # a dependency of TFDS or of this dataset's builder
+            raise ImportError(f"Building data.tfds_name={spec['name']!r} needs a package that is "
+                              f'not installed: {e}. pip install "lmjax[tfds]" installs what '
+                              "TFDS itself needs; some datasets need more.") from e
         except Exception as e:  # noqa: BLE001 - network errors come in many types
             raise RuntimeError(
                 f"data.tfds_name={spec['name']!r} is not prepared in {builder.data_dir!r} and "

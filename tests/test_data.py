@@ -383,9 +383,13 @@ def test_tfds_source_reads_a_local_dataset(tmp_path):
 
 def test_tfds_builder_by_name_says_what_to_do_offline(tmp_path, monkeypatch):
     """The real `tfds.builder(name)` path for a registered dataset, up to its download: with no
-    network (a proxy that refuses connections) the error names the offline options."""
+    network (a proxy that refuses connections; TFDS's 10 retries with backoff, ~200 s, cut to
+    none) the error names the offline options. A missing dependency of TFDS (the `tfds` extra
+    once lacked importlib_resources) would fail here before any download."""
     pytest.importorskip("tensorflow_datasets", exc_type=ModuleNotFoundError,
                         reason='pip install -e ".[tfds]"')
+    from tensorflow_datasets.core.download import downloader
+    monkeypatch.setattr(downloader, "MAX_RETRIES", 0)
     for name in ("HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"):
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
@@ -393,8 +397,9 @@ def test_tfds_builder_by_name_says_what_to_do_offline(tmp_path, monkeypatch):
     config = experiment_config(source="tfds", tfds_name="tiny_shakespeare",
                                tfds_data_dir=str(tmp_path / "tfds"))
     with pytest.raises(RuntimeError, match=r"data.tfds_name='tiny_shakespeare' is not prepared "
-                                           r"in .*manual.*data.tfds_data_dir"):
+                                           r"in .*manual.*data.tfds_data_dir") as error:
         data.build_data(config)
+    assert "raw.githubusercontent.com" in str(error.value)  # it got as far as the download
 
 
 def test_gpt2_124m_owt_config_trains_two_steps_on_a_generated_store(tmp_path):

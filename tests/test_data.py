@@ -444,3 +444,36 @@ def test_gpt2_124m_owt_config_trains_two_steps_on_a_generated_store(tmp_path):
     store = data.open_store(config)
     assert store.dtype == np.uint16 and store.split("train").num_docs == 12
     assert store.manifest["tokenizer"]["eos_id"] == 0  # <|endoftext|> after each document
+
+
+def test_packed_batch_loss_is_the_documents_own_losses():
+    """eval_step on a packed row = the summed next-token losses of each document computed alone
+    (NumPy log-softmax of separate forward passes): no target crosses a document boundary."""
+    import jax
+
+    from lmjax import model as model_lib, train
+    from lmjax.config import ModelConfig
+    cfg = ModelConfig(vocab_size=23, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64,
+                      max_len=16, position="rope")
+    params = model_lib.init_params(cfg, jax.random.key(0))
+    lengths = [5, 7, 6]  # 18 tokens: one row of 16 inputs + 1, the last document cut
+    tokens = np.random.default_rng(0).integers(0, 23, sum(lengths))
+    starts = np.cumsum([0] + lengths[:-1])
+    batches = data.Batches(data.ArraySplit(tokens, starts), batch_size=1, seq_len=16,
+                           shuffle=False, packing=True)
+    loss_sum, count = jax.jit(lambda b: train.eval_step(params, b, config=cfg))(
+        batches.batch(0))
+    # Each document's piece alone at the start of its own row (causal: the rest cannot matter).
+    pieces = [tokens[a:min(a + n, 17)] for a, n in zip(starts, lengths)]  # the row: 17 tokens
+    alone = np.zeros((len(pieces), 16), np.int64)
+    for i, piece in enumerate(pieces):
+        alone[i, :len(piece)] = piece
+    logits = np.asarray(jax.jit(model_lib.Transformer(cfg).apply)({"params": params}, alone),
+                        np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected_sum = -sum(logp[i, t, piece[t + 1]] for i, piece in enumerate(pieces)
+                        for t in range(len(piece) - 1))
+    expected_count = sum(len(piece) - 1 for piece in pieces)
+    assert float(count) == expected_count == 14  # 16 targets less the 2 that start a document
+    np.testing.assert_allclose(float(loss_sum), expected_sum, rtol=1e-5)

@@ -19,6 +19,14 @@ Two ways to read the rows (`data.packing`):
 Because `batch(k)` depends on nothing but the seed and the step, a run resumed at step k sees
 exactly the batches an uninterrupted run would have seen, and every process of a multi-host run
 computes the same global batch, reading from disk only its own rows.
+
+Why `np.memmap` and not grain + ArrayRecord (MaxText's, nanodo's loader): rows are contiguous
+windows of one flat array, so a row is one slice of a memory map and the loader's whole state is
+the step number (nothing to checkpoint); grain would need a second copy of the corpus as
+ArrayRecord records and worker processes to reach the same rate. Measured here
+(benchmarks/data_pipeline.py, 2 shared CPU cores at load ~8): ~370-500 packed batches of
+GPT-2 124M's micro-batch (12 x 1024) per second from one process, start-up and RSS flat in the
+corpus size.
 """
 
 from __future__ import annotations

@@ -218,10 +218,11 @@ def default_config():
     # (kind hf: the folder with tokenizer.json or tokenizer.model, e.g. a Hugging Face model)
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "shakespeare"  # shakespeare (embedded corpus) | files | tfds
-    c.data.train_files = ""  # files: glob(s), comma-separated
-    c.data.val_files = ""  # files: '' = the last val_fraction of the train text
+    c.data.source = "shakespeare"  # shakespeare (embedded corpus) | files | jsonl | tfds
+    c.data.train_files = ""  # files (one document each) / jsonl: glob(s), comma-separated
+    c.data.val_files = ""  # files / jsonl: '' = the last val_fraction of the train tokens
     c.data.val_fraction = 0.1
+    c.data.jsonl_field = "text"  # jsonl: the field holding each line's document
     c.data.tfds_name = ""  # tfds: dataset name, e.g. 'lm1b'
     c.data.tfds_train_split = "train"
     c.data.tfds_val_split = "validation"
@@ -230,6 +231,14 @@ def default_config():
     c.data.seq_len = 64  # tokens per training sequence (<= model.max_len)
     c.data.batch_size = 12  # global batch, in sequences
     c.data.seed = 0  # batch order: batch k is a pure function of (seed, k)
+    # Rows: documents (segment ids, positions restart per document) | stream (nanoGPT: one
+    # text) | auto (documents when the source has several). See lmjax/data.py.
+    c.data.packing = "auto"
+    # The token store (lmjax/token_store.py, `lmjax prepare`): '' = $LMJAX_TOKEN_STORES or
+    # ~/.cache/lmjax/token_stores/<source>-<tokenizer>-<hash>; prepared on first use.
+    c.data.store_dir = ""
+    c.data.shard_mb = 64  # text per shard (and per unit of work of a prepare worker)
+    c.data.prepare_workers = 0  # processes that tokenize; 0 = one per CPU
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak, after linear warmup from 0

@@ -35,7 +35,9 @@ from lmjax import sharding as sharding_lib
 from lmjax import tokenizers as tokenizers_lib
 from lmjax.config import ModelConfig, default_config
 
-Batch = dict[str, np.ndarray]  # inputs int32[B, L], targets int32[B, L], mask float32[B, L]
+# inputs int32[B, L], targets int32[B, L], mask float32[B, L]; packed documents (data.packing)
+# also segment_ids, positions int32[B, L]
+Batch = dict[str, np.ndarray]
 
 
 @flax.struct.dataclass
@@ -180,11 +182,18 @@ def cross_entropy(logits_BxLxV: jax.Array, targets_BxL: jax.Array,
     return jnp.sum(losses_BxL * mask_BxL), jnp.sum(mask_BxL)
 
 
+def packed_inputs(batch: Batch) -> dict[str, jax.Array]:
+    """The model's keyword arguments for a batch's packed documents (none for plain rows)."""
+    if "segment_ids" not in batch:
+        return {}
+    return {"positions_BxL": batch["positions"], "segment_ids_BxL": batch["segment_ids"]}
+
+
 def loss_fn(params, batch: Batch, config: ModelConfig, dropout_rng: jax.Array | None = None):
     """Mean cross-entropy of a batch (dropout on when `dropout_rng` is given)."""
     logits_BxLxV = model_lib.Transformer(config).apply(
         {"params": params}, batch["inputs"], deterministic=dropout_rng is None,
-        rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+        rngs=None if dropout_rng is None else {"dropout": dropout_rng}, **packed_inputs(batch))
     loss_sum, count = cross_entropy(logits_BxLxV, batch["targets"], batch["mask"])
     return loss_sum / jnp.maximum(count, 1.0)
 
@@ -240,7 +249,8 @@ def put_batches(batches: list[Batch],
 
 def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """Summed loss and token count of a validation batch (no dropout)."""
-    logits_BxLxV = model_lib.Transformer(config).apply({"params": params}, batch["inputs"])
+    logits_BxLxV = model_lib.Transformer(config).apply({"params": params}, batch["inputs"],
+                                                       **packed_inputs(batch))
     return cross_entropy(logits_BxLxV, batch["targets"], batch["mask"])
 
 
@@ -279,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         async_save=config.train.async_checkpoints)
     try:
         init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
-        data = data_lib.build_data(config, workdir)
+        data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
         mcfg = model_config(config, data.tokenizer.vocab_size)
         _log_model_and_data(config, mcfg, data)
         mesh = sharding_lib.make_mesh(config.mesh)

@@ -11,6 +11,15 @@ TINY_SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                 "tinyshakespeare.txt")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def token_stores(tmp_path_factory) -> str:
+    """Token stores (lmjax/token_store.py) of the session go to a temporary folder, not the
+    user's ~/.cache (subprocesses inherit it)."""
+    folder = str(tmp_path_factory.mktemp("token_stores"))
+    os.environ["LMJAX_TOKEN_STORES"] = folder
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_shakespeare_path() -> str:
     """Path of nanoGPT's tiny shakespeare (skips the test when absent)."""

@@ -2,6 +2,7 @@
 
     lmjax train  --config=shakespeare_char:demo --workdir=workdirs/demo
     lmjax sample --workdir=workdirs/demo --prompt="ROMEO."
+    lmjax prepare --config=shakespeare_char         # tokenize the data once (training does too)
     lmjax configs                                   # the shipped configs
 
 Only the chosen subcommand's module is imported, so each defines its own absl flags.
@@ -16,6 +17,7 @@ USAGE = """usage: lmjax COMMAND [--flags]   (lmjax COMMAND --help for its flags)
 
 commands:
   train    train a model: lmjax train --config=NAME[:ARG] --workdir=DIR [--config.x.y=v ...]
+  prepare  tokenize a config's data once into its token store: lmjax prepare --config=NAME
   sample   sample from a run or a Hugging Face folder: lmjax sample --workdir=DIR --prompt=...
   configs  list the shipped configs (named in --config=NAME[:ARG])
   version  print lmjax's version
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     if command == "train":
         from lmjax.commands import train
         train.run(rest)
+    elif command == "prepare":
+        from lmjax.commands import prepare
+        prepare.run(rest)
     elif command == "sample":
         from lmjax.commands import sample
         sample.run(rest)

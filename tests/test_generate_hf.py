@@ -67,35 +67,52 @@ def until_end(row, eos):
     return row[:row.index(eos) + 1] if eos in row else row
 
 
-def emitted_token(config, params, prompt, num_beams):
-    """A token that lmjax's best beam (no end token) emits at step 3: as the end token, it
-    makes hypotheses end mid-sequence."""
-    free = sample_lib.beam_search(params, config, [prompt], SamplingConfig(S, num_beams=num_beams))
-    return int(free.tokens[0, 0, 3])
+def torch_greedy(model, prompt, steps=S) -> list[int]:
+    """Greedy tokens by full forward passes of the torch model (no end token)."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def emitted_token(model, prompt) -> int:
+    """The token greedy decoding emits most often (the first such): as the end token, it makes
+    hypotheses end mid-sequence."""
+    greedy = torch_greedy(model, prompt)
+    return max(greedy, key=greedy.count)
 
 
 # ---------------------------------------------------------------------------------- beam search
 
 
 def check_beams(models, family, num_beams, length_penalty, early_stopping, prompts=PROMPTS[:1],
-                **options):
+                require_early_end=True, **options):
     model, config, params = models[family]
-    eos = emitted_token(config, params, prompts[0], num_beams)
+    beam_options = dict(do_sample=False, num_beams=num_beams, length_penalty=length_penalty,
+                        early_stopping=early_stopping, num_return_sequences=num_beams, **options)
+    greedy = torch_greedy(model, prompts[0])
+    # The end token: among the tokens greedy decoding emits (most frequent first), the first
+    # with which transformers returns a hypothesis that ends mid-sequence.
+    eos = next((t for t in sorted(set(greedy), key=lambda t: (-greedy.count(t), t))
+                if any(t in row[:-1] for row in hf_generate(model, prompts[0], eos_token_id=t,
+                                                            pad_token_id=t, **beam_options)[0])),
+               emitted_token(model, prompts[0]))
     sampling = SamplingConfig(S, num_beams=num_beams, length_penalty=length_penalty,
                               early_stopping=early_stopping, eos_ids=(eos,), pad_id=eos, **options)
     result = sample_lib.beam_search(params, config, prompts, sampling)
     tokens, lengths, scores = map(np.asarray, (result.tokens, result.lengths, result.scores))
     ended_early = False
     for b, prompt in enumerate(prompts):
-        expected, expected_scores = hf_generate(
-            model, prompt, do_sample=False, num_beams=num_beams, length_penalty=length_penalty,
-            early_stopping=early_stopping, num_return_sequences=num_beams, eos_token_id=eos,
-            pad_token_id=eos, **options)
+        expected, expected_scores = hf_generate(model, prompt, eos_token_id=eos, pad_token_id=eos,
+                                                **beam_options)
         got = [tokens[b, n, :lengths[b, n]].tolist() for n in range(num_beams)]
         assert got == [until_end(row, eos) for row in expected], (b, got, expected)
         np.testing.assert_allclose(scores[b], expected_scores, atol=1e-5, rtol=0)
         ended_early |= bool((lengths[b] < S).any())
-    assert ended_early  # the end token really ends hypotheses mid-sequence
+    # The end token really ends returned hypotheses mid-sequence (with a strong length penalty
+    # and early_stopping="never" the best ones may all be full length: the slow grid allows it).
+    assert ended_early or not require_early_end
     # generate returns the best num_return_sequences of them, prompt after prompt.
     R = max(1, num_beams - 1)
     out = sample_lib.generate(params, config, prompts,
@@ -104,7 +121,7 @@ def check_beams(models, family, num_beams, length_penalty, early_stopping, promp
                                   tokens[:, :R])
 
 
-BEAM_CASES = [("gpt2", 2, 1.0, False), ("llama", 3, 0.5, True), ("qwen2", 4, 2.0, "never"),
+BEAM_CASES = [("gpt2", 2, 1.0, False), ("llama", 3, 0.5, True), ("qwen2", 4, 0.5, "never"),
               ("mistral", 5, 1.0, False), ("llama", 4, 1.0, "never"), ("gpt2", 3, 2.0, True)]
 
 
@@ -121,7 +138,8 @@ def test_beam_search_with_end_token_matches_transformers(models, family, num_bea
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])
 def test_beam_search_grid_matches_transformers(models, family, num_beams, length_penalty,
                                                early_stopping):
-    check_beams(models, family, num_beams, length_penalty, early_stopping, prompts=PROMPTS)
+    check_beams(models, family, num_beams, length_penalty, early_stopping, prompts=PROMPTS,
+                require_early_end=False)
 
 
 def test_batched_beam_search_of_different_lengths_matches_transformers(models):
@@ -145,8 +163,7 @@ GREEDY_CASES = [("gpt2", dict(min_new_tokens=6)), ("llama", dict(repetition_pena
 def test_greedy_options_match_transformers(models, family, options):
     """Batched prompts of different lengths in lmjax, each against transformers alone."""
     model, config, params = models[family]
-    free = sample_lib.generate(params, config, PROMPTS[:1], SamplingConfig(S, greedy=True))
-    eos = int(free.tokens[0, 2])  # greedy emits it at step 2: min_new_tokens has to act
+    eos = torch_greedy(model, PROMPTS[0])[2]  # emitted at step 2: min_new_tokens has to act
     out = sample_lib.generate(params, config, PROMPTS, SamplingConfig(
         S, greedy=True, eos_ids=(eos,), pad_id=eos, **options))
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
@@ -161,7 +178,7 @@ def test_sampling_with_top_k_1_equals_transformers_greedy(models):
     repetition penalty and n-gram blocking is transformers' greedy decoding with them."""
     model, config, params = models["llama"]
     options = dict(repetition_penalty=1.4, no_repeat_ngram_size=2)
-    eos = emitted_token(config, params, PROMPTS[0], 2)
+    eos = emitted_token(model, PROMPTS[0])
     out = sample_lib.generate(params, config, PROMPTS, SamplingConfig(
         S, top_k=1, eos_ids=(eos,), pad_id=eos, **options), rng=3)
     tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)

@@ -163,9 +163,32 @@ def _attend(q_XxQxK: jax.Array, k_XxSxK: jax.Array, v_XxSxK: jax.Array,
     return (out_XxQxK / weights_XxQxS.sum(-1, keepdims=True)).astype(dtype)
 
 
-def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
-                     v_BxLxGxK: jax.Array) -> jax.Array:
+def segment_mask(segment_ids_BxL: jax.Array) -> jax.Array:
+    """`mask_BxLxL[b, q, s]`: key s is in query q's document (equal segment ids; see
+    `Transformer`). Causality is applied separately."""
+    return segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+
+
+def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
+    """Each token's position in its own document: 0 where the segment id changes, then 1, 2..
+    (what packed rows need when the caller gives no positions)."""
+    B, L = segment_ids_BxL.shape
+    index_L = jnp.arange(L, dtype=jnp.int32)
+    starts_BxL = jnp.concatenate([jnp.ones((B, 1), bool),
+                                  segment_ids_BxL[:, 1:] != segment_ids_BxL[:, :-1]], axis=1)
+    first_BxL = jax.lax.cummax(jnp.where(starts_BxL, index_L, 0), axis=1)
+    return index_L - first_BxL
+
+
+def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
+                     segment_ids_BxL: jax.Array | None = None,
+                     blocked: bool | None = None) -> jax.Array:
     """Causal softmax attention (training and full forward passes), grouped-query.
+
+    segment_ids_BxL: with packed rows, a query attends only to the keys of its own segment
+    (equal ids); None: the whole row is one sequence (no mask is built at all).
+    blocked: None picks the blocked CPU kernel on a CPU and `jax.nn.dot_product_attention`
+    elsewhere (it picks cuDNN's fused kernel on GPUs); True/False force one (tests).
 
     On a CPU, queries go in blocks of ATTENTION_BLOCK and each block attends only to the keys
     up to its own end, skipping the masked upper triangle. Heads come first, with the R query
@@ -173,10 +196,14 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
     [block * R, K] queries against [S, K] keys per (sequence, KV head), and `_attend` normalises
     the softmax after the value matmul. Forward + backward is 1.8x (16 x 256 tokens, 6 heads)
     to 3.6x (2 x 1024 tokens, 12 heads) faster than `jax.nn.dot_product_attention`'s XLA path
-    there. Elsewhere that function is used (it picks cuDNN's fused kernel on GPUs).
+    there.
     """
-    if jax.default_backend() != "cpu":
-        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, is_causal=True)
+    if blocked is None:
+        blocked = jax.default_backend() == "cpu"
+    if not blocked:
+        mask = None if segment_ids_BxL is None else segment_mask(segment_ids_BxL)[:, None]
+        return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
+                                            is_causal=True)
     B, L, H, K = q_BxLxHxK.shape
     G = k_BxLxGxK.shape[2]
     R = H // G
@@ -185,13 +212,19 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array,
         B * G, L, R, K)  # C = B * G (sequence, KV head) pairs
     k_CxLxK = k_BxLxGxK.transpose(0, 2, 1, 3).reshape(B * G, L, K)
     v_CxLxK = v_BxLxGxK.transpose(0, 2, 1, 3).reshape(B * G, L, K)
+    if segment_ids_BxL is not None:
+        segments_CxL = jnp.repeat(segment_ids_BxL, G, axis=0)  # row b * G + g is sequence b
     outs = []
     for start in range(0, L, block):  # the block's queries start .. end - 1, keys 0 .. end - 1
         end = start + block
         q_CxQxK = q_CxLxRxK[:, start:end].reshape(B * G, block * R, K)  # Q = block * R
         query_pos_Q = start + jnp.arange(block * R) // R
         mask_QxS = query_pos_Q[:, None] >= jnp.arange(end)[None, :]
-        outs.append(_attend(q_CxQxK, k_CxLxK[:, :end], v_CxLxK[:, :end], mask_QxS))
+        mask = mask_QxS
+        if segment_ids_BxL is not None:  # query q * R + r is the block's token q
+            query_seg_CxQ = jnp.repeat(segments_CxL[:, start:end], R, axis=1)
+            mask = mask_QxS & (query_seg_CxQ[:, :, None] == segments_CxL[:, None, :end])  # CxQxS
+        outs.append(_attend(q_CxQxK, k_CxLxK[:, :end], v_CxLxK[:, :end], mask))
     out_BxGxLxRxK = jnp.concatenate(outs, axis=1).reshape(B, G, L, R, K)
     return out_BxGxLxRxK.transpose(0, 2, 1, 3, 4).reshape(B, L, H, K)
 
@@ -249,7 +282,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD, positions_BxL, kv_cache: dict[str, jax.Array] | None = None,
-                 cache_index=0):
+                 cache_index=0, segment_ids_BxL: jax.Array | None = None):
         cfg = self.config
         H, G, K = cfg.num_heads, cfg.kv_heads, cfg.head_size
 
@@ -266,7 +299,7 @@ class Attention(nn.Module):
             k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
 
         if kv_cache is None:
-            out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK)
+            out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
         else:
             # Cached: write this call's keys/values at cache_index, then each query (slot s,
             # position p) attends to its row's slots s - p .. s.
@@ -327,11 +360,13 @@ class Block(nn.Module):
     cache_groups: int = 1
 
     @nn.compact
-    def __call__(self, x_BxLxD, positions_BxL, kv_cache=None, cache_index=0):
+    def __call__(self, x_BxLxD, positions_BxL, kv_cache=None, cache_index=0,
+                 segment_ids_BxL=None):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BxLxD, kv_cache = Attention(cfg, self.cache_groups, name="attn")(
-            _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache, cache_index)
+            _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache, cache_index,
+            segment_ids_BxL)
         x_BxLxD = x_BxLxD + dropout(h_BxLxD)
         x_BxLxD = x_BxLxD + dropout(Mlp(cfg, name="mlp")(_norm(cfg, "mlp_norm")(x_BxLxD)))
         x_BxLxD = nn.with_logical_constraint(x_BxLxD, _ACT_BLD)
@@ -351,10 +386,19 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  kv_cache: KVCache | None = None, cache_index: int | jax.Array = 0,
-                 deterministic: bool = True):
+                 deterministic: bool = True, segment_ids_BxL: jax.Array | None = None):
         """Returns `logits_BxLxV` (f32), or `(logits_BxLxV, kv_cache)` when a cache is passed.
 
-        positions_BxL: position of each token in its own sequence (default 0..L-1).
+        positions_BxL: position of each token in its own sequence (default 0..L-1; with
+          segment ids, the position in its own segment, `positions_from_segments`).
+        segment_ids_BxL: packed rows (int, no cache): a token attends only to the earlier
+          tokens of its row with the same id, so each segment (document) is computed exactly as
+          if it were alone in the row (at the positions given). Real documents get ids >= 1 and
+          padding 0 by convention: padding then attends only to padding, and no real token
+          ever sees it (padding's own outputs are meaningless; mask them out of the loss).
+          Neighbouring documents must have different ids (a row numbers them 1, 2, ...).
+          None: the whole row is one sequence, and no mask is built (the same program as
+          without the argument).
         cache_index: with a cache, every row's tokens are written at slots cache_index ..
           cache_index + L - 1, and a token at slot s with position p attends to slots s - p .. s
           (so rows of different lengths are left-padded; see the KVCache note above).
@@ -362,7 +406,12 @@ class Transformer(nn.Module):
         """
         cfg = self.config
         B, L = tokens_BxL.shape
-        if positions_BxL is None:
+        if segment_ids_BxL is not None and kv_cache is not None:
+            raise ValueError("segment_ids_BxL is for full forward passes, not with a kv_cache "
+                             "(left-pad the rows and give positions instead)")
+        if positions_BxL is None and segment_ids_BxL is not None:
+            positions_BxL = positions_from_segments(segment_ids_BxL)
+        elif positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
 
         embed = nn.Embed(
@@ -386,7 +435,8 @@ class Transformer(nn.Module):
         for i in range(cfg.num_layers):
             x_BxLxD, layer_cache = block_cls(cfg, deterministic, self.cache_groups,
                                              name=f"blocks_{i}")(
-                x_BxLxD, positions_BxL, None if kv_cache is None else kv_cache[i], cache_index)
+                x_BxLxD, positions_BxL, None if kv_cache is None else kv_cache[i], cache_index,
+                segment_ids_BxL)
             new_cache.append(layer_cache)
         x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
 

@@ -272,3 +272,71 @@ def test_unknown_model_keys_and_presets():
         cfg = preset(name)
         assert ModelConfig.from_json(cfg.to_json()) == cfg and hash(cfg) == hash(preset(name))
     assert set(default_config().model.keys()) == set(ModelConfig.__dataclass_fields__)
+
+
+# ---------------------------------------------------------------- packed rows (segment ids)
+
+# Two packed rows of 16 tokens: documents of 5, 7 and 4 tokens; of 9 and 3 tokens + 4 padding.
+PACKED_LENGTHS = [[5, 7, 4], [9, 3]]
+
+
+def packed_rows(vocab_size: int, seed: int = 0):
+    """(tokens, segment ids, positions) [2, 16] of PACKED_LENGTHS (documents 1, 2.., padding 0),
+    and the documents' tokens one by one."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab_size, (2, 16))
+    segments, positions = np.zeros((2, 16), np.int32), np.zeros((2, 16), np.int32)
+    docs = []
+    for row, lengths in enumerate(PACKED_LENGTHS):
+        start = 0
+        for doc, length in enumerate(lengths, 1):
+            segments[row, start:start + length] = doc
+            positions[row, start:start + length] = np.arange(length)
+            docs.append((row, start, tokens[row, start:start + length]))
+            start += length
+    return tokens, segments, positions, docs
+
+
+def test_positions_from_segments():
+    _, segments, positions, _ = packed_rows(10)
+    positions[1, 12:] = np.arange(4)  # the padding is one more run of equal ids
+    np.testing.assert_array_equal(model_lib.positions_from_segments(jnp.asarray(segments)),
+                                  positions)
+
+
+@pytest.mark.parametrize("fields, blocked", [(GPT, True), (LLAMA, True), (LLAMA, False)],
+                         ids=["gpt2_learned", "llama_rope_gqa", "llama_dot_product_attention"])
+def test_packed_documents_equal_separate_forward_passes(fields, blocked, monkeypatch):
+    """Each document of a packed row gets the logits it gets alone (positions restarting at 0),
+    in the blocked CPU attention (blocks of 4 queries, documents straddling blocks) and in
+    `jax.nn.dot_product_attention`'s path; and the NumPy reference of the document alone."""
+    monkeypatch.setattr(model_lib, "ATTENTION_BLOCK", 4)
+    monkeypatch.setattr(model_lib, "causal_attention",
+                        functools.partial(model_lib.causal_attention, blocked=blocked))
+    cfg = ModelConfig(**fields)
+    params = random_params(cfg, seed=3)
+    tokens, segments, positions, docs = packed_rows(cfg.vocab_size)
+    apply = jax.jit(lambda t, p, s: model_lib.Transformer(cfg).apply(
+        {"params": params}, t, p, segment_ids_BxL=s))  # (positions None: test above)
+    packed = np.asarray(apply(tokens, positions, segments))
+    # Reference: each document alone at the start of its own row (causal: what follows it in
+    # that row cannot matter), one row per document, no segment ids.
+    alone = np.random.default_rng(1).integers(0, cfg.vocab_size, (len(docs), 16))
+    for i, (_, _, doc) in enumerate(docs):
+        alone[i, :len(doc)] = doc
+    alone_logits = np.asarray(forward(cfg, params, alone))
+    for i, (row, start, doc) in enumerate(docs):
+        got = packed[row, start:start + len(doc)]
+        np.testing.assert_allclose(got, alone_logits[i, :len(doc)], atol=1e-5, rtol=1e-5)
+    row, start, doc = docs[1]  # and the NumPy reference of a document in mid-row, alone
+    np.testing.assert_allclose(packed[row, start:start + len(doc)], np_forward(params, doc, cfg),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_segment_ids_with_a_kv_cache_is_an_error():
+    cfg = ModelConfig(**GPT)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="segment_ids_BxL is for full forward passes"):
+        model_lib.Transformer(cfg).apply({"params": {}}, tokens,  # raised before any parameter
+                                         kv_cache=model_lib.init_kv_cache(cfg, 1),
+                                         segment_ids_BxL=jnp.ones((1, 4), jnp.int32))

@@ -81,3 +81,23 @@ def test_sample_launcher_generation_flags(gpt2):
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert bad.returncode != 0 and "sampling.num_return_sequences=3 must be <= num_beams=2" \
         in bad.stderr
+
+
+def test_pipeline_from_a_params_export(tmp_path, pigs_text):
+    """model= an lmjax folder (here a params export of a random model with a char tokenizer):
+    the same text as sample_text with the same options."""
+    import jax
+
+    from lmjax import checkpoint, sample, tokenizers
+    from lmjax.config import preset
+    from lmjax.model import init_params
+    tokenizer = tokenizers.CharTokenizer.train([pigs_text])
+    config = preset("nanogpt_baby", vocab_size=tokenizer.vocab_size, embed_dim=32, mlp_dim=64,
+                    num_layers=2, num_heads=4, max_len=64)
+    params = init_params(config, jax.random.key(0))
+    folder = checkpoint.export_params(str(tmp_path / "export"), params, config, tokenizer)
+    generator = lmjax.pipeline("text-generation", model=folder, max_new_tokens=12)
+    [out] = generator("3 little", do_sample=True, temperature=0.9, seed=3, stop="\n")
+    [expected] = sample.sample_text(params, config, tokenizer, ["3 little"],
+                                    sample.SamplingConfig(12, temperature=0.9, stop="\n"), seed=3)
+    assert out == {"generated_text": "3 little" + expected} and "\n" not in expected

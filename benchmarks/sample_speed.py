@@ -14,6 +14,11 @@ Reported per (batch, new tokens):
     python benchmarks/sample_speed.py            # full run (~10-15 minutes on 2 cores)
     python benchmarks/sample_speed.py --quick    # 128 new tokens only (a few minutes)
     python benchmarks/sample_speed.py --no-hf    # lmjax only
+    python benchmarks/sample_speed.py --beam-only    # just the beam-search row (~3 minutes)
+
+Beam search (4 beams, batch 1, 128 new tokens, no end token, so both run every step) is one
+more row, timed the same way (a steady call, after a compile / warm-up call), lmjax's
+`generate(num_beams=4)` beside HF's `generate(num_beams=4)` on the same weights.
 
 Prints a JSON object and a Markdown table.
 """
@@ -118,6 +123,19 @@ def hf_generate(model, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray
     return out[:, prompts.shape[1]:].numpy(), seconds
 
 
+def hf_beam(model, prompts: np.ndarray, new_tokens: int, beams: int) -> tuple[np.ndarray, float]:
+    import torch
+
+    ids = torch.from_numpy(prompts.astype(np.int64))
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=new_tokens, num_beams=beams, pad_token_id=0,
+                             eos_token_id=None)
+        seconds = time.perf_counter() - start
+    return out[:, prompts.shape[1]:].numpy(), seconds
+
+
 # ------------------------------------------------------------------------------------- lmjax
 
 
@@ -129,10 +147,37 @@ def lmjax_generate(params, config, prompts: np.ndarray, new_tokens: int) -> tupl
     return tokens, time.perf_counter() - start
 
 
+def lmjax_beam(params, config, prompts: np.ndarray, new_tokens: int, beams: int
+               ) -> tuple[np.ndarray, float]:
+    sampling = sample_lib.SamplingConfig(max_new_tokens=new_tokens, num_beams=beams)
+    start = time.perf_counter()
+    tokens = np.asarray(sample_lib.generate(params, config, prompts, sampling).tokens)
+    return tokens, time.perf_counter() - start
+
+
+def beam_row(params, config, prompts: np.ndarray, hf_model, beams: int = 4,
+             new_tokens: int = 128) -> dict:
+    """Beam search, batch 1: lmjax's steady call (after the compiling one) beside HF's (after
+    a warm-up call)."""
+    lmjax_beam(params, config, prompts[:1], new_tokens, beams)
+    tokens, steady = lmjax_beam(params, config, prompts[:1], new_tokens, beams)
+    row = dict(kind=f"beam search, {beams} beams", batch=1, new_tokens=new_tokens,
+               lmjax_total_s=steady, lmjax_tokens_per_s=new_tokens / steady)
+    if hf_model is not None:
+        hf_beam(hf_model, prompts[:1], 8, beams)
+        hf_tokens, hf_seconds = hf_beam(hf_model, prompts[:1], new_tokens, beams)
+        agree = (tokens[0] == hf_tokens[0, :new_tokens])
+        row.update(hf_total_s=hf_seconds, hf_tokens_per_s=new_tokens / hf_seconds,
+                   speedup=hf_seconds / steady,
+                   beam_tokens_agree_first=int(new_tokens if agree.all() else np.argmin(agree)))
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 new tokens only")
     parser.add_argument("--no-hf", action="store_true", help="skip Hugging Face")
+    parser.add_argument("--beam-only", action="store_true", help="only the beam-search row")
     parser.add_argument("--hf-threads", type=int, default=0,
                         help="torch threads for HF (0: the faster of 1 and all cores)")
     args = parser.parse_args()
@@ -163,7 +208,7 @@ def main() -> None:
         sanity["hf_torch_threads"] = pick_torch_threads(hf_model, prompts[:1], args.hf_threads)
 
     results = []
-    for batch in batches:
+    for batch in [] if args.beam_only else batches:
         batch_prompts = prompts[:batch]
         # Prefill + first token alone (its own compile), to separate prefill from decode.
         lmjax_generate(params, config, batch_prompts, 1)
@@ -191,6 +236,9 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
 
+    beam = beam_row(params, config, prompts, hf_model)
+    print(json.dumps(beam), flush=True)
+
     report = dict(
         model="gpt2_124m (random f32 weights)", prompt_len=PROMPT_LEN,
         note="1024 new tokens do not fit after a 32-token prompt (max_len 1024): 992 is the "
@@ -199,7 +247,7 @@ def main() -> None:
         machine=platform.processor() or platform.machine(),
         load_average_before=load_before, load_average_after=os.getloadavg(),
         read_bandwidth_gb_s=bandwidth / 1e9, weight_mb_per_step=weight_bytes / 1e6,
-        bound_steps_per_s=steps_bound, **sanity, environment=env, results=results)
+        bound_steps_per_s=steps_bound, **sanity, environment=env, results=results, beam=beam)
     print(json.dumps(report, indent=2))
 
     print("\n" + _env.measured_with(env))
@@ -214,6 +262,13 @@ def main() -> None:
               f"{r['lmjax_ms_per_token']:.1f} | {r['lmjax_compile_s']:.1f} | {hf} | "
               f"{r['bound_tokens_per_s']:.1f} | "
               f"{r['lmjax_tokens_per_s'] / r['bound_tokens_per_s']:.0%} | {agree} |")
+    print("\n| decoding | batch | new tokens | lmjax s | lmjax tok/s | HF s | HF tok/s | speedup "
+          "| best beam agrees |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    hf = (f"{beam['hf_total_s']:.2f} | {beam['hf_tokens_per_s']:.1f} | {beam['speedup']:.2f}x | "
+          f"{beam['beam_tokens_agree_first']}" if "hf_total_s" in beam else "- | - | - | -")
+    print(f"| {beam['kind']} | 1 | {beam['new_tokens']} | {beam['lmjax_total_s']:.2f} | "
+          f"{beam['lmjax_tokens_per_s']:.1f} | {hf} |")
 
 
 if __name__ == "__main__":

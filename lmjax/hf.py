@@ -49,6 +49,7 @@ _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # all the tanh appr
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_FILE = "pytorch_model.bin"
@@ -369,6 +370,29 @@ def read_hf_config(folder: str) -> dict:
         raise FileNotFoundError(
             f"{folder!r} is not a Hugging Face model folder: it has no {CONFIG_FILE}")
     return _read_json(path)
+
+
+# GenerationConfig fields that lmjax's SamplingConfig reads (logits_process.hf_generation_fields).
+GENERATION_FIELDS = (
+    "bos_token_id", "eos_token_id", "pad_token_id", "do_sample", "temperature", "top_k", "top_p",
+    "max_new_tokens", "max_length", "min_new_tokens", "min_length", "num_beams",
+    "length_penalty", "early_stopping", "num_return_sequences", "repetition_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "stop_strings")
+
+
+def generation_defaults(folder: str) -> dict:
+    """The generation defaults of a Hugging Face model folder, as `GenerationConfig` fields:
+    the bos/eos/pad token ids of config.json, overridden by generation_config.json's fields
+    (those in GENERATION_FIELDS that are set). `SamplingConfig.from_hf` turns them into lmjax's.
+    """
+    hf = read_hf_config(folder)
+    defaults = {name: hf[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+                if hf.get(name) is not None}
+    path = os.path.join(folder, GENERATION_CONFIG_FILE)
+    if os.path.isfile(path):
+        defaults.update({name: value for name, value in _read_json(path).items()
+                         if name in GENERATION_FIELDS and value is not None})
+    return defaults
 
 
 class _Checkpoint:

@@ -386,7 +386,8 @@ class Transformer(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxL: jax.Array, positions_BxL: jax.Array | None = None,
                  kv_cache: KVCache | None = None, cache_index: int | jax.Array = 0,
-                 deterministic: bool = True, segment_ids_BxL: jax.Array | None = None):
+                 deterministic: bool = True, segment_ids_BxL: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None):
         """Returns `logits_BxLxV` (f32), or `(logits_BxLxV, kv_cache)` when a cache is passed.
 
         positions_BxL: position of each token in its own sequence (default 0..L-1; with
@@ -403,9 +404,20 @@ class Transformer(nn.Module):
           cache_index + L - 1, and a token at slot s with position p attends to slots s - p .. s
           (so rows of different lengths are left-padded; see the KVCache note above).
         deterministic: False turns dropout on (needs `rngs={'dropout': key}`).
+        attention_mask: [B, L], Hugging Face's: 1 for tokens, 0 for padding (left, right or
+          both; no cache). The tokens of a row are one sequence (segment id 1, padding 0) at
+          positions cumsum(mask) - 1 unless positions are given: the logits at the tokens are
+          Hugging Face's with the same mask and position_ids (those at padding are meaningless).
         """
         cfg = self.config
         B, L = tokens_BxL.shape
+        if attention_mask is not None:
+            if segment_ids_BxL is not None or kv_cache is not None:
+                raise ValueError("attention_mask is for full forward passes without "
+                                 "segment_ids_BxL or a kv_cache")
+            segment_ids_BxL = (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
+            if positions_BxL is None:
+                positions_BxL = jnp.maximum(jnp.cumsum(segment_ids_BxL, axis=1) - 1, 0)
         if segment_ids_BxL is not None and kv_cache is not None:
             raise ValueError("segment_ids_BxL is for full forward passes, not with a kv_cache "
                              "(left-pad the rows and give positions instead)")

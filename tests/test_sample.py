@@ -452,6 +452,17 @@ BAD_CONFIGS = [
     (dict(num_beams=0), "num_beams"),
     (dict(num_beams=2, top_k=5), "num_beams"),
     (dict(eos_ids=(-1,)), "eos_ids"),
+    (dict(early_stopping="sometimes"), "early_stopping"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(greedy=True, num_return_sequences=2), "num_return_sequences"),
+    (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+    (dict(min_new_tokens=-2), "min_new_tokens"),
+    (dict(max_length=1), "max_length"),
+    (dict(bad_words_ids=[[]]), "bad_words_ids"),
+    (dict(stop_sequences=[[1, -3]]), "stop_sequences"),
+    (dict(stop=[""]), "stop"),
+    (dict(seed=-1), "seed"),
 ]
 
 
@@ -489,3 +500,127 @@ def test_sampling_config_is_hashable_and_normalises_eos():
     assert a.eos_ids == (3, 4) and hash(a) == hash(SamplingConfig(8, eos_ids=(3, 4)))
     assert SamplingConfig(8, eos_ids=5).eos_ids == (5,)
     assert dataclasses.replace(a, greedy=True).is_greedy
+
+
+# ----------------------------------------------------------------------- HF generate's options
+# (token-for-token parity with transformers: tests/test_generate_hf.py)
+
+
+def test_max_length_min_length_and_precedence(models):
+    """max_length counts the longest prompt (max_new_tokens wins when both are given);
+    min_length becomes min_new_tokens = min_length - longest prompt."""
+    cfg, params = models["rope_gqa"]
+    prompts = [[5, 3, 9, 4], [1, 2]]
+    by_length = sample_lib.generate(params, cfg, prompts, SamplingConfig(greedy=True,
+                                                                         max_length=10))
+    assert by_length.tokens.shape == (2, 6)
+    both = sample_lib.generate(params, cfg, prompts, SamplingConfig(3, greedy=True, max_length=10))
+    assert both.tokens.shape == (2, 3)
+    fitted = SamplingConfig(max_length=20, min_length=9, eos_ids=(1,)).fitted(4, cfg.max_len)
+    assert (fitted.max_new_tokens, fitted.min_new_tokens, fitted.min_length) == (16, 5, 0)
+    with pytest.raises(ValueError, match="sampling.max_length=4 leaves no new token"):
+        sample_lib.generate(params, cfg, prompts, SamplingConfig(max_length=4))
+
+
+def test_min_new_tokens_forbids_end_tokens(models):
+    cfg, params = models["rope_gqa"]
+    free = sample_lib.generate(params, cfg, PROMPTS, SamplingConfig(16, greedy=True))
+    eos = tuple(sorted({int(t) for t in np.asarray(free.tokens[:, 1])}))  # every row ends at 1
+    ended = sample_lib.generate(params, cfg, PROMPTS, SamplingConfig(16, greedy=True, eos_ids=eos))
+    assert (np.asarray(ended.lengths) <= 2).all()
+    late = sample_lib.generate(params, cfg, PROMPTS, SamplingConfig(16, greedy=True, eos_ids=eos,
+                                                                    min_new_tokens=5))
+    tokens, lengths = np.asarray(late.tokens), np.asarray(late.lengths)
+    for b in range(len(PROMPTS)):
+        assert not set(tokens[b, :5].tolist()) & set(eos)
+        assert lengths[b] == 16 or (lengths[b] >= 6 and tokens[b, lengths[b] - 1] in eos)
+
+
+def test_num_return_sequences_and_seed(models):
+    """R samples per prompt are rows b * R + r, the rows of the prompts repeated R times;
+    sampling.seed replaces rng and does not cause a new compile."""
+    cfg, params = models["rope_gqa"]
+    prompts = [[5, 3, 9], [1, 2]]
+    sampling = SamplingConfig(10, temperature=1.5, num_return_sequences=3)
+    out = sample_lib.generate(params, cfg, prompts, sampling, rng=4)
+    assert out.tokens.shape == (6, 10)
+    repeated = [p for p in prompts for _ in range(3)]
+    same = sample_lib.generate(params, cfg, repeated,
+                               dataclasses.replace(sampling, num_return_sequences=1), rng=4)
+    np.testing.assert_array_equal(out.tokens, same.tokens)
+    assert len({tuple(r) for r in np.asarray(out.tokens[:3]).tolist()}) > 1
+    before = sample_lib._sample_jit._cache_size()
+    seeded = sample_lib.generate(params, cfg, prompts, dataclasses.replace(sampling, seed=4),
+                                 rng=99)
+    np.testing.assert_array_equal(seeded.tokens, out.tokens)
+    sample_lib.generate(params, cfg, prompts, dataclasses.replace(sampling, seed=5))
+    assert sample_lib._sample_jit._cache_size() == before
+
+
+def test_stop_sequences_end_rows_inside_the_loop(models):
+    cfg, params = models["rope_gqa"]
+    free = np.asarray(sample_lib.generate(params, cfg, PROMPTS, SamplingConfig(24,
+                                                                               greedy=True)).tokens)
+    stop = tuple(int(t) for t in free[0, 4:6])  # row 0 emits it at steps 4-5
+    out = sample_lib.generate(params, cfg, PROMPTS, SamplingConfig(24, greedy=True, pad_id=-1,
+                                                                   stop_sequences=(stop,)))
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    for b in range(len(PROMPTS)):
+        row = free[b].tolist()
+        first = next((i + 2 for i in range(23) if tuple(row[i:i + 2]) == stop), 24)
+        assert lengths[b] == first and tokens[b, :first].tolist() == row[:first]
+        assert (tokens[b, first:] == -1).all()
+    assert lengths[0] == 6
+
+
+class Chars:
+    """A character tokenizer over ids 3.. (1 = bos, 2 = eos), as lmjax's char tokenizer."""
+    bos_id, eos_id = 1, 2
+
+    def encode(self, text):
+        return [ord(c) - 90 for c in text]
+
+    def decode(self, ids):  # one character per id (end tokens are dropped by sample_text)
+        return "".join(chr(i + 90) for i in ids)
+
+
+def test_stop_strings_cut_the_text_and_end_the_loop(models):
+    cfg, params = models["rope_gqa"]  # vocab 256
+    tokenizer = Chars()
+    sampling = SamplingConfig(30, greedy=True)
+    [free] = sample_lib.sample_text(params, cfg, tokenizer, ["hello"], sampling)
+    assert len(free) >= 8
+    stop = free[6:8]
+    [text] = sample_lib.sample_text(params, cfg, tokenizer, ["hello"],
+                                    dataclasses.replace(sampling, stop=(stop, "nevernever")))
+    assert text == free[:free.index(stop)] and stop not in text
+    with pytest.raises(ValueError, match="sampling.stop"):
+        sample_lib.generate(params, cfg, [[5]], dataclasses.replace(sampling, stop=(stop,)))
+    # The loop itself ended on the stop string's tokens.
+    ids = tokenizer.encode(stop)
+    out = sample_lib.generate(params, cfg, [tokenizer.encode("hello")],
+                              dataclasses.replace(sampling, stop_sequences=(ids,)))
+    assert int(out.lengths[0]) == free.index(stop) + len(stop) < 30
+
+
+def test_bad_words_are_never_completed(models):
+    cfg, params = models["rope_gqa"]
+    free = np.asarray(sample_lib.generate(params, cfg, PROMPTS, SamplingConfig(16,
+                                                                               greedy=True)).tokens)
+    single, pair = int(free[0, 0]), tuple(int(t) for t in free[1, 2:4])
+    out = np.asarray(sample_lib.generate(params, cfg, PROMPTS, SamplingConfig(
+        16, greedy=True, bad_words_ids=((single,), pair))).tokens)
+    assert single not in out
+    for row, prompt in zip(out.tolist(), PROMPTS):
+        text = prompt + row
+        assert all(tuple(text[i:i + 2]) != pair for i in range(len(prompt) - 1, len(text) - 1))
+
+
+def test_no_repeat_ngram_beam_search_repeats_no_trigram(models):
+    cfg, params = models["learned_mha"]
+    out = sample_lib.generate(params, cfg, PROMPTS[:2], SamplingConfig(
+        20, num_beams=3, no_repeat_ngram_size=3))
+    for row, prompt in zip(np.asarray(out.tokens).tolist(), PROMPTS[:2]):
+        text = prompt + row
+        trigrams = [tuple(text[i:i + 3]) for i in range(len(text) - 2)]
+        assert len(trigrams) == len(set(trigrams))

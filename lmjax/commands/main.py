@@ -2,6 +2,7 @@
 
     lmjax train  --config=shakespeare_char:demo --workdir=workdirs/demo
     lmjax sample --workdir=workdirs/demo --prompt="ROMEO."
+    lmjax eval   --workdir=workdirs/demo --task=perplexity --data=val
     lmjax configs                                   # the shipped configs
 
 Only the chosen subcommand's module is imported, so each defines its own absl flags.
@@ -17,6 +18,7 @@ USAGE = """usage: lmjax COMMAND [--flags]   (lmjax COMMAND --help for its flags)
 commands:
   train    train a model: lmjax train --config=NAME[:ARG] --workdir=DIR [--config.x.y=v ...]
   sample   sample from a run or a Hugging Face folder: lmjax sample --workdir=DIR --prompt=...
+  eval     evaluate a run or a Hugging Face folder: lmjax eval --workdir=DIR --task=... --data=...
   configs  list the shipped configs (named in --config=NAME[:ARG])
   version  print lmjax's version
 """
@@ -33,6 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "sample":
         from lmjax.commands import sample
         sample.run(rest)
+    elif command == "eval":
+        from lmjax.commands import evaluate
+        evaluate.run(rest)
     elif command == "configs":
         from lmjax import configs
         for name, doc in configs.describe().items():

@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
+import lm_eval.models  # noqa: F401 - lm_eval's own models first: it loads them only into an
+import numpy as np     # empty registry, and `lmjax` would otherwise be its only model
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model

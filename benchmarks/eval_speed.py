@@ -117,7 +117,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         write_model(tmp, text, SHAPES[shape_name])
         tasks, docs = write_tasks(tmp, lines)
-        manager = TaskManager(include_path=tmp)
+        manager = TaskManager(include_path=tmp, include_defaults=False)
         backends = {"hf": get_model("hf")(pretrained=tmp, dtype="float32", batch_size=8,
                                           device="cpu"),
                     "lmjax": LmjaxLM(hf_model=tmp, batch_size=8)}

@@ -126,9 +126,10 @@ class LmjaxLM(TemplateLM):
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None)
         until = [until] if isinstance(until, str) else list(until or [])
-        max_new = int(next((kwargs.pop(k) for k in ("max_gen_toks", "max_new_tokens",
-                                                     "max_tokens") if k in kwargs),
-                           self.max_gen_toks))
+        # lm_eval's aliases, first given first (normalize_gen_kwargs' order).
+        lengths = [kwargs.pop(k) for k in ("max_gen_toks", "max_new_tokens", "max_tokens")
+                   if k in kwargs]
+        max_new = int(lengths[0] if lengths else self.max_gen_toks)
         do_sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0))
         greedy = not do_sample or temperature == 0.0
@@ -136,6 +137,10 @@ class LmjaxLM(TemplateLM):
             max_new_tokens=max_new, greedy=greedy, temperature=0.0 if greedy else temperature,
             top_k=int(kwargs.pop("top_k", 0) or 0), top_p=float(kwargs.pop("top_p", 1.0)),
             eos_ids=(self.eot_token_id,))
+        if kwargs:
+            raise ValueError(f"generation_kwargs {sorted(kwargs)} are not supported by lmjax's "
+                             "model; it takes until, max_gen_toks (or max_new_tokens), "
+                             "do_sample, temperature, top_k and top_p")
         return sampling, until
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:

@@ -80,7 +80,7 @@ def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
         if not config or "data" not in config:
             raise app.UsageError(f"--data=val: {workdir} has no saved config; give text files")
         docs = data.load_texts(ml_collections.ConfigDict(config["data"]))[1]
-    if spec.startswith("tfds:"):
+    elif spec.startswith("tfds:"):
         parts = spec.split(":")
         if len(parts) not in (3, 4):
             raise app.UsageError(f"--data={spec}: expected tfds:NAME:SPLIT[:TEXT_KEY]")

@@ -225,3 +225,22 @@ def test_eval_command_json_markdown_and_tensorboard(gpt2, pigs_text, tmp_path):
     done = run_eval([f"--hf_model={folder}", "--task=generate", f"--data={predictions}",
                      "--top_p=2"])
     assert done.returncode != 0 and "sampling.top_p=2.0 must be in (0, 1]" in done.stderr
+
+
+def test_generate_texts_greedy_equals_torch_and_cuts_at_stop(gpt2):
+    from lmjax import sample
+    _, torch_model, params, model_config, tokenizer = gpt2
+    prompts = ["3 little pigs", "12 little"]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = torch_model.generate(ids, max_new_tokens=10, do_sample=False,
+                                       attention_mask=torch.ones_like(ids), eos_token_id=None,
+                                       pad_token_id=0)
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    stop = expected[0][4:6]
+    texts = evaluate.generate_texts(params, model_config, tokenizer, prompts,
+                                    sample.SamplingConfig(max_new_tokens=10, greedy=True),
+                                    stop=[stop])
+    assert texts == [e.split(stop)[0] for e in expected] and len(texts[0]) == 4

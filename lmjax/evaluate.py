@@ -66,8 +66,15 @@ def _max_len(model_config: ModelConfig, max_len: int | None) -> int:
 def _sequence_logprobs(params, inputs_BxL, targets_BxL, *, model_config):
     """log p(target | inputs up to it) and whether it is the argmax, for every position."""
     logits_BxLxV = Transformer(model_config).apply({"params": params}, inputs_BxL)
-    logprobs_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    logprobs_BxL = jnp.take_along_axis(logprobs_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return _target_logprobs(logits_BxLxV, targets_BxL)
+
+
+def _target_logprobs(logits_BxLxV, targets_BxL):
+    """log_softmax(logits)[target] as logit[target] - logsumexp(logits) (no [B, L, V]
+    log-probabilities written out), and whether the target is the argmax."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    target_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    logprobs_BxL = target_BxL - jax.nn.logsumexp(logits_BxLxV, axis=-1)
     return logprobs_BxL, logits_BxLxV.argmax(-1) == targets_BxL
 
 
@@ -149,9 +156,7 @@ def _choice_logprobs(params, context_BxP, context_len_B, choices_BxNxS, *, model
                                   kv_cache=cache, cache_index=P)
     first_Cx1xV = jnp.repeat(logits_BxPxV[:, -1:], N, axis=0)
     predict_CxSxV = jnp.concatenate([first_Cx1xV, logits_CxSxV[:, :-1]], axis=1)
-    logprobs_CxSxV = jax.nn.log_softmax(predict_CxSxV.astype(jnp.float32), axis=-1)
-    logprobs_CxS = jnp.take_along_axis(logprobs_CxSxV, tokens_CxS[..., None], axis=-1)[..., 0]
-    greedy_CxS = predict_CxSxV.argmax(-1) == tokens_CxS
+    logprobs_CxS, greedy_CxS = _target_logprobs(predict_CxSxV, tokens_CxS)
     return logprobs_CxS.reshape(B, N, S), greedy_CxS.reshape(B, N, S)
 
 

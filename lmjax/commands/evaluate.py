@@ -1,0 +1,212 @@
+r"""`lmjax eval`: perplexity, multiple choice and generation metrics of a run or a Hugging Face folder.
+
+  lmjax eval --workdir=workdirs/demo --task=perplexity --data=val
+  lmjax eval --hf_model=models/gpt2 --task=perplexity --data=wiki.test.txt --stride=512
+  lmjax eval --workdir=W --task=multiple_choice --data=questions.jsonl
+  lmjax eval --workdir=workdirs/demo --task=next_line --data=val --limit=200
+  lmjax eval --workdir=W --task=generate --data=prompts.jsonl --greedy --stop="\n"
+  lmjax eval --task=generate --data=predictions.jsonl     # scores given predictions, no model
+
+--data: perplexity and next_line: text files (comma-separated globs; each file one document),
+`val` (the workdir's validation documents, from its saved config) or
+`tfds:NAME:SPLIT[:TEXT_KEY]`; multiple_choice: JSONL of {"context", "choices", "label"};
+generate: JSONL of {"prompt", "reference"} (a string or a list of strings), or of
+{"prediction", "reference"}. next_line is a toy 4-way multiple choice made from text: after 3
+lines, the true next line or 3 other lines of the same document (`evaluate.next_line_docs`).
+--limit takes the first N documents (next_line: makes N questions); --max_chars cuts each text
+document to its first N characters.
+Prints a Markdown table and the JSON result (model, data, settings, lmjax version) and writes
+it to --output; --tensorboard_dir adds the metrics as TensorBoard scalars `eval/TASK/METRIC`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import sys
+import time
+
+import ml_collections
+from absl import app, flags
+
+import lmjax
+from lmjax import checkpoint, data, evaluate, hf, sample
+from lmjax.commands import common
+
+TASKS = ("perplexity", "multiple_choice", "next_line", "generate")
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder or params export.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+_HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
+_TASK = flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
+_DATA = flags.DEFINE_string("data", None, "The documents (see the module docstring).")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Perplexity window (default model.max_len).")
+_STRIDE = flags.DEFINE_integer("stride", None, "Perplexity stride (default max_len // 2).")
+_PREFIX = flags.DEFINE_bool("prefix", True, "Perplexity: start documents with bos/eos.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows, questions or prompts per batch.")
+_LIMIT = flags.DEFINE_integer("limit", None, "Only the first N documents (next_line: N questions).")
+_MAX_CHARS = flags.DEFINE_integer("max_chars", None, "Cut each text document to N characters.")
+_DELIMITER = flags.DEFINE_string("target_delimiter", " ", "multiple_choice: before each choice.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to generate.")
+_GREEDY = flags.DEFINE_bool("greedy", False, "generate: greedy decoding.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "generate: softmax temperature.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "generate: keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus mass in (0, 1] (1 = off).")
+_NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "generate: beam search with this many beams.")
+_STOP = flags.DEFINE_multi_string("stop", [], "generate: cut the text at this string.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: random seed.")
+_OUTPUT = flags.DEFINE_string("output", None, "Write the JSON result to this file.")
+_TENSORBOARD_DIR = flags.DEFINE_string("tensorboard_dir", None, "Also write TensorBoard scalars.")
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The JSON objects of a JSONL file, one per non-empty line (the first --limit)."""
+    with open(path, encoding="utf-8") as f:
+        docs = [json.loads(line) for line in f if line.strip()]
+    if not docs or not all(isinstance(d, dict) for d in docs):
+        raise app.UsageError(f"--data={path}: needs one JSON object per line")
+    return docs[:_LIMIT.value]
+
+
+def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
+    """Perplexity documents of --data (see the module docstring)."""
+    if spec == "val":
+        if workdir is None:
+            raise app.UsageError("--data=val reads the validation split of --workdir's config")
+        config = checkpoint.read_checkpoint_info(workdir, step).get("config")
+        if not config or "data" not in config:
+            raise app.UsageError(f"--data=val: {workdir} has no saved config; give text files")
+        docs = data.load_texts(ml_collections.ConfigDict(config["data"]))[1]
+    elif spec.startswith("tfds:"):
+        parts = spec.split(":")
+        if len(parts) not in (3, 4):
+            raise app.UsageError(f"--data={spec}: expected tfds:NAME:SPLIT[:TEXT_KEY]")
+        docs = data.load_tfds_split(parts[1], parts[2], *(parts[3:] or ["text"]))
+    else:
+        docs = []
+        for pattern in spec.split(","):
+            paths = sorted(glob.glob(pattern))
+            if not paths:
+                raise app.UsageError(f"--data: no file matches {pattern!r}")
+            for path in paths:
+                with open(path, encoding="utf-8") as f:
+                    docs.append(f.read())
+    return [d[:_MAX_CHARS.value] for d in docs]
+
+
+def load_model():
+    """(params, model_config, tokenizer, description) of --workdir or --hf_model."""
+    if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
+        raise app.UsageError("give exactly one of --workdir and --hf_model")
+    if _HF_MODEL.value:
+        model_config, params, tokenizer = hf.load_hf(_HF_MODEL.value, _DTYPE.value)
+        if tokenizer is None:
+            raise app.UsageError(f"{_HF_MODEL.value} has no tokenizer.json or tokenizer.model")
+        source = {"hf_model": os.path.abspath(_HF_MODEL.value), "dtype": _DTYPE.value}
+    else:
+        params, model_config, tokenizer = checkpoint.load_params(_WORKDIR.value, step=_STEP.value)
+        source = {"workdir": os.path.abspath(_WORKDIR.value),
+                  "step_dir": checkpoint.resolve_step_dir(_WORKDIR.value, _STEP.value)}
+    return params, model_config, tokenizer, {
+        **source, "model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.kind}
+
+
+def sampling_config() -> sample.SamplingConfig:
+    return sample.SamplingConfig(
+        max_new_tokens=_MAX_NEW_TOKENS.value, greedy=_GREEDY.value,
+        temperature=0.0 if _GREEDY.value else _TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, num_beams=_NUM_BEAMS.value)
+
+
+def markdown_table(result: dict) -> str:
+    """| metric | value | rows of the numeric results."""
+    rows = [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in result["results"].items() if isinstance(v, (int, float))]
+    return "\n".join([f"| {result['task']} | |", "|---|---|", *rows])
+
+
+def write_tensorboard(directory: str, result: dict, step: int) -> None:
+    from tensorboardX import SummaryWriter
+
+    with SummaryWriter(directory) as writer:
+        for key, value in result["results"].items():
+            if isinstance(value, float):
+                writer.add_scalar(f"eval/{result['task']}/{key}", value, step)
+
+
+def evaluate_task(task: str, spec: str) -> tuple[dict, dict, dict]:
+    """(results, model description, settings) of one --task on --data."""
+    settings = {"batch_size": _BATCH_SIZE.value}
+    if task == "generate":
+        docs = read_jsonl(spec)
+        if all("prediction" in d for d in docs):  # given predictions: no model
+            references = [d.get("reference", d.get("references")) for d in docs]
+            return (evaluate.generation_metrics([d["prediction"] for d in docs], references),
+                    {"predictions": spec}, {})
+    params, model_config, tokenizer, model = load_model()
+    if task == "perplexity":
+        settings.update(max_len=_MAX_LEN.value, stride=_STRIDE.value, prefix=_PREFIX.value,
+                        limit=_LIMIT.value, max_chars=_MAX_CHARS.value)
+        texts = read_texts(spec, _WORKDIR.value, _STEP.value)[:_LIMIT.value]
+        results = evaluate.text_perplexity(params, model_config, tokenizer, texts,
+                                           _MAX_LEN.value, _STRIDE.value, _BATCH_SIZE.value,
+                                           _PREFIX.value)
+    elif task == "next_line":
+        settings.update(questions=_LIMIT.value or 100, max_chars=_MAX_CHARS.value, seed=_SEED.value,
+                        target_delimiter="")
+        docs = evaluate.next_line_docs(read_texts(spec, _WORKDIR.value, _STEP.value),
+                                       _LIMIT.value or 100, seed=_SEED.value)
+        results = evaluate.multiple_choice(params, model_config, tokenizer, docs, "",
+                                           _BATCH_SIZE.value)
+    elif task == "multiple_choice":
+        settings["target_delimiter"] = _DELIMITER.value
+        results = evaluate.multiple_choice(params, model_config, tokenizer, read_jsonl(spec),
+                                           _DELIMITER.value, _BATCH_SIZE.value)
+    else:
+        sampling = sampling_config()
+        settings.update(sampling=dataclasses.asdict(sampling), stop=_STOP.value,
+                        seed=_SEED.value)
+        missing = [i for i, d in enumerate(docs) if "prompt" not in d]
+        if missing:
+            raise app.UsageError(f"--data={spec}: line {missing[0] + 1} has no 'prompt' "
+                                 "(or give every line a 'prediction')")
+        predictions = evaluate.generate_texts(params, model_config, tokenizer,
+                                              [d["prompt"] for d in docs], sampling, _STOP.value,
+                                              _SEED.value, _BATCH_SIZE.value)
+        results = evaluate.generation_metrics(
+            predictions, [d.get("reference", d.get("references")) for d in docs])
+        results["samples"] = predictions[:5]
+    return results, model, settings
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if _TASK.value is None or _DATA.value is None:
+        raise app.UsageError(f"give --task (one of {', '.join(TASKS)}) and --data")
+    if _TASK.value == "generate":
+        sampling_config()  # validated before anything is loaded
+    common.setup_logging()
+    start = time.time()
+    results, model, settings = evaluate_task(_TASK.value, _DATA.value)
+    data_files = [p for p in _DATA.value.split(",") if os.path.isfile(p)]
+    result = {
+        "lmjax_version": lmjax.__version__, "task": _TASK.value, "model": model,
+        "data": {"spec": _DATA.value, "sha256": {p: hashlib.sha256(open(p, "rb").read())
+                                                  .hexdigest() for p in data_files}},
+        "settings": settings, "results": results, "seconds": round(time.time() - start, 3)}
+    print(markdown_table(result))
+    print(json.dumps(result, indent=1, default=str))
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1, default=str)
+    if _TENSORBOARD_DIR.value:
+        write_tensorboard(_TENSORBOARD_DIR.value, result, _STEP.value or 0)
+
+
+def run(argv: list[str] | None = None) -> None:
+    """`app.run(main)`: the `lmjax eval` command."""
+    common.run(main, sys.argv if argv is None else argv)

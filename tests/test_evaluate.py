@@ -1,0 +1,246 @@
+"""lmjax/evaluate.py against PyTorch (transformers' GPT-2 on the same weights), sacrebleu and
+rouge-score, and the `lmjax eval` command."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_random_gpt2
+from lmjax import evaluate, hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory, pigs_text):
+    """(folder, torch model, lmjax params, config, tokenizer) of one random GPT-2."""
+    folder = str(tmp_path_factory.mktemp("gpt2"))
+    torch_model = write_random_gpt2(folder, pigs_text, vocab_size=300, n_positions=MAX_LEN)
+    model_config, params, tokenizer = hf.load_hf(folder)
+    return folder, torch_model, params, model_config, tokenizer
+
+
+def torch_logprobs(model, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1, by the PyTorch model on one sequence."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()
+    return torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def hf_recipe_nll(model, ids, max_len, stride):
+    """Hugging Face's "Perplexity of fixed-length models" loop, as its documentation writes it
+    (with the token count fixed): (summed NLL, tokens scored)."""
+    input_ids, nll_sum, n_tokens, prev_end = torch.tensor([ids]), 0.0, 0, 0
+    for begin in range(0, len(ids), stride):
+        end = min(begin + max_len, len(ids))
+        trg_len = end - prev_end
+        window = input_ids[:, begin:end]
+        target = window.clone()
+        target[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(window, labels=target).loss.double()
+        # The labels are shifted inside: the loss averages the valid labels of target[:, 1:].
+        # (HF's page counts valid - 1 for every window, one too few after the first.)
+        num_loss_tokens = (target[:, 1:] != -100).sum().item()
+        nll_sum += loss.item() * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end = end
+        if end == len(ids):
+            break
+    return nll_sum, n_tokens
+
+
+@pytest.mark.parametrize("stride", [16, 40])
+def test_sliding_window_perplexity_matches_hf_recipe_in_torch(gpt2, pigs_text, stride):
+    _, torch_model, params, model_config, tokenizer = gpt2
+    texts = [pigs_text[:900], pigs_text[2000:2400]]
+    docs = [tokenizer.encode(t) for t in texts]
+    assert len(docs[0]) > 3 * MAX_LEN  # several windows
+    result = evaluate.perplexity(params, model_config, docs, texts, MAX_LEN, stride,
+                                 batch_size=4)
+    nlls, counts = zip(*[hf_recipe_nll(torch_model, d, MAX_LEN, stride) for d in docs])
+    assert result["tokens"] == sum(counts) == sum(len(d) - 1 for d in docs)  # each token once
+    np.testing.assert_allclose(-result["loglikelihood"], sum(nlls), rtol=1e-5)
+    np.testing.assert_allclose(result["token_perplexity"], math.exp(sum(nlls) / sum(counts)),
+                               rtol=1e-5)
+    # lm-evaluation-harness's word and byte normalisations.
+    words = sum(len(t.split()) for t in texts)  # no leading/trailing whitespace in these texts
+    num_bytes = sum(len(t.encode()) for t in texts)
+    assert (result["words"], result["bytes"]) == (words, num_bytes)
+    np.testing.assert_allclose(result["bits_per_byte"], sum(nlls) / num_bytes / math.log(2),
+                               rtol=1e-5)
+    np.testing.assert_allclose(result["word_perplexity"], math.exp(sum(nlls) / words),
+                               rtol=1e-5)
+
+
+def test_stride_equal_to_max_len_is_disjoint_windows(gpt2, pigs_text):
+    _, torch_model, params, model_config, tokenizer = gpt2
+    ids = tokenizer.encode(pigs_text[:1000])
+    result = evaluate.perplexity(params, model_config, [ids], max_len=MAX_LEN, stride=MAX_LEN,
+                                 prefix_id=0)
+    ids = [0] + ids
+    chunks = [ids[i:i + MAX_LEN] for i in range(0, len(ids), MAX_LEN)]
+    expected = sum(torch_logprobs(torch_model, c).sum().item() for c in chunks if len(c) > 1)
+    assert result["tokens"] == sum(len(c) - 1 for c in chunks)
+    np.testing.assert_allclose(result["loglikelihood"], expected, rtol=1e-5)
+    # A prefix token means every token of the document is scored (with a stride < max_len).
+    assert evaluate.perplexity(params, model_config, [ids[1:]], max_len=MAX_LEN, stride=32,
+                               prefix_id=0)["tokens"] == len(ids) - 1
+
+
+def test_choices_from_a_shared_cache_equal_full_sequences_and_torch(gpt2):
+    _, torch_model, params, model_config, _ = gpt2
+    rng = np.random.default_rng(0)
+    groups = []
+    for context_len in (1, 5, 17, 40):
+        context = rng.integers(1, 300, context_len).tolist()
+        groups.append((context, [rng.integers(1, 300, n).tolist() for n in (1, 3, 9, 2)]))
+    # One continuation that the model produces greedily (argmax by PyTorch, token by token).
+    greedy = list(groups[2][0])
+    for _ in range(3):
+        with torch.no_grad():
+            greedy.append(int(torch_model(torch.tensor([greedy])).logits[0, -1].argmax()))
+    groups[2][1][3] = greedy[-3:]
+    cached = evaluate.score_choices(params, model_config, groups, batch_size=4)
+    full = evaluate.score_sequences(params, model_config,
+                                    [(c, x) for c, conts in groups for x in conts], batch_size=16)
+    for (context, conts), scores in zip(groups, cached):
+        for cont, (ll, _) in zip(conts, scores):
+            logprobs = torch_logprobs(torch_model, context + cont)[-len(cont):]
+            np.testing.assert_allclose(ll, logprobs.sum().item(), rtol=1e-5)
+    np.testing.assert_allclose([s[0] for g in cached for s in g], [s[0] for s in full],
+                               rtol=1e-5)
+    assert [s[1] for g in cached for s in g] == [s[1] for s in full]
+    assert cached[2][3][1] and not cached[2][2][1]  # greedy: the argmax at every position
+
+
+def test_encode_pair_boundaries_as_lm_eval(gpt2):
+    tokenizer = gpt2[4]
+    enc = tokenizer.encode
+    # A trailing space moves into the continuation: " went" is one BPE token of the corpus.
+    context, cont = evaluate.encode_pair(enc, "3 little pigs ", "went")
+    assert context == enc("3 little pigs") and cont == enc("3 little pigs went")[len(context):]
+    assert cont == enc(" went")
+    # Several trailing spaces (and a newline) move too.
+    context, cont = evaluate.encode_pair(enc, "pigs \n ", "went")
+    assert context == enc("pigs") and tokenizer.decode(cont) == " \n went"
+    # An empty context becomes the prefix token, unless the continuation starts with it.
+    assert evaluate.encode_pair(enc, "", " went", prefix_id=0) == ([0], enc(" went"))
+    assert evaluate.encode_pair(lambda s: [0] + enc(s), "", " went", prefix_id=0) == \
+        ([0], enc(" went"))
+    with pytest.raises(ValueError, match="prefix token"):
+        evaluate.encode_pair(enc, "", " went", prefix_id=None)
+    # A continuation never comes out empty.
+    with pytest.raises(ValueError, match="nothing to score"):
+        evaluate.encode_pair(enc, "3 little", "")
+    # (A context's trailing space alone is a continuation.)
+    assert tokenizer.decode(evaluate.encode_pair(enc, "3 little ", "")[1]) == " "
+    with pytest.raises(ValueError, match="merges the continuation into the context"):
+        evaluate.encode_pair(lambda s: [1] if s.startswith("ab") else [2, 3], "ab", "c")
+
+
+def test_multiple_choice_accuracy_against_torch(gpt2, pigs_text):
+    _, torch_model, params, model_config, tokenizer = gpt2
+    lines = pigs_text.splitlines()
+    docs = [{"context": lines[i], "choices": [lines[i + 1], lines[i + 7], "pigs", "market"],
+             "label": i % 4} for i in range(0, 40, 5)]
+    result = evaluate.multiple_choice(params, model_config, tokenizer,
+                                      [dict(d) for d in docs], target_delimiter="\n")
+    correct = correct_norm = 0
+    for doc in docs:
+        lls = []
+        for choice in doc["choices"]:
+            context, cont = evaluate.encode_pair(tokenizer.encode, doc["context"], "\n" + choice)
+            lls.append(torch_logprobs(torch_model, context + cont)[-len(cont):].sum().item())
+        correct += int(np.argmax(lls)) == doc["label"]
+        correct_norm += int(np.argmax(np.array(lls) / [len(c) for c in doc["choices"]])) == \
+            doc["label"]
+    assert result["acc"] == correct / len(docs)
+    assert result["acc_norm"] == correct_norm / len(docs)
+    with pytest.raises(ValueError, match="'label'=4 must be an index into its 4 choices"):
+        evaluate.multiple_choice(params, model_config, tokenizer, [{**docs[0], "label": 4}])
+
+
+def test_generation_metrics_are_sacrebleu_and_rouge_score():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    predictions = ["the cat sat on the mat", "a dog ran in the park today"]
+    references = ["the cat sat on the mat", ["the dog ran in a park", "a dog runs in the park"]]
+    result = evaluate.generation_metrics(predictions, references)
+    streams = [["the cat sat on the mat", "the dog ran in a park"],
+               [None, "a dog runs in the park"]]
+    assert result["bleu"] == sacrebleu.corpus_bleu(predictions, streams).score
+    assert result["chrf"] == sacrebleu.corpus_chrf(predictions, streams).score
+    assert result["bleu_signature"].startswith("nrefs:var|case:mixed|eff:no|tok:13a")
+    # ROUGE-1 by hand (lower-cased words, Porter-stemmed: "runs" -> "run", "ran" stays): the
+    # first pair is identical (F = 1); the second prediction's 7 words share 6 with the first
+    # reference's 6 (P = 6/7, R = 1, F = 12/13) and 5 with the second's: the best is 12/13.
+    np.testing.assert_allclose(result["rouge1"], 100 * (1 + 12 / 13) / 2, rtol=1e-9)
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    lsum = [scorer.score_multi(r if isinstance(r, list) else [r], p)["rougeLsum"].fmeasure
+            for p, r in zip(predictions, references)]
+    np.testing.assert_allclose(result["rougeLsum"], 100 * np.mean(lsum), rtol=1e-9)
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        evaluate.generation_metrics(predictions, references[:1])
+
+
+def run_eval(args):
+    done = subprocess.run([sys.executable, "-m", "lmjax", "eval"] + args, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    return done
+
+
+def test_eval_command_json_markdown_and_tensorboard(gpt2, pigs_text, tmp_path):
+    folder, torch_model, params, model_config, tokenizer = gpt2
+    text_file = tmp_path / "val.txt"
+    text_file.write_text(pigs_text[:600])
+    out = tmp_path / "ppl.json"
+    done = run_eval([f"--hf_model={folder}", "--task=perplexity", f"--data={text_file}",
+                     "--stride=32", f"--output={out}", f"--tensorboard_dir={tmp_path / 'tb'}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["lmjax_version"] and result["model"]["hf_model"] == folder
+    assert result["settings"]["stride"] == 32 and str(text_file) in result["data"]["sha256"]
+    expected = evaluate.text_perplexity(params, model_config, tokenizer, [pigs_text[:600]],
+                                        stride=32)
+    np.testing.assert_allclose(result["results"]["bits_per_byte"], expected["bits_per_byte"],
+                               rtol=1e-6)
+    assert "| bits_per_byte |" in done.stdout
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+    predictions = tmp_path / "pred.jsonl"
+    predictions.write_text(json.dumps({"prediction": "the cat sat on the mat",
+                                       "reference": "the cat sat on the mat"}) + "\n")
+    done = run_eval(["--task=generate", f"--data={predictions}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| bleu | 100 |" in done.stdout
+
+    done = run_eval([f"--hf_model={folder}", "--task=generate", f"--data={predictions}",
+                     "--top_p=2"])
+    assert done.returncode != 0 and "sampling.top_p=2.0 must be in (0, 1]" in done.stderr
+
+
+def test_generate_texts_greedy_equals_torch_and_cuts_at_stop(gpt2):
+    from lmjax import sample
+    _, torch_model, params, model_config, tokenizer = gpt2
+    prompts = ["3 little pigs", "12 little"]
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        with torch.no_grad():
+            out = torch_model.generate(ids, max_new_tokens=10, do_sample=False,
+                                       attention_mask=torch.ones_like(ids), eos_token_id=None,
+                                       pad_token_id=0)
+        expected.append(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
+    stop = expected[0][4:6]
+    texts = evaluate.generate_texts(params, model_config, tokenizer, prompts,
+                                    sample.SamplingConfig(max_new_tokens=10, greedy=True),
+                                    stop=[stop])
+    assert texts == [e.split(stop)[0] for e in expected] and len(texts[0]) == 4

@@ -71,7 +71,9 @@ def pipeline(task: str, model: str, dtype: str = "float32", step: int | None = N
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported: lmjax.pipeline does {', '.join(TASKS)}")
     fields = _sampling_fields(options)
-    if os.path.isfile(os.path.join(model, hf.CONFIG_FILE)):
+    # A run's workdir also holds a config.json (its experiment config): its checkpoints decide.
+    is_workdir = os.path.isdir(os.path.join(model, checkpoint.CHECKPOINT_DIR))
+    if not is_workdir and os.path.isfile(os.path.join(model, hf.CONFIG_FILE)):
         model_config, params, tokenizer = hf.load_hf(model, dtype)
         if tokenizer is None:
             raise ValueError(f"model={model!r} has no tokenizer.json or tokenizer.model: the "

@@ -6,9 +6,14 @@ GPT-2 124M (f32 params and compute, context 256, batch 4, AdamW): times one jitt
 then saves the full TrainState (params + AdamW moments + step + rng, plus the JSON items) with
 `lmjax.checkpoint.Checkpointer`: 'blocking' is the time `save` takes to return with async saving
 on (device-to-host copy; training continues after it), 'full' is until the step is on disk
-(`wait()`), and 'sync' is a save with async saving off. Prints JSON, then a Markdown table.
+(`wait()`), and 'sync' is a save with async saving off. Saves include the checksums (a
+64-bit digest of every array, computed on the device, and the finite check); 'checksums' times
+that part alone, next to SHA-256 of host copies (the alternative it replaced), and 'restore'
+times `Checkpointer.restore`, whose verification is the same digest pass over the restored state.
+Prints JSON, then a Markdown table.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -83,10 +88,32 @@ def main():
                 blocking.append(returned - start)
                 full.append(done - start)
         size = _dir_size(ckpt.step_dir(args.repeats + 1))
+        if mode == "sync":
+            abstract = train_lib.abstract_train_state(mcfg, tx)
+            restore = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                restored, _ = ckpt.restore(args.repeats + 1, abstract)
+                jax.block_until_ready(restored)
+                restore.append(time.perf_counter() - start)
+            results["restore_s"] = statistics.median(restore)
         ckpt.close()
         results[mode] = {"blocking_s": statistics.median(blocking),
                          "full_s": statistics.median(full)}
     shutil.rmtree(root, ignore_errors=True)
+
+    items = {"params": state.params, "train_state": {
+        "step": state.step, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}}
+    ckpt_lib.array_checksums(items)  # compile
+    digest, sha = [], []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        ckpt_lib.array_checksums(items)
+        digest.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for leaf in jax.tree.leaves(jax.device_get(items)):
+            hashlib.sha256(np.ascontiguousarray(leaf).tobytes()).hexdigest()
+        sha.append(time.perf_counter() - start)
 
     step_s = statistics.median(step_times)
     report = {
@@ -98,6 +125,8 @@ def main():
         "async_save_full_s": results["async"]["full_s"],
         "sync_save_s": results["sync"]["full_s"],
         "blocking_over_step": results["async"]["blocking_s"] / step_s,
+        "checksums_s": statistics.median(digest), "host_sha256_s": statistics.median(sha),
+        "restore_s": results["restore_s"],
         "repeats": args.repeats,
         "environment": _env.environment(),
     }
@@ -113,7 +142,10 @@ def main():
     for name, key in (("one train step", "train_step_s"),
                       ("async save, blocking part", "async_save_blocking_s"),
                       ("async save, until on disk", "async_save_full_s"),
-                      ("synchronous save", "sync_save_s")):
+                      ("synchronous save", "sync_save_s"),
+                      ("checksums + finite check (part of every save)", "checksums_s"),
+                      ("SHA-256 of host copies instead (not used)", "host_sha256_s"),
+                      ("restore, checksums verified", "restore_s")):
         print(f"| {name} | {report[key]:.3f} | {report[key] / step_s:.2f} |")
 
 

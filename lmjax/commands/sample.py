@@ -49,12 +49,21 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     common.setup_logging()
-    sampling = sample.SamplingConfig(  # validated here, before anything is loaded or compiled
-        max_new_tokens=_MAX_NEW_TOKENS.value, greedy=_GREEDY.value,
-        temperature=0.0 if _GREEDY.value else _TEMPERATURE.value, top_k=_TOP_K.value,
-        top_p=_TOP_P.value, num_beams=_NUM_BEAMS.value, length_penalty=_LENGTH_PENALTY.value,
-        early_stopping=_EARLY_STOPPING.value)
-    params, model_config, tokenizer = load_model()
+    try:  # validated here, before anything is loaded or compiled
+        sampling = sample.SamplingConfig(
+            max_new_tokens=_MAX_NEW_TOKENS.value, greedy=_GREEDY.value,
+            temperature=0.0 if _GREEDY.value else _TEMPERATURE.value, top_k=_TOP_K.value,
+            top_p=_TOP_P.value, num_beams=_NUM_BEAMS.value,
+            length_penalty=_LENGTH_PENALTY.value, early_stopping=_EARLY_STOPPING.value)
+    except ValueError as e:
+        common.fail("lmjax sample", e, 2)
+    if _NUM_SAMPLES.value < 1:
+        common.fail("lmjax sample", ValueError(
+            f"--num_samples={_NUM_SAMPLES.value} must be an integer >= 1 (samples per prompt)"), 2)
+    try:
+        params, model_config, tokenizer = load_model()
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        common.fail("lmjax sample", e, 1)
     prompts = [p for p in _PROMPT.value for _ in range(_NUM_SAMPLES.value)]
     completions = sample.sample_text(params, model_config, tokenizer, prompts, sampling,
                                      _SEED.value)

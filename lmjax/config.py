@@ -333,8 +333,6 @@ def validate(config, num_devices: int | None = None) -> None:
     for name, meaning in (("warmup_steps", "steps"), ("decay_steps", "0 = train.num_steps")):
         _check(isinstance(optim[name], int) and optim[name] >= 0, f"optim.{name}", optim[name],
                f"an integer >= 0 ({meaning})")
-    _check(optim.warmup_steps <= max(train.num_steps, 1), "optim.warmup_steps",
-           optim.warmup_steps, f"at most train.num_steps={train.num_steps}")
     _check(isinstance(optim.grad_accum, int) and optim.grad_accum >= 1, "optim.grad_accum",
            optim.grad_accum, "an integer >= 1")
     # train
@@ -344,6 +342,8 @@ def validate(config, num_devices: int | None = None) -> None:
         note = " (0 = only at the end)" if name in ("eval_every", "checkpoint_every") else ""
         _check(isinstance(train[name], int) and train[name] >= minimum, f"train.{name}",
                train[name], f"an integer >= {minimum}{note}")
+    _check(optim.warmup_steps <= max(train.num_steps, 1), "optim.warmup_steps",
+           optim.warmup_steps, f"at most train.num_steps={train.num_steps}")
     _check(isinstance(train.eval_batches, int) and (train.eval_batches >= 1
                                                     or train.eval_batches == -1),
            "train.eval_batches", train.eval_batches,

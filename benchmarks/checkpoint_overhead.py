@@ -26,6 +26,7 @@ import numpy as np
 
 import _env  # benchmarks/_env.py: versions and machine
 from lmjax import checkpoint as ckpt_lib
+from lmjax import integrity
 from lmjax import model as model_lib
 from lmjax import train as train_lib
 from lmjax.config import default_config, preset_fields
@@ -104,11 +105,11 @@ def main():
 
     items = {"params": state.params, "train_state": {
         "step": state.step, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}}
-    ckpt_lib.array_checksums(items)  # compile
+    integrity.array_checksums(items)  # compile
     digest, sha = [], []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        ckpt_lib.array_checksums(items)
+        integrity.array_checksums(items)
         digest.append(time.perf_counter() - start)
         start = time.perf_counter()
         for leaf in jax.tree.leaves(jax.device_get(items)):

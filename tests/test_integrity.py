@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from lmjax import checkpoint as ckpt_lib
+from lmjax import integrity
 from lmjax import train as train_lib
 from lmjax.config import default_config
 from lmjax.tokenizers import ByteTokenizer
@@ -136,7 +137,7 @@ def test_swapped_array_is_named(saved, workdir, capsys):
     shutil.rmtree(os.path.join(cdir, "3", "params"))
     shutil.copytree(os.path.join(cdir, "1", "params"), os.path.join(cdir, "3", "params"))
     restored = _restore_latest(saved, workdir)
-    first = sorted(ckpt_lib._by_name({"params": saved["states"][3].params}))[0]
+    first = sorted(integrity._by_name({"params": saved["states"][3].params}))[0]
     _assert_fell_back(saved, workdir, restored, capsys.readouterr().out,
                       names=[f"array {first} does not match its checksum"])
 
@@ -192,14 +193,14 @@ def _numpy_digest(x: np.ndarray) -> str:
 
 def test_digest_matches_numpy_and_sees_one_bit():
     x = np.random.default_rng(0).normal(size=(37, 11)).astype(np.float32)
-    checksums, nonfinite = ckpt_lib.array_checksums({"a": {"x": jnp.asarray(x)}})
+    checksums, nonfinite = integrity.array_checksums({"a": {"x": jnp.asarray(x)}})
     assert checksums == {"a/x": _numpy_digest(x)} and not nonfinite
     y = x.copy()
     y.view(np.uint32)[5, 3] ^= 1  # one bit
-    assert ckpt_lib.array_checksums({"a": {"x": jnp.asarray(y)}})[0]["a/x"] != checksums["a/x"]
+    assert integrity.array_checksums({"a": {"x": jnp.asarray(y)}})[0]["a/x"] != checksums["a/x"]
     swapped = x.copy()
     swapped[[0, 1]] = swapped[[1, 0]]  # same values, other places
-    assert ckpt_lib.array_checksums({"a": {"x": jnp.asarray(swapped)}})[0]["a/x"] != (
+    assert integrity.array_checksums({"a": {"x": jnp.asarray(swapped)}})[0]["a/x"] != (
         checksums["a/x"])
-    assert ckpt_lib.json_checksum({"b": 1, "a": [2]}) == hashlib.sha256(
+    assert integrity.json_checksum({"b": 1, "a": [2]}) == hashlib.sha256(
         b'{"a": [2], "b": 1}').hexdigest()

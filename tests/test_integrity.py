@@ -186,8 +186,9 @@ def _numpy_digest(x: np.ndarray) -> str:
     bits = np.ascontiguousarray(x).view(np.uint32).reshape(-1)
     index = np.arange(bits.size, dtype=np.uint32)
     with np.errstate(over="ignore"):
-        sums = [np.sum(fmix(bits ^ fmix(index + np.uint32(seed))), dtype=np.uint32)
-                for seed in (0x9E3779B9, 0x7F4A7C15)]
+        h = fmix(bits ^ (index * np.uint32(0x9E3779B1)))
+        sums = [np.sum(h, dtype=np.uint32),
+                np.sum(h * (index * np.uint32(2) + np.uint32(1)), dtype=np.uint32)]
     return "".join(f"{int(s):08x}" for s in sums)
 
 

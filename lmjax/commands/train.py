@@ -7,6 +7,10 @@ Every field of the config can be overridden with `--config.SECTION.FIELD=VALUE`.
 same command resumes from the newest checkpoint in --workdir. Several hosts: run the same command
 on every host with --distributed (TPU pods, SLURM: found from the environment) or with
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+
+Exit codes: 0 done or preempted (SIGTERM: saved, re-run to resume); 2 a bad setting or input
+file (one line naming the field, before anything is computed); 1 the run could not go on (the
+workdir is in use, a non-finite loss, a failed save). LMJAX_TRACEBACK=1 adds the traceback.
 """
 from __future__ import annotations
 

@@ -1,14 +1,20 @@
 r"""How long a checkpoint stalls training: blocking part of an async save vs one train step.
 
     python benchmarks/checkpoint_overhead.py [--repeats=3] [--workdir=/tmp/lmjax_ckpt_bench]
+    python benchmarks/checkpoint_overhead.py --checksums_only      # what verification costs
 
 GPT-2 124M (f32 params and compute, context 256, batch 4, AdamW): times one jitted train step,
 then saves the full TrainState (params + AdamW moments + step + rng, plus the JSON items) with
 `lmjax.checkpoint.Checkpointer`: 'blocking' is the time `save` takes to return with async saving
 on (device-to-host copy; training continues after it), 'full' is until the step is on disk
-(`wait()`), and 'sync' is a save with async saving off. Prints JSON, then a Markdown table.
+(`wait()`), and 'sync' is a save with async saving off. Saves include the checksums (a
+64-bit digest of every array, computed on the device, and the finite check); 'checksums' times
+that part alone, next to SHA-256 of host copies (the alternative it replaced), and 'restore'
+times `Checkpointer.restore`, whose verification is the same digest pass over the restored state.
+Prints JSON, then a Markdown table.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -21,6 +27,7 @@ import numpy as np
 
 import _env  # benchmarks/_env.py: versions and machine
 from lmjax import checkpoint as ckpt_lib
+from lmjax import integrity
 from lmjax import model as model_lib
 from lmjax import train as train_lib
 from lmjax.config import default_config, preset_fields
@@ -31,12 +38,32 @@ def _dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+def checksum_times(state, repeats: int) -> tuple[float, float]:
+    """Median seconds of the checksums + finite check of a TrainState (what every save and
+    restore adds), and of SHA-256 over host copies of the same arrays (the alternative)."""
+    items = {"params": state.params, "train_state": {
+        "step": state.step, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}}
+    integrity.array_checksums(items)  # compile
+    digest, sha = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        integrity.array_checksums(items)
+        digest.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for leaf in jax.tree.leaves(jax.device_get(items)):
+            hashlib.sha256(np.ascontiguousarray(leaf).tobytes()).hexdigest()
+        sha.append(time.perf_counter() - start)
+    return statistics.median(digest), statistics.median(sha)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", default="")
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=4)
+    parser.add_argument("--checksums_only", action="store_true",
+                        help="only the checksum cost (no train step, no saves)")
     args = parser.parse_args()
 
     config = default_config()
@@ -53,6 +80,16 @@ def main():
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
              "mask": np.ones((args.batch_size, args.seq_len), np.float32)}
 
+    if args.checksums_only:
+        digest_s, sha_s = checksum_times(state, args.repeats)
+        size = sum(x.nbytes for x in jax.tree.leaves(state))
+        print(json.dumps({"model": "gpt2_124m", "state_bytes": size, "checksums_s": digest_s,
+                          "host_sha256_s": sha_s, "backend": jax.default_backend(),
+                          "environment": _env.environment()}, indent=2))
+        print(f"GPT-2 124M TrainState ({size / 2**20:.0f} MiB, {jax.default_backend()}): "
+              f"checksums + finite check {digest_s:.3f} s per save or restore; SHA-256 of host "
+              f"copies {sha_s:.3f} s")
+        return
     state, m = step_fn(state, batch)  # compile
     jax.block_until_ready((state, m))
     step_times = []
@@ -83,10 +120,21 @@ def main():
                 blocking.append(returned - start)
                 full.append(done - start)
         size = _dir_size(ckpt.step_dir(args.repeats + 1))
+        if mode == "sync":
+            abstract = train_lib.abstract_train_state(mcfg, tx)
+            restore = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                restored, _ = ckpt.restore(args.repeats + 1, abstract)
+                jax.block_until_ready(restored)
+                restore.append(time.perf_counter() - start)
+            results["restore_s"] = statistics.median(restore)
         ckpt.close()
         results[mode] = {"blocking_s": statistics.median(blocking),
                          "full_s": statistics.median(full)}
     shutil.rmtree(root, ignore_errors=True)
+
+    digest_s, sha_s = checksum_times(state, args.repeats)
 
     step_s = statistics.median(step_times)
     report = {
@@ -98,6 +146,8 @@ def main():
         "async_save_full_s": results["async"]["full_s"],
         "sync_save_s": results["sync"]["full_s"],
         "blocking_over_step": results["async"]["blocking_s"] / step_s,
+        "checksums_s": digest_s, "host_sha256_s": sha_s,
+        "restore_s": results["restore_s"],
         "repeats": args.repeats,
         "environment": _env.environment(),
     }
@@ -113,7 +163,10 @@ def main():
     for name, key in (("one train step", "train_step_s"),
                       ("async save, blocking part", "async_save_blocking_s"),
                       ("async save, until on disk", "async_save_full_s"),
-                      ("synchronous save", "sync_save_s")):
+                      ("synchronous save", "sync_save_s"),
+                      ("checksums + finite check (part of every save)", "checksums_s"),
+                      ("SHA-256 of host copies instead (not used)", "host_sha256_s"),
+                      ("restore, checksums verified", "restore_s")):
         print(f"| {name} | {report[key]:.3f} | {report[key] / step_s:.2f} |")
 
 

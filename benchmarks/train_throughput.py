@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                          # every shape (~10 min, 2 cores)
     python benchmarks/train_throughput.py --shapes baby,middle --steps 20 --repeats 5
     python benchmarks/train_throughput.py --memory_check           # + GPT-2 124M, 1024 x 8 (slow)
+    python benchmarks/train_throughput.py --no_torch --dispatch_ahead 0   # the loop unbounded
     python benchmarks/train_throughput.py --dtype bfloat16         # mixed precision in both
 
 Shapes (GPT-2 architecture in both frameworks: learned positions, LayerNorm, tanh-GELU MLP, biases,
@@ -56,6 +57,7 @@ middle and GPT-2 shapes), so its worker keeps the machine's default environment.
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
 import json
 import os
@@ -153,6 +155,10 @@ class LmjaxRunner:
         self.step_fn = train.jit_train_step(self.mcfg, tx, state_sh, self.batch_sh, self.per_call)
         self.put_batches = train.put_batches
         self.rng = np.random.default_rng(0)
+        # As the training loop: call k is dispatched once call k-2 has finished (0: unbounded).
+        ahead = int(os.environ.get("LMJAX_BENCH_DISPATCH_AHEAD", "-1"))
+        self.ahead = train.MAX_CALLS_AHEAD if ahead < 0 else ahead
+        self.wait_for_device = train.wait_for_device
 
     def _batch(self):
         """Fresh host batches put on the device, as the training loop does each call."""
@@ -166,9 +172,12 @@ class LmjaxRunner:
         """Wall time of `steps` optimizer steps (rounded up to whole calls), per step."""
         calls = max(1, -(-steps // self.per_call))
         start = time.perf_counter()
-        metrics = None
+        metrics, in_flight = None, collections.deque()
         for _ in range(calls):
             self.state, metrics = self.step_fn(self.state, self._batch())
+            if self.ahead:
+                in_flight.append([(0, metrics)])
+                self.wait_for_device(in_flight, self.ahead - 1)
         self.jax.block_until_ready((self.state.step, metrics))
         self.loss = float(self.np.asarray(metrics["loss"]).reshape(-1)[-1])
         return (time.perf_counter() - start) / (calls * self.per_call)
@@ -484,10 +493,14 @@ def main():
                         help="timed steps of the memory check (after one compile + warm-up step)")
     parser.add_argument("--memory_remat", default="full", choices=("none", "full", "dots"),
                         help="model.remat of the memory check")
+    parser.add_argument("--dispatch_ahead", type=int, default=-1,
+                        help="lmjax calls dispatched ahead of the device: -1 the training loop's "
+                             "bound (train.MAX_CALLS_AHEAD), 0 unbounded")
     parser.add_argument("--worker", choices=("lmjax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.shapes, args.remat, args.steps_per_call, args.dtype)
+    os.environ["LMJAX_BENCH_DISPATCH_AHEAD"] = str(args.dispatch_ahead)  # read by the workers
 
     default_steps = {"baby": 40, "middle": 3, "gpt2": 1}
     load_before = os.getloadavg()

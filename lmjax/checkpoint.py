@@ -10,12 +10,16 @@ Layout of a run's workdir:
         model_config/                    JSON: the ModelConfig fields (model_config.json)
         tokenizer/                       JSON: the tokenizer's files (base64), so a step folder
                                          alone is enough for `load_params`
+        checksums/                       JSON: a 64-bit digest of every array's bits and a
+                                         SHA-256 of every JSON item, checked on every restore
     WORKDIR/corrupt_checkpoints/<step>-<time>/   steps found unreadable on resume, moved aside
 
 Writes are atomic: Orbax writes into `<step>.orbax-checkpoint-tmp-*` and renames when every
 item is on disk, so a half-written step is never listed; `Checkpointer` moves aside a listed step
-that cannot be read (truncated file, missing item) and falls back to the newest good one.
-Old steps are deleted only after a newer save has completed.
+that cannot be read (truncated file, missing item, empty folder) or whose arrays or JSON do not
+match their recorded checksums, naming the step and the array, and falls back to the newest
+verified one. A state with a non-finite value is never saved (`NonFiniteError`). Old steps are
+deleted only after a newer save has completed.
 
     ckpt = Checkpointer(workdir, keep=3, keep_best=True, async_save=True)
     restored = ckpt.restore_latest(train.abstract_train_state(model_cfg, tx))  # None: fresh
@@ -33,6 +37,7 @@ import datetime
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -42,13 +47,14 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from lmjax import integrity
 from lmjax import model as model_lib
 from lmjax import tokenizers
 from lmjax.config import ModelConfig
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
-ITEMS = ("params", "train_state", "meta", "config", "model_config", "tokenizer")
+ITEMS = ("params", "train_state", "meta", "config", "model_config", "tokenizer", "checksums")
 JSON_ITEMS = ("meta", "config", "model_config", "tokenizer")
 
 # Model fields a resume may change: they alter neither the parameter tree nor the function
@@ -64,6 +70,10 @@ UNSAFE_CONFIG_FIELDS = ("optim.grad_accum", "tokenizer.kind")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read."""
+
+
+class NonFiniteError(CheckpointError):
+    """A state to be saved holds NaN or infinity: it is not written."""
 
 
 class IncompatibleCheckpointError(ValueError):
@@ -189,6 +199,13 @@ def _read_json_item(step_dir: str, item: str) -> Any:
         raise CheckpointError(f"cannot read item {item!r} of checkpoint {step_dir}: {e}") from e
 
 
+def _read_checksums(step_dir: str) -> dict | None:
+    """The `checksums` item of a step folder; None if it has none (older lmjax)."""
+    if not os.path.isdir(os.path.join(step_dir, "checksums")):
+        return None
+    return _read_json_item(step_dir, "checksums")
+
+
 def read_tokenizer_item(path: str, step: int | None = None) -> dict:
     """The raw tokenizer item of a checkpoint (see `write_tokenizer_files`)."""
     return _read_json_item(resolve_step_dir(path, step), "tokenizer")
@@ -311,17 +328,29 @@ class Checkpointer:
             return False
         tree = {"step": state.step, "opt_state": state.opt_state,
                 "rng": jax.random.key_data(state.rng)}
+        checksums, nonfinite = integrity.array_checksums({"params": state.params,
+                                                           "train_state": tree})
+        if nonfinite:
+            raise NonFiniteError(
+                f"not saving step {step}: {len(nonfinite)} arrays hold NaN or infinity (first: "
+                f"{nonfinite[0]}); the checkpoints on disk are left as they are: steps "
+                f"{_steps_in(self.directory)}")
         meta = {"step": int(step), "micro_step": int(micro_step),
                 "data_position": int(micro_step), "rng_impl": str(jax.random.key_impl(state.rng)),
                 "reason": reason, "time": datetime.datetime.now().isoformat(timespec="seconds"),
-                "metrics": metrics or {}}
+                "metrics": metrics or {}, "checksums": True}
+        json_items = {"meta": meta, "config": json.loads(config.to_json_best_effort()),
+                      "model_config": dataclasses.asdict(model_config),
+                      "tokenizer": _tokenizer_to_json(tokenizer)}
+        json_items = json.loads(json.dumps(json_items))  # as read back (tuples become lists)
+        record = {"arrays": checksums,
+                  "json": {name: integrity.json_checksum(content)
+                           for name, content in json_items.items()}}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             train_state=ocp.args.StandardSave(tree),
-            meta=ocp.args.JsonSave(meta),
-            config=ocp.args.JsonSave(json.loads(config.to_json_best_effort())),
-            model_config=ocp.args.JsonSave(dataclasses.asdict(model_config)),
-            tokenizer=ocp.args.JsonSave(_tokenizer_to_json(tokenizer)))
+            checksums=ocp.args.JsonSave(record),
+            **{name: ocp.args.JsonSave(content) for name, content in json_items.items()})
         try:
             return self._manager.save(step, args=args, metrics=metrics, force=True)
         except Exception as e:  # noqa: BLE001
@@ -360,7 +389,9 @@ class Checkpointer:
         return read_checkpoint_info(self.step_dir(step))
 
     def restore(self, step: int, abstract_state):
-        """TrainState of `step`, placed as `abstract_state` (see `restore_target`) says."""
+        """(TrainState, meta) of `step`, placed as `abstract_state` (see `restore_target`) says,
+        after checking every array and JSON item against the step's checksums
+        (CheckpointError naming the first that differs)."""
         tree = {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
                 "rng": abstract_state.rng}
         restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -368,6 +399,14 @@ class Checkpointer:
             train_state=ocp.args.StandardRestore(tree),
             meta=ocp.args.JsonRestore()))
         meta, state_tree = restored["meta"], restored["train_state"]
+        step_dir = self.step_dir(step)
+        json_items = {"meta": meta, **{k: _read_json_item(step_dir, k)
+                                       for k in ("config", "model_config", "tokenizer")}}
+        record = _read_checksums(step_dir)
+        if record is None and meta.get("checksums"):
+            raise CheckpointError(f"checkpoint step {step}: its checksums item is missing")
+        integrity.verify_checksums(f"checkpoint step {step}", record,
+                         {"params": restored["params"], "train_state": state_tree}, json_items)
         rng = jax.random.wrap_key_data(state_tree["rng"], impl=meta.get("rng_impl"))
         state = abstract_state.replace(step=state_tree["step"], params=restored["params"],
                                        opt_state=state_tree["opt_state"], rng=rng)
@@ -385,6 +424,10 @@ class Checkpointer:
         JSON (`read_info`) before any array is read, e.g. to reject an incompatible config;
         its exceptions propagate.
         """
+        listed = set(self.all_steps())
+        for step in _steps_in(self.directory):
+            if step not in listed:  # e.g. an empty folder: Orbax skips it, a save there fails
+                self._quarantine(step, CheckpointError("not a complete Orbax step folder"))
         for step in sorted(self.all_steps(), reverse=True):
             try:
                 info = self.read_info(step)
@@ -399,6 +442,11 @@ class Checkpointer:
                 self._quarantine(step, e)
         return None
 
+    def last_saved(self) -> str:
+        """'step N in DIR' of the newest step on disk, or 'none' (for error messages)."""
+        steps = _steps_in(self.directory)
+        return f"step {steps[-1]} in {self.step_dir(steps[-1])}" if steps else "none"
+
     def _quarantine(self, step: int, error: BaseException) -> None:
         message = f"{type(error).__name__}: {error}".splitlines()[0][:400]
         target = os.path.join(self.workdir, CORRUPT_DIR,
@@ -406,10 +454,11 @@ class Checkpointer:
         if jax.process_index() == 0:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             shutil.move(self.step_dir(step), target)
-        logging.warning("checkpoint step %d in %s is unreadable (%s); moved it to %s and falling "
-                        "back to an older step", step, self.directory, message, target)
+        logging.warning("checkpoint step %d in %s is unreadable or fails its checksums (%s); "
+                        "moved it to %s and falling back to an older step", step,
+                        self.directory, message, target)
         print(f"WARNING: checkpoint step {step} is corrupt or incomplete ({message}); "
-              f"moved to {target}; falling back to the newest good checkpoint.", flush=True)
+              f"moved to {target}; falling back to the newest verified checkpoint.", flush=True)
         self._manager.reload()
 
 
@@ -421,16 +470,47 @@ def load_params(workdir_or_path: str, step: int | None = None, sharding=None):
 
     `workdir_or_path` is a run's workdir (newest step, or `step`), its `checkpoints` folder, a
     step folder, or a folder written by `export_params`. `sharding`: as `restore_target`.
+    Every array and JSON item read is checked against the step's checksums. Given a workdir and
+    no `step`, a step that fails is skipped with a warning naming it and the newest verified
+    one is used (it is not moved: the training run does that when it resumes).
     Returns (params, model_config, tokenizer).
     """
-    step_dir = resolve_step_dir(workdir_or_path, step)
-    model_config = ModelConfig.from_dict(_read_json_item(step_dir, "model_config"))
-    tokenizer = _tokenizer_from_json(_read_json_item(step_dir, "tokenizer"))
-    target = abstract_params(model_config, sharding)
+    path = os.path.abspath(os.path.expanduser(workdir_or_path))
+    if step is not None or _is_step_folder(path):
+        return _load_params_from(resolve_step_dir(path, step), sharding)
+    directory = resolve_step_dir(path).rsplit(os.sep, 1)[0]
+    steps = sorted(_steps_in(directory), reverse=True)
+    for i, candidate in enumerate(steps):
+        try:
+            return _load_params_from(os.path.join(directory, str(candidate)), sharding)
+        except CheckpointError as e:
+            if i + 1 == len(steps):
+                raise CheckpointError(f"no verified checkpoint in {directory}; the oldest, step "
+                                      f"{candidate}, fails too: {e}") from e
+            print(f"WARNING: checkpoint step {candidate} is corrupt or incomplete "
+                  f"({str(e).splitlines()[0][:400]}); trying step {steps[i + 1]}.",
+                  file=sys.stderr, flush=True)
+    raise AssertionError("unreachable")
+
+
+def _load_params_from(step_dir: str, sharding=None):
+    """`load_params` of one step folder: CheckpointError for anything unreadable or changed."""
     try:
+        json_items = {k: _read_json_item(step_dir, k) for k in ("model_config", "tokenizer")}
+        model_config = ModelConfig.from_dict(json_items["model_config"])
+        tokenizer = _tokenizer_from_json(json_items["tokenizer"])
+        target = abstract_params(model_config, sharding)
         params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), target)
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot read the params of checkpoint {step_dir}: {e}") from e
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - Orbax, TensorStore, JSON, base64 raise many types
+        message = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+        raise CheckpointError(f"cannot read checkpoint {step_dir}: {message}") from e
+    try:
+        integrity.verify_checksums(step_dir, _read_checksums(step_dir), {"params": params},
+                                   json_items)
+    except integrity.IntegrityError as e:
+        raise CheckpointError(str(e)) from e
     return params, model_config, tokenizer
 
 
@@ -443,10 +523,17 @@ def export_params(path: str, params, model_config: ModelConfig, tokenizer,
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise FileExistsError(f"{path} exists; export_params does not overwrite")
-    items = {"params": ocp.args.StandardSave(params),
-             "model_config": ocp.args.JsonSave(dataclasses.asdict(model_config)),
-             "tokenizer": ocp.args.JsonSave(_tokenizer_to_json(tokenizer))}
+    json_items = {"model_config": dataclasses.asdict(model_config),
+                  "tokenizer": _tokenizer_to_json(tokenizer)}
     if config is not None:
-        items["config"] = ocp.args.JsonSave(json.loads(config.to_json_best_effort()))
+        json_items["config"] = json.loads(config.to_json_best_effort())
+    json_items = json.loads(json.dumps(json_items))
+    checksums, nonfinite = integrity.array_checksums({"params": params})
+    if nonfinite:
+        raise NonFiniteError(f"not exporting: {nonfinite[0]} holds NaN or infinity")
+    record = {"arrays": checksums,
+              "json": {k: integrity.json_checksum(v) for k, v in json_items.items()}}
+    items = {"params": ocp.args.StandardSave(params), "checksums": ocp.args.JsonSave(record),
+             **{k: ocp.args.JsonSave(v) for k, v in json_items.items()}}
     ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(path, ocp.args.Composite(**items))
     return path

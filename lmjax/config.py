@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Mapping
 
 _CHOICES = {
@@ -91,7 +92,11 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_kv_heads={self.kv_heads} must divide model.num_heads={self.num_heads}")
         if self.position == "rope" and self.head_size % 2:
-            raise ValueError(f"RoPE needs an even head size, got {self.head_size}")
+            source = (f"model.head_dim={self.head_dim}" if self.head_dim else
+                      f"model.embed_dim={self.embed_dim} / model.num_heads={self.num_heads}")
+            raise ValueError(f"model.position='rope' needs an even head size, got {source} = "
+                             f"{self.head_size}: set model.head_dim to an even number or change "
+                             "embed_dim/num_heads")
         if self.rope_scaling != "none" and not self.rope_scaling_factor > 0:
             raise ValueError(f"model.rope_scaling_factor={self.rope_scaling_factor} must be > 0")
         if self.rope_scaling == "llama3" and not (
@@ -104,6 +109,13 @@ class ModelConfig:
                 f"{self.rope_original_max_len} > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
+        for name in ("rope_theta", "norm_eps"):
+            if not (isinstance(getattr(self, name), (int, float))
+                    and math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(
+                    f"model.{name}={getattr(self, name)!r} must be a finite number > 0")
+        if not (math.isfinite(self.init_std) and self.init_std >= 0):
+            raise ValueError(f"model.init_std={self.init_std!r} must be a finite number >= 0")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -223,6 +235,7 @@ def default_config():
     c.data.val_files = ""  # files / jsonl: '' = the last val_fraction of the train tokens
     c.data.val_fraction = 0.1
     c.data.jsonl_field = "text"  # jsonl: the field holding each line's document
+    c.data.encoding_errors = "strict"  # bytes that are not UTF-8: strict (error) | replace | ignore
     c.data.tfds_name = ""  # tfds: dataset name, e.g. 'lm1b'
     c.data.tfds_train_split = "train"
     c.data.tfds_val_split = "validation"
@@ -251,6 +264,9 @@ def default_config():
     c.optim.weight_decay = 0.1  # on matrices only (ndim >= 2), not on biases and norms
     c.optim.grad_clip = 1.0  # global-norm clipping; 0 = off
     c.optim.grad_accum = 1  # micro-batches per optimizer step (optax.MultiSteps)
+    # A NaN/inf loss or gradient norm stops the run (naming the step and the last good
+    # checkpoint); True passes over such steps instead (no update; counted in metrics.jsonl).
+    c.optim.skip_nonfinite = False
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 2000  # optimizer steps
@@ -279,3 +295,109 @@ def default_config():
     # Logical axis -> mesh axes ('' = replicated, 'data,fsdp' = both), e.g. --config.mesh.rules.embed=
     c.mesh.rules = ml_collections.ConfigDict(DEFAULT_RULES)
     return c
+
+
+# ----------------------------------------------------------------------------- experiment checks
+
+
+def _check(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is not allowed: {allowed}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate(config, num_devices: int | None = None) -> None:
+    """Checks the ranges of an experiment config's fields (`default_config()`'s schema) before
+    anything is read or computed; raises ValueError naming the field and what is allowed.
+
+    `num_devices`: the devices the mesh spans (None: the mesh sizes are checked for sign only).
+    Files, the tokenizer and the model's shape are checked by their modules (see
+    `lmjax.train.validate_config`, which calls this first).
+    """
+    optim, train, data, mesh = config.optim, config.train, config.data, config.mesh
+    _check(isinstance(config.seed, int) and config.seed >= 0, "seed", config.seed,
+           "an integer >= 0")
+    # optim
+    _check(_is_number(optim.learning_rate) and optim.learning_rate >= 0, "optim.learning_rate",
+           optim.learning_rate, "a finite number >= 0 (the peak learning rate)")
+    _check(_is_number(optim.min_learning_rate)
+           and 0 <= optim.min_learning_rate <= optim.learning_rate, "optim.min_learning_rate",
+           optim.min_learning_rate, f"a finite number in [0, optim.learning_rate="
+           f"{optim.learning_rate}] (the floor of the cosine decay)")
+    for name in ("b1", "b2"):
+        _check(_is_number(optim[name]) and 0 <= optim[name] < 1, f"optim.{name}", optim[name],
+               "a number in [0, 1) (Adam's moment decay)")
+    _check(_is_number(optim.eps) and optim.eps > 0, "optim.eps", optim.eps,
+           "a finite number > 0")
+    for name, meaning in (("weight_decay", "0 = off"), ("grad_clip", "0 = off")):
+        _check(_is_number(optim[name]) and optim[name] >= 0, f"optim.{name}", optim[name],
+               f"a finite number >= 0 ({meaning})")
+    for name, meaning in (("warmup_steps", "steps"), ("decay_steps", "0 = train.num_steps")):
+        _check(isinstance(optim[name], int) and optim[name] >= 0, f"optim.{name}", optim[name],
+               f"an integer >= 0 ({meaning})")
+    _check(isinstance(optim.grad_accum, int) and optim.grad_accum >= 1, "optim.grad_accum",
+           optim.grad_accum, "an integer >= 1")
+    # train
+    for name, minimum in (("num_steps", 1), ("log_every", 1), ("steps_per_call", 1),
+                          ("eval_every", 0), ("checkpoint_every", 0), ("keep_checkpoints", 1),
+                          ("num_samples", 0), ("sample_len", 1), ("sample_top_k", 0)):
+        note = " (0 = only at the end)" if name in ("eval_every", "checkpoint_every") else ""
+        _check(isinstance(train[name], int) and train[name] >= minimum, f"train.{name}",
+               train[name], f"an integer >= {minimum}{note}")
+    _check(optim.warmup_steps <= max(train.num_steps, 1), "optim.warmup_steps",
+           optim.warmup_steps, f"at most train.num_steps={train.num_steps}")
+    _check(isinstance(train.eval_batches, int) and (train.eval_batches >= 1
+                                                    or train.eval_batches == -1),
+           "train.eval_batches", train.eval_batches,
+           "an integer >= 1, or -1 (the whole validation set)")
+    _check(_is_number(train.sample_temperature) and train.sample_temperature >= 0,
+           "train.sample_temperature", train.sample_temperature,
+           "a finite number >= 0 (0 = greedy)")
+    # data
+    for name in ("seq_len", "batch_size"):
+        _check(isinstance(data[name], int) and data[name] >= 1, f"data.{name}", data[name],
+               "an integer >= 1")
+    _check(isinstance(data.seed, int) and data.seed >= 0, "data.seed", data.seed,
+           "an integer >= 0")
+    _check(_is_number(data.val_fraction) and 0 < data.val_fraction < 1, "data.val_fraction",
+           data.val_fraction, "a number in (0, 1)")
+    _check(data.encoding_errors in ("strict", "replace", "ignore"), "data.encoding_errors",
+           data.encoding_errors, "one of strict, replace, ignore")
+    _check(data.packing in ("auto", "documents", "stream"), "data.packing", data.packing,
+           "one of auto, documents, stream")
+    _check(_is_number(data.shard_mb) and data.shard_mb > 0, "data.shard_mb", data.shard_mb,
+           "a number > 0 (MB of text per shard)")
+    _check(isinstance(data.prepare_workers, int) and data.prepare_workers >= 0,
+           "data.prepare_workers", data.prepare_workers, "an integer >= 0 (0 = one per CPU)")
+    _check(data.seq_len <= config.model.max_len, "data.seq_len", data.seq_len,
+           f"at most the model's maximum length model.max_len={config.model.max_len}")
+    # mesh
+    sizes = {axis: mesh[axis] for axis in MESH_AXES}
+    for axis, size in sizes.items():
+        allowed = f"-1 (the remaining devices) or a divisor of the {num_devices} devices: " + (
+            ", ".join(map(str, _divisors(num_devices))) if num_devices else "an integer >= 1")
+        _check(isinstance(size, int) and (size == -1 or (size >= 1 and (
+            not num_devices or num_devices % size == 0))), f"mesh.{axis}", size, allowed)
+    _check(list(sizes.values()).count(-1) <= 1, "mesh", sizes, "at most one size -1")
+    if num_devices:
+        fixed = math.prod(s for s in sizes.values() if s != -1)
+        total = fixed * (num_devices // fixed if -1 in sizes.values() else 1)
+        _check(total == num_devices and num_devices % fixed == 0, "mesh", sizes,
+               f"sizes whose product is the {num_devices} devices (each a divisor: "
+               f"{', '.join(map(str, _divisors(num_devices)))}; one may be -1)")
+    _check(isinstance(mesh.dcn_data, int) and mesh.dcn_data >= 1, "mesh.dcn_data",
+           mesh.dcn_data, "an integer >= 1 that divides mesh.data")
+    rules = mesh.get("rules", None) or {}
+    for name in rules.keys():
+        _check(name in DEFAULT_RULES, f"mesh.rules.{name}", rules[name],
+               f"rules for the logical axes {', '.join(DEFAULT_RULES)} only")
+        axes = [a.strip() for a in str(rules[name]).split(",") if a.strip()]
+        _check(all(a in MESH_AXES for a in axes), f"mesh.rules.{name}", rules[name],
+               f"'' (replicated) or comma-separated mesh axes of {', '.join(MESH_AXES)}")

@@ -7,7 +7,8 @@ fetched every `train.log_every` steps. (Checking `jax.Array.is_ready` in the loo
 the host dispatches every step up to the next log point before the first has finished.)
 Process 0 writes the files; the other processes keep the history only.
 
-`metrics.jsonl` has one JSON line per micro-step {"micro_step", "step", "loss"} and one per
+`metrics.jsonl` has one JSON line per micro-step {"micro_step", "step", "loss"} (plus
+"skipped": true where `optim.skip_nonfinite` passed over a non-finite step) and one per
 evaluation {"step", "eval_loss", "eval_perplexity", "eval_tokens"}.
 """
 from __future__ import annotations
@@ -33,8 +34,9 @@ class MetricsLog:
     `record(k, metrics)` takes micro-step k's metrics as device arrays (`loss`, `grad_norm`);
     `log_eval(step, result)` an evaluation; `write_losses()` puts every recorded loss on disk
     (the loop calls it before each checkpoint, so a checkpoint never covers an unlogged step).
-    `history` is {'train_loss': [every micro-step's loss], 'eval': [{'step', 'loss', ...}]},
-    including what an interrupted run had logged before the step it resumes from.
+    `history` is {'train_loss': [every micro-step's loss], 'eval': [{'step', 'loss', ...}],
+    'skipped_steps': [micro-steps passed over as non-finite]}, including what an interrupted run
+    had logged before the step it resumes from.
     """
 
     def __init__(self, workdir: str, *, start_micro: int, num_micro_steps: int, accum: int,
@@ -62,7 +64,7 @@ class MetricsLog:
         if self._ticker is not None:
             self._ticks.put(metrics["loss"])
         self._unlogged.append((micro_step, metrics))
-        self._unwritten.append((micro_step, metrics["loss"]))
+        self._unwritten.append((micro_step, metrics["loss"], metrics.get("skipped")))
         step, boundary = divmod(micro_step + 1, self._accum)
         is_last = micro_step + 1 == self._num_micro_steps
         if not boundary and (step % self._log_every == 0 or is_last):
@@ -78,7 +80,8 @@ class MetricsLog:
         self.write_losses()
         self._scalars(step, {"train/loss": train_loss, "train/grad_norm": grad_norm,
                              "train/learning_rate": float(self._schedule(step)),
-                             "train/tokens_per_s": tokens_per_s})
+                             "train/tokens_per_s": tokens_per_s,
+                             "train/skipped_steps": len(self.history["skipped_steps"])})
         self._bar.set_postfix(loss=f"{train_loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
         if not self._show_bar:
             logging.info("step %d: train loss %.4f, %.0f tokens/s", step, train_loss,
@@ -97,9 +100,12 @@ class MetricsLog:
 
     def write_losses(self) -> None:
         """Every recorded micro-step's loss into metrics.jsonl (fetching what is unfinished)."""
-        for k, loss in self._unwritten:
-            self._file.write(json.dumps({"micro_step": k, "step": (k + 1) // self._accum,
-                                         "loss": float(loss)}) + "\n")
+        for k, loss, skipped in self._unwritten:
+            entry = {"micro_step": k, "step": (k + 1) // self._accum, "loss": float(loss)}
+            if skipped is not None and int(skipped):
+                entry["skipped"] = True
+                self.history["skipped_steps"].append(k)
+            self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
         self._unwritten = []
 
@@ -133,7 +139,7 @@ class MetricsLog:
 def rewind_metrics(path: str, start_micro: int, accum: int, write: bool = True) -> dict[str, list]:
     """Drops lines of `metrics.jsonl` past the resumed step (a killed run wrote them after its
     last checkpoint); returns the kept losses and evals as the start of the run's history."""
-    kept, history = [], {"train_loss": [], "eval": []}
+    kept, history = [], {"train_loss": [], "eval": [], "skipped_steps": []}
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
@@ -143,6 +149,8 @@ def rewind_metrics(path: str, start_micro: int, accum: int, write: bool = True) 
                     continue  # a line cut by a kill
                 if "micro_step" in entry and entry["micro_step"] < start_micro:
                     history["train_loss"].append(entry["loss"])
+                    if entry.get("skipped"):
+                        history["skipped_steps"].append(entry["micro_step"])
                 elif "eval_loss" in entry and entry["step"] <= start_micro // accum:
                     history["eval"].append({"step": entry["step"], **{
                         name[len("eval_"):]: value for name, value in entry.items()

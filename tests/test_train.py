@@ -188,7 +188,7 @@ def test_dropout_bf16_and_accumulation_train(tmp_path, tiny_config):
 
 
 @pytest.mark.parametrize("change, message", [
-    (lambda c: c.data.__setitem__("seq_len", 64), r"data.seq_len=64 is above .* model.max_len=32"),
+    (lambda c: c.data.__setitem__("seq_len", 64), r"data.seq_len=64 .* model.max_len=32"),
     (lambda c: c.model.__setitem__("num_heads", 3), "model.num_heads=3 must divide"),
     (lambda c: c.model.update(num_kv_heads=3, num_heads=4), "model.num_kv_heads=3 must divide"),
     (lambda c: c.data.__setitem__("train_files", "/nonexistent/*.txt"), "data.train_files"),
@@ -208,3 +208,79 @@ def test_empty_corpus_is_an_error(tmp_path, tiny_config):
     (tmp_path / "corpus.txt").write_text("")
     with pytest.raises(ValueError, match="empty"):
         train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+
+
+def _nan_batch_at(monkeypatch, bad_step):
+    """Training batch `bad_step` gets a NaN in its mask (so a NaN loss and gradients)."""
+    from lmjax import data as data_lib
+    batch = data_lib.Batches.batch
+
+    def poisoned(self, step):
+        out = batch(self, step)
+        if self.shuffle and step == bad_step:
+            out = dict(out, mask=out["mask"].copy())
+            out["mask"][0, 0] = np.nan
+        return out
+    monkeypatch.setattr(data_lib.Batches, "batch", poisoned)
+
+
+def _saved_steps(workdir):
+    from lmjax import checkpoint as ckpt_lib
+    return ckpt_lib._steps_in(ckpt_lib.checkpoint_dir(str(workdir)))
+
+
+def test_exploding_learning_rate_stops_the_run(tmp_path, tiny_config):
+    """lr 1e38: step 1's update makes the params ~1e38 (finite), step 2's logits overflow. The
+    run stops with the step, the values and the last good checkpoint; nothing NaN is saved."""
+    config = tiny_config(num_steps=6, checkpoint_every=1, eval_every=0, log_every=1)
+    config.optim.update(learning_rate=1e38, min_learning_rate=0.0, warmup_steps=0,
+                        weight_decay=0.0, grad_clip=0.0)
+    with pytest.raises(train.NonFiniteLossError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "w"))
+    message = str(e.value)
+    assert message.startswith("step 2: loss=") and "is not finite" in message
+    assert f"Last good checkpoint: step 1 in {tmp_path / 'w' / 'checkpoints' / '1'}" in message
+    assert _saved_steps(tmp_path / "w") == [1]
+    assert not (tmp_path / "w" / "lmjax.lock").exists()  # released on the error
+
+
+def test_nan_batch_stops_or_is_skipped(tmp_path, tiny_config, monkeypatch):
+    _nan_batch_at(monkeypatch, 7)
+    config = tiny_config(num_steps=12, checkpoint_every=4, eval_every=0, log_every=12)
+    with pytest.raises(train.NonFiniteLossError, match=r"^step 8: loss=nan .* Last good "
+                                                       r"checkpoint: step 4 in "):
+        train.train_and_evaluate(config, str(tmp_path / "stop"))
+    assert _saved_steps(tmp_path / "stop") == [4]  # step 8's save never happened
+
+    config.optim.skip_nonfinite = True
+    result = train.train_and_evaluate(config, str(tmp_path / "skip"))
+    assert result["skipped_steps"] == [7] and np.isnan(result["train_loss"][7])
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(result["state"].params))
+    assert _saved_steps(tmp_path / "skip") == [4, 8, 12]
+    with open(tmp_path / "skip" / "metrics.jsonl") as f:
+        assert ['"skipped": true' in line for line in f if "micro_step" in line] == [
+            k == 7 for k in range(12)]
+
+
+def test_skip_nonfinite_step_leaves_state_unchanged(tiny_config):
+    config = tiny_config()
+    mcfg = train.model_config(config, vocab_size=40)
+    tx, _ = train.make_optimizer(config.optim, num_steps=10)
+    step = jax.jit(functools.partial(train.train_step, config=mcfg, tx=tx, skip_nonfinite=True))
+    state = jax.jit(functools.partial(train.create_train_state, mcfg, tx))(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {"inputs": rng.integers(0, 40, (4, 16)).astype(np.int32),
+             "targets": rng.integers(0, 40, (4, 16)).astype(np.int32),
+             "mask": np.ones((4, 16), np.float32)}
+    good, metrics = step(state, batch)
+    assert int(metrics["skipped"]) == 0
+    bad_batch = dict(batch, mask=batch["mask"].copy())
+    bad_batch["mask"][1, 2] = np.inf
+    after, metrics = step(good, bad_batch)
+    assert int(metrics["skipped"]) == 1 and int(after.step) == 2
+    for a, b in zip(jax.tree.leaves((after.params, after.opt_state)),
+                    jax.tree.leaves((good.params, good.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

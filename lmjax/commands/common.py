@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import difflib
 import logging as py_logging
+import os
 import sys
+import traceback
 
 from absl import app, logging
 
@@ -69,3 +71,12 @@ def run(main, argv: list[str]) -> None:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         sys.exit(2)
     app.run(main, argv=argv)
+
+
+def fail(program: str, error: BaseException, code: int) -> None:
+    """Ends the command with one line naming the error (`LMJAX_TRACEBACK=1`: the traceback
+    too) and exit code `code` (2: a bad setting or input; 1: the run could not go on)."""
+    if os.environ.get("LMJAX_TRACEBACK"):
+        traceback.print_exception(error)
+    print(f"{program}: error: {error}", file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -98,8 +98,17 @@ def main(argv):
     common.setup_logging()
     if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
         raise app.UsageError("give exactly one of --workdir and --hf_model")
-    sampling = sampling_config()
-    params, model_config, tokenizer = load_model()
+    try:  # validated here, before anything is loaded or compiled
+        sampling = sampling_config()
+    except ValueError as e:
+        common.fail("lmjax sample", e, 2)
+    if _NUM_SAMPLES.value < 1:
+        common.fail("lmjax sample", ValueError(
+            f"--num_samples={_NUM_SAMPLES.value} must be an integer >= 1 (samples per prompt)"), 2)
+    try:
+        params, model_config, tokenizer = load_model()
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
+        common.fail("lmjax sample", e, 1)
     if _BAD_WORDS.value:
         sampling = dataclasses.replace(sampling, bad_words_ids=sampling.bad_words_ids + tuple(
             tuple(tokenizer.encode(w)) for w in _BAD_WORDS.value))

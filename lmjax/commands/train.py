@@ -7,6 +7,10 @@ Every field of the config can be overridden with `--config.SECTION.FIELD=VALUE`.
 same command resumes from the newest checkpoint in --workdir. Several hosts: run the same command
 on every host with --distributed (TPU pods, SLURM: found from the environment) or with
 --coordinator_address=HOST:PORT --num_processes=N --process_id=I.
+
+Exit codes: 0 done or preempted (SIGTERM: saved, re-run to resume); 2 a bad setting or input
+file (one line naming the field, before anything is computed); 1 the run could not go on (the
+workdir is in use, a non-finite loss, a failed save). LMJAX_TRACEBACK=1 adds the traceback.
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmjax import sharding, train
+from lmjax import checkpoint, lock, sharding, train
 from lmjax.commands import common
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -37,11 +41,15 @@ def main(argv):
     if _DISTRIBUTED.value or _COORDINATOR.value:
         sharding.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
+    program = "lmjax train"
     try:  # a bad value is a usage error naming the field, before anything is computed
         config = train.prepare_config(_CONFIG.value)
-    except ValueError as e:
-        raise app.UsageError(str(e)) from e
-    result = train.train_and_evaluate(config, _WORKDIR.value)
+        result = train.train_and_evaluate(config, _WORKDIR.value)
+    except (ValueError, FileNotFoundError) as e:  # a setting or an input file: exit code 2
+        common.fail(program, e, 2)
+    except (checkpoint.CheckpointError, lock.WorkdirLockedError,
+            train.NonFiniteLossError) as e:  # the run cannot go on: exit code 1
+        common.fail(program, e, 1)
     if result.get("preempted"):
         logging.info("preempted at step %d; re-run the same command to resume", result["step"])
 

@@ -73,7 +73,9 @@ def _by_name(tree) -> dict[str, Any]:
 def array_checksums(items: dict[str, Any]) -> tuple[dict[str, str], list[str]]:
     """({'params/decoder/...': 16 hex digits, ...}, [names of arrays holding a NaN or inf]) of
     `items` ({'params': tree, 'train_state': tree}), computed on the arrays' devices."""
-    stats = jax.device_get({name: _leaf_stats(x) for name, x in _by_name(items).items()})
+    # One program at a time: on a multi-device CPU mesh, many collective programs in flight at
+    # once deadlocked XLA's rendezvous (each waits for device threads another program holds).
+    stats = {name: jax.device_get(_leaf_stats(x)) for name, x in _by_name(items).items()}
     checksums = {name: "".join(f"{int(d):08x}" for d in digest)
                  for name, (digest, _) in stats.items()}
     return checksums, [name for name, (_, finite) in stats.items() if not finite]

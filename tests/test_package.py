@@ -119,7 +119,7 @@ def test_installed_lmjax_runs_outside_the_checkout(fresh_venv):
     (["--config=shakespeare_char:demo", "--config.model.dtype=float16"],
      "model.dtype='float16' is for inference only"),
     (["--config=shakespeare_char:demo", "--config.data.seq_len=4096"],
-     "data.seq_len=4096 is above the model's maximum length model.max_len=128"),
+     "data.seq_len=4096 is not allowed: at most the model's maximum length model.max_len=128"),
 ])
 def test_train_command_errors_name_the_field_before_any_compute(tmp_path, args, message):
     done = run_command([sys.executable, "-m", "lmjax", "train", f"--workdir={tmp_path / 'w'}"]

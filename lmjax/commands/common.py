@@ -9,7 +9,7 @@ import traceback
 
 from absl import app, logging
 
-from lmjax import checkpoint, configs
+from lmjax import checkpoint, configs, hf
 
 # Third-party loggers that write INFO lines nobody acts on (e.g. jax's "Unable to initialize
 # backend 'tpu'" on every CPU start); their warnings still show.
@@ -80,3 +80,16 @@ def fail(program: str, error: BaseException, code: int) -> None:
         traceback.print_exception(error)
     print(f"{program}: error: {error}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int | None = None):
+    """(params, model_config, tokenizer) of exactly one of `workdir` (its newest verified step,
+    or `step`) and `hf_model` (a Hugging Face folder with a tokenizer, loaded as `dtype`)."""
+    if (workdir is None) == (hf_model is None):
+        raise app.UsageError("give exactly one of --workdir and --hf_model")
+    if hf_model:
+        model_config, params, tokenizer = hf.load_hf(hf_model, dtype)
+        if tokenizer is None:
+            raise app.UsageError(f"{hf_model} has no tokenizer.json or tokenizer.model")
+        return params, model_config, tokenizer
+    return checkpoint.load_params(workdir, step=step)

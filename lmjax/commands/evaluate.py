@@ -32,7 +32,7 @@ import ml_collections
 from absl import app, flags
 
 import lmjax
-from lmjax import checkpoint, data, evaluate, hf, sample
+from lmjax import checkpoint, data, evaluate, sample
 from lmjax.commands import common
 
 TASKS = ("perplexity", "multiple_choice", "next_line", "generate")
@@ -99,15 +99,11 @@ def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
 
 def load_model():
     """(params, model_config, tokenizer, description) of --workdir or --hf_model."""
-    if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
-        raise app.UsageError("give exactly one of --workdir and --hf_model")
+    params, model_config, tokenizer = common.load_model(_WORKDIR.value, _HF_MODEL.value,
+                                                        _DTYPE.value, _STEP.value)
     if _HF_MODEL.value:
-        model_config, params, tokenizer = hf.load_hf(_HF_MODEL.value, _DTYPE.value)
-        if tokenizer is None:
-            raise app.UsageError(f"{_HF_MODEL.value} has no tokenizer.json or tokenizer.model")
         source = {"hf_model": os.path.abspath(_HF_MODEL.value), "dtype": _DTYPE.value}
     else:
-        params, model_config, tokenizer = checkpoint.load_params(_WORKDIR.value, step=_STEP.value)
         source = {"workdir": os.path.abspath(_WORKDIR.value),
                   "step_dir": checkpoint.resolve_step_dir(_WORKDIR.value, _STEP.value)}
     return params, model_config, tokenizer, {

@@ -82,14 +82,7 @@ def sampling_config() -> sample.SamplingConfig:
 
 def load_model():
     """(params, model_config, tokenizer) from --workdir or --hf_model."""
-    if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
-        raise app.UsageError("give exactly one of --workdir and --hf_model")
-    if _HF_MODEL.value:
-        model_config, params, tokenizer = hf.load_hf(_HF_MODEL.value, _DTYPE.value)
-        if tokenizer is None:
-            raise app.UsageError(f"{_HF_MODEL.value} has no tokenizer.json or tokenizer.model")
-        return params, model_config, tokenizer
-    return checkpoint.load_params(_WORKDIR.value, step=_STEP.value)
+    return common.load_model(_WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value)
 
 
 def main(argv):

@@ -130,15 +130,10 @@ def test_unknown_key_suggests_the_closest(tiny_config):
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory, pigs_text_module):
+def text_file(tmp_path_factory, pigs_text):
     path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text(pigs_text_module)
+    path.write_text(pigs_text)
     return str(path)
-
-
-@pytest.fixture(scope="module")
-def pigs_text_module():
-    return "".join(f"{i} little pigs went to market; {i * 7 % 13} came home.\n" for i in range(300))
 
 
 TINY = ["--config.model.num_layers=1", "--config.model.embed_dim=32", "--config.model.num_heads=2",

@@ -23,6 +23,7 @@ never coexist. Only the `.bin` path imports torch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -359,8 +360,30 @@ def _param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
 
 
 def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON file's object; ValueError naming the file and what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): the folder is damaged or incomplete "
+                         "(re-download or re-export it)") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(content).__name__}")
+    return content
+
+
+@contextlib.contextmanager
+def _weights_file(path: str):
+    """Errors while reading a weights file name the file (a truncated download otherwise
+    surfaces as a bare deserialisation message)."""
+    try:
+        yield
+    except Exception as e:  # SafetensorError, or torch.load's RuntimeError and pickle errors
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot read the weights file {path}: {type(e).__name__}: {e} "
+                         "(is it truncated or damaged? re-download or re-export the folder)"
+                         ) from None
 
 
 def read_hf_config(folder: str) -> dict:
@@ -406,7 +429,7 @@ class _Checkpoint:
         if os.path.isfile(os.path.join(folder, SAFETENSORS_FILE)):
             from safetensors import safe_open
             path = os.path.join(folder, SAFETENSORS_FILE)
-            with safe_open(path, "np") as f:
+            with _weights_file(path), safe_open(path, "np") as f:
                 self.file_of = {name: path for name in f.keys()}
         elif os.path.isfile(os.path.join(folder, SAFETENSORS_INDEX)):
             self.file_of = files_of(SAFETENSORS_INDEX)
@@ -427,7 +450,8 @@ class _Checkpoint:
     @staticmethod
     def _load_bin(path: str) -> dict:
         import torch  # only this path needs torch
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        with _weights_file(path):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
     def names(self) -> set[str]:
         return set(self.file_of)
@@ -440,7 +464,7 @@ class _Checkpoint:
         for path, file_names in by_file.items():
             if path.endswith(".safetensors"):
                 from safetensors import safe_open
-                with safe_open(path, "np") as f:
+                with _weights_file(path), safe_open(path, "np") as f:
                     for name in file_names:
                         yield name, f.get_tensor(name)
             else:

@@ -324,6 +324,18 @@ def test_folder_without_config(tmp_path):
         hf.load_hf(str(tmp_path))
 
 
+def test_damaged_folder_names_the_file(tmp_path):
+    save_hf_model("gpt2", tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])  # a cut download
+    with pytest.raises(ValueError, match="cannot read the weights file .*model.safetensors.*"
+                                         "truncated or damaged"):
+        hf.load_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", ')
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        hf.load_hf(str(tmp_path))
+
+
 def test_unsupported_model_type(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match="unsupported Hugging Face model_type 'bert'; supported "

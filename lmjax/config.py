@@ -274,6 +274,9 @@ def default_config():
     c.train.steps_per_call = 1  # micro-steps per jitted call (lax.scan): less dispatch, same result
     c.train.eval_every = 250  # 0 = only at the end
     c.train.eval_batches = 20  # validation batches per eval; -1 = the whole validation set
+    # The last evaluation's batches: 0 = train.eval_batches, -1 = the whole validation set (quick
+    # estimates during the run, the exact figure at its end).
+    c.train.final_eval_batches = 0
     c.train.checkpoint_every = 500  # 0 = only at the end
     c.train.keep_checkpoints = 3
     c.train.keep_best = False  # also keep the checkpoint with the lowest validation loss
@@ -357,6 +360,9 @@ def validate(config, num_devices: int | None = None) -> None:
                                                     or train.eval_batches == -1),
            "train.eval_batches", train.eval_batches,
            "an integer >= 1, or -1 (the whole validation set)")
+    _check(isinstance(train.final_eval_batches, int) and train.final_eval_batches >= -1,
+           "train.final_eval_batches", train.final_eval_batches,
+           "an integer >= 1, 0 (= train.eval_batches) or -1 (the whole validation set)")
     _check(_is_number(train.sample_temperature) and train.sample_temperature >= 0,
            "train.sample_temperature", train.sample_temperature,
            "a finite number >= 0 (0 = greedy)")

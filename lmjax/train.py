@@ -15,6 +15,7 @@ import math
 import os
 import signal
 import sys
+import time
 from typing import Any, Callable, Iterable
 
 import flax
@@ -294,11 +295,21 @@ def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, 
     return cross_entropy(logits_BxLxV, batch["targets"], batch["mask"])
 
 
+EVAL_AHEAD = 8  # evaluation batches dispatched before the oldest one's sums are fetched
+
+
 def evaluate(eval_fn, params, batches: Iterable[Batch]) -> dict[str, float]:
     """Token-weighted validation loss and perplexity over `batches`."""
-    total, count = 0.0, 0.0
+    # Up to EVAL_AHEAD batches in flight: fetching each batch's sums at once kept the host from
+    # preparing the next batch while the device computed. The sums are the same floats.
+    in_flight, sums = collections.deque(), []
     for batch in batches:
-        loss_sum, n = eval_fn(params, batch)
+        in_flight.append(eval_fn(params, batch))
+        if len(in_flight) > EVAL_AHEAD:
+            sums.append(jax.device_get(in_flight.popleft()))
+    sums.extend(jax.device_get(list(in_flight)))
+    total, count = 0.0, 0.0
+    for loss_sum, n in sums:
         total, count = total + float(loss_sum), count + float(n)
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
@@ -322,7 +333,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     checkpoint (`optim.skip_nonfinite=True`: such steps are passed over and counted instead).
     The workdir is locked for the run (`lmjax.lock`): a second run on it fails at once.
 
-    Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', ...}.
+    Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', 'seconds',
+    ...}; 'seconds' says where the wall time went: compile (the first training call), train,
+    eval, save (checkpoints' synchronous part), other (data, initialisation, samples), total.
     Each step below is a public function a notebook can call on its own.
     """
     config = prepare_config(config)
@@ -355,6 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
                         preemption: "_PreemptionWatcher") -> dict[str, Any]:
     """`train_and_evaluate` once the workdir is locked and its Checkpointer open."""
+    start = time.perf_counter()
     init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
     data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
     check_sample_prompt(config, data.tokenizer)  # before compiling anything
@@ -372,9 +386,12 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
         with nn.logical_axis_rules(axis_rules):
             state, history, preempted_at = train_loop(
                 config, workdir, ckpt, data, mcfg, tx, schedule, state, state_sh, preemption)
+            wait_start = time.perf_counter()
             ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
+            history["seconds"]["save"] += time.perf_counter() - wait_start
             samples = [] if preempted_at is not None else end_of_run_samples(
                 config, state.params, mcfg, data.tokenizer)
+    _account_time(history["seconds"], time.perf_counter() - start)
     result = {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
               "samples": samples, "preempted": preempted_at is not None, **history}
     if preempted_at is not None:
@@ -385,6 +402,14 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
     for text in samples:
         print("-" * 40 + "\n" + text)
     return result
+
+
+def _account_time(seconds: dict[str, float], total: float) -> None:
+    """Adds 'total' and 'other' (data, initialisation, samples) to the loop's `seconds` and logs
+    them: where a run's wall time went."""
+    seconds.update(total=total, other=max(total - sum(seconds.values()), 0.0))
+    logging.info("time: %s", ", ".join(f"{name} {value:.1f} s" for name, value in
+                                       seconds.items()))
 
 
 def check_sample_prompt(config: ml_collections.ConfigDict, tokenizer) -> None:
@@ -600,6 +625,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
                        in_shardings=(state_sh.params, batch_sh))
     eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
     max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
+    final_batches = config.train.final_eval_batches or config.train.eval_batches
+    max_final_eval = None if final_batches < 0 else final_batches
     micro_step = int(state.step)
     log = metrics_lib.MetricsLog(
         workdir, start_micro=micro_step, num_micro_steps=num_micro_steps, accum=accum,
@@ -609,10 +636,14 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
     own_watcher = preemption is None
     preemption, preempted_at = preemption or _PreemptionWatcher(), None
     check, in_flight = nonfinite_check(config, ckpt), collections.deque()
+    # Where the loop's time goes: the first call (the compile), evaluations, checkpoint saves
+    # (their synchronous part) and the rest, the training steps.
+    seconds, loop_start = {"compile": 0.0, "eval": 0.0, "save": 0.0}, time.perf_counter()
     try:
         while micro_step < num_micro_steps:
             end = _call_end(config, micro_step, num_micro_steps) if per_call > 1 else micro_step + 1
             batches = [data.train.batch(k) for k in range(micro_step, end)]
+            call_start = time.perf_counter()
             if per_call == 1:
                 state, metrics = step_fn(state, sharding_lib.put_batch(batches[0], batch_sh))
                 call_metrics = [metrics]
@@ -620,6 +651,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
                 state, stacked = step_fn(state, put_batches(batches, batch_sh))
                 call_metrics = [jax.tree.map(lambda x, i=i: x[i], stacked)
                                 for i in range(end - micro_step)]
+            if not in_flight and not seconds["compile"]:
+                seconds["compile"] = time.perf_counter() - call_start
             in_flight.append(list(enumerate(call_metrics, micro_step)))
             for k, metrics in in_flight[-1]:
                 log.record(k, metrics)
@@ -633,24 +666,31 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
             save_due = is_last or (config.train.checkpoint_every
                                    and step % config.train.checkpoint_every == 0)
             result = None
-            if save_due or stop:
+            eval_due = ((config.train.eval_every and step % config.train.eval_every == 0)
+                        or is_last or (save_due and config.train.keep_best and not stop))
+            if save_due or stop or eval_due:
                 wait_for_device(in_flight, 0, check)  # never a checkpoint past a bad step
-            if ((config.train.eval_every and step % config.train.eval_every == 0) or is_last
-                    or (save_due and config.train.keep_best and not stop)):
-                result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
+            if eval_due:
+                eval_start = time.perf_counter()
+                result = evaluate(eval_fn, state.params, data.val.eval_batches(
+                    max_final_eval if is_last else max_eval))
                 log.log_eval(step, result)
+                seconds["eval"] += time.perf_counter() - eval_start
             if save_due or stop:
                 log.write_losses()  # a checkpoint never covers a step missing from the log
+                save_start = time.perf_counter()
                 ckpt.save(state, step=step, micro_step=micro_step, config=config,
                           model_config=mcfg, tokenizer=data.tokenizer,
                           metrics=None if result is None else {"val_loss": result["loss"]},
                           reason="preemption" if stop else "final" if is_last else "periodic")
+                seconds["save"] += time.perf_counter() - save_start
             if stop:
                 preempted_at = step
                 break
             if result is not None or save_due:
                 log.restart_clock()  # eval and save time is not training time
         wait_for_device(in_flight, 0, check)
+        seconds["train"] = time.perf_counter() - loop_start - sum(seconds.values())
     except NonFiniteLossError:
         log.write_losses()  # the bad step's loss is in metrics.jsonl too
         raise
@@ -658,7 +698,7 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
         if own_watcher:
             preemption.uninstall()
         log.close()
-    return state, log.history, preempted_at
+    return state, {**log.history, "seconds": seconds}, preempted_at
 
 
 class _PreemptionWatcher:

@@ -20,6 +20,15 @@ def token_stores(tmp_path_factory) -> str:
     return folder
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory) -> str:
+    """The commands' persistent XLA cache (`commands.common.use_compilation_cache`) of the
+    session's subprocesses goes to a temporary folder too, not ~/.cache/lmjax/xla."""
+    folder = str(tmp_path_factory.mktemp("xla_cache"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_shakespeare_path() -> str:
     """Path of nanoGPT's tiny shakespeare (skips the test when absent)."""

@@ -49,7 +49,8 @@ TINY = {"model.embed_dim": 32, "model.mlp_dim": 128, "model.num_layers": 2, "mod
         "data.seq_len": 32, "data.batch_size": 4, "train.num_steps": NUM_STEPS,
         "train.checkpoint_every": CHECKPOINT_EVERY, "train.keep_checkpoints": 3,
         "train.num_samples": 0, "train.progress_bar": False, "train.log_every": 1,
-        "train.eval_every": 0, "train.eval_batches": 2, "optim.warmup_steps": 10}
+        "train.eval_every": 0, "train.eval_batches": 2, "train.final_eval_batches": 0,
+        "train.steps_per_call": 1, "optim.warmup_steps": 10}
 
 
 def launcher_cmd(text_file, workdir, **overrides):

@@ -27,7 +27,8 @@ NOT_RUN = {
     "gcloud": "a TPU pod",
 }
 SHORT_RUN = ["--config.train.num_steps=2", "--config.optim.warmup_steps=1",
-             "--config.train.eval_batches=1", "--config.train.num_samples=0"]
+             "--config.train.eval_batches=1", "--config.train.final_eval_batches=0",
+             "--config.train.num_samples=0"]
 SMALL_GPT2 = ["--config.model.num_layers=1", "--config.model.embed_dim=64",
               "--config.model.num_heads=4", "--config.model.mlp_dim=128",
               "--config.data.seq_len=64"]

@@ -41,6 +41,7 @@ BAD = [
     ("train.keep_checkpoints=0", ">= 1"),
     ("train.eval_batches=0", "-1 (the whole validation set)"),
     ("train.eval_batches=-2", "-1 (the whole validation set)"),
+    ("train.final_eval_batches=-3", "0 (= train.eval_batches)"),
     ("train.num_samples=-1", ">= 0"),
     ("train.sample_len=0", ">= 1"),
     ("train.sample_temperature=-0.5", ">= 0"),

@@ -7,6 +7,7 @@ import os
 import sys
 import traceback
 
+import jax
 from absl import app, logging
 
 from lmjax import checkpoint, configs, hf
@@ -60,16 +61,30 @@ def setup_logging() -> None:
     checkpoint.quiet_orbax_logs()  # Orbax logs through absl's logger: filtered by file
 
 
+def use_compilation_cache() -> None:
+    """XLA's persistent compilation cache for every command: a program compiled once (by any
+    run of this user with the same shapes, config and JAX) is read back from disk instead of
+    compiled again. JAX's own settings win: `JAX_COMPILATION_CACHE_DIR` picks the folder,
+    `JAX_ENABLE_COMPILATION_CACHE=false` turns it off; the default folder is
+    ~/.cache/lmjax/xla, capped at 4 GiB (least recently used entries go first)."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(
+            os.path.expanduser("~"), ".cache", "lmjax", "xla"))
+        if jax.config.jax_compilation_cache_max_size < 0:
+            jax.config.update("jax_compilation_cache_max_size", 4 << 30)
+
+
 def run(main, argv: list[str]) -> None:
     """`absl.app.run(main)` over `argv` with `--config=NAME` expanded; a bad name or an
     override of a field that does not exist is a usage error (exit code 2), before any flag is
-    parsed."""
+    parsed. Compiled programs are cached on disk across runs (`use_compilation_cache`)."""
     try:
         argv = expand_config_flag(argv)
         check_overrides(argv)
     except ValueError as e:
         print(f"{argv[0]}: {e}", file=sys.stderr)
         sys.exit(2)
+    use_compilation_cache()
     app.run(main, argv=argv)
 
 

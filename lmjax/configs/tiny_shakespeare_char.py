@@ -22,6 +22,12 @@ def get_config(path: str = "../shared/data/tinyshakespeare.txt"):
     config.optim.warmup_steps, config.optim.b2 = 100, 0.99
     config.optim.weight_decay, config.optim.grad_clip = 0.1, 1.0
     config.train.num_steps = 2000
+    # Wall time, launch to exit (benchmarks/tiny_shakespeare_quality.py prints where it goes):
+    # 10 steps per jitted call (one dispatch, one batch transfer and one host round trip per 10
+    # steps: a baby-sized step is short enough for those to dominate one step per call);
+    # nanoGPT's 20-batch estimate every 250 steps, and the whole validation split at the end.
+    config.train.steps_per_call = 10
     config.train.eval_every = 250
-    config.train.eval_batches = -1  # the whole validation set
+    config.train.eval_batches = 20
+    config.train.final_eval_batches = -1
     return config

@@ -186,11 +186,13 @@ def _adam_leaves(opt_state):
 
 def test_lora_run_trains_adapters_only_and_resumes_bit_exactly(tmp_path, tiny_config, capsys):
     source = str(tmp_path / "source")
-    base_run = train.train_and_evaluate(tiny_config(num_steps=3, eval_every=0), source)
+    source_config = tiny_config(num_steps=3, eval_every=0)
+    source_config.optim.warmup_steps = 1
+    base_run = train.train_and_evaluate(source_config, source)
     config = tiny_config(num_steps=6, eval_every=3, checkpoint_every=3, keep_checkpoints=3)
     config.init_from = source
     config.lora.update(rank=4, alpha=8.0, targets="query,key,value,out,up,down", dropout=0.1)
-    config.optim.update(grad_accum=2, learning_rate=1e-2)
+    config.optim.update(grad_accum=2, learning_rate=1e-2, warmup_steps=1)
     config.model.dtype = "bfloat16"  # mixed precision: float32 adapters and base
     whole = train.train_and_evaluate(config, str(tmp_path / "lora"))
     state = whole["state"]
@@ -208,7 +210,7 @@ def test_lora_run_trains_adapters_only_and_resumes_bit_exactly(tmp_path, tiny_co
     assert info["config"]["init_from"] == os.path.join(source, "checkpoints", "3")
     adapters, saved_config, _ = ckpt_lib.load_params(step_dir)
     assert saved_config.lora_rank == 4 and model_lib.count_params(adapters) == model_lib.count_params(
-        state.params) < model_lib.count_params(state.frozen) / 10
+        state.params) < model_lib.count_params(state.frozen) / 4
 
     # Resume: the run killed after step 5 (step 6 never saved) reruns bit for bit.
     resumed_dir = str(tmp_path / "resumed")

@@ -94,18 +94,6 @@ def test_bad_lora_fields_name_the_field(change, message):
         tiny(**{"lora_rank": 4, "mlp": "gelu", **change})
 
 
-def test_merge_equals_adapted_model_in_float32_and_bfloat16():
-    for dtype, tol in (("float32", 1e-5), ("bfloat16", 0.1)):
-        config = tiny(lora_rank=4, lora_alpha=8.0, lora_targets="query,key,value,out,gate,up,down",
-                      dtype=dtype, lora_use_rslora=dtype == "bfloat16")
-        params = lora.combine(model_lib.split_adapters(init_params(config, jax.random.key(1)))[0],
-                              random_adapters(config))
-        merged, plain = lora.merge(params, config)
-        assert plain.lora_rank == 0 and not model_lib.split_adapters(merged)[1]
-        np.testing.assert_allclose(lmjax_logits(plain, merged), lmjax_logits(config, params),
-                                   atol=tol)
-
-
 # ----------------------------------------------------------------------------- PEFT interop
 
 GPT2_ALL = "query,value,out,up,down"  # not key: c_attn's B keeps a zero block for it
@@ -267,6 +255,26 @@ def test_lora_from_hf_folder_exports_to_peft_and_samples_with_adapter(tmp_path, 
     assert done.stdout.split("-" * 40 + "\n")[1].strip() == ("3 little" + expected).strip()
 
 
+def test_lora_state_shardings_follow_the_kernels():
+    """On a (data 2, fsdp 2, tensor 2) mesh the adapters split as their kernels do (rank axis
+    replicated), the frozen base as a plain model's params, and Adam's moments as the adapters."""
+    from lmjax import sharding
+    from lmjax.config import default_config
+    mesh_config = default_config().mesh
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    config = tiny(lora_rank=4, lora_targets=LLAMA_ALL)
+    tx, _ = train.make_optimizer(default_config().optim, 10)
+    state_sh = train.state_shardings(config, tx, mesh, sharding.rules(mesh_config))
+    spec = lambda tree, *path: tuple(functools.reduce(lambda t, k: t[k], path, tree).spec)
+    assert spec(state_sh.params, "blocks_0", "attn", "query", "lora_a") == ("fsdp", None)
+    assert spec(state_sh.params, "blocks_0", "attn", "key", "lora_b") == (None, "tensor", None)
+    assert spec(state_sh.params, "blocks_1", "mlp", "proj", "lora_a") == ("tensor", None)
+    assert spec(state_sh.frozen, "blocks_0", "attn", "query", "kernel") == ("fsdp", "tensor", None)
+    mu = _adam_leaves(state_sh.opt_state)[0]
+    assert spec(mu, "blocks_0", "attn", "query", "lora_a") == ("fsdp", None)
+
+
+@pytest.mark.slow  # two processes, 8 simulated devices: ~45 s on 2 quiet cores
 def test_lora_mesh_matches_one_device(tmp_path, pigs_text):
     """8 simulated devices (data 2, fsdp 2, tensor 2) train the adapters as one device does."""
     corpus = tmp_path / "corpus.txt"

@@ -2,6 +2,7 @@ r"""`lmjax eval`: perplexity, multiple choice and generation metrics of a run or
 
   lmjax eval --workdir=workdirs/demo --task=perplexity --data=val
   lmjax eval --hf_model=models/gpt2 --task=perplexity --data=wiki.test.txt --stride=512
+  lmjax eval --hf_model=models/gpt2 --adapter=my_peft_adapter --task=perplexity --data=val.txt
   lmjax eval --workdir=W --task=multiple_choice --data=questions.jsonl
   lmjax eval --workdir=workdirs/demo --task=next_line --data=val --limit=200
   lmjax eval --workdir=W --task=generate --data=prompts.jsonl --greedy --stop="\n"

@@ -53,7 +53,8 @@ setuptools.setup(
         "eval": [LM_EVAL],  # the `lmjax` model of lm-evaluation-harness (lmjax/lm_eval_model.py)
         "test": ["pytest>=8", "pytest-xdist", "setuptools>=70.1", "transformers>=4.45", TORCH, "nbclient",
                  "nbformat", "ipykernel", "matplotlib", "scipy", LM_EVAL,
-                 "accelerate"],  # lm_eval's `hf` model, the reference of tests/test_lm_eval.py
+                 "accelerate",  # lm_eval's `hf` model, the reference of tests/test_lm_eval.py
+                 "peft>=0.21"],  # Hugging Face PEFT: the reference of tests/test_lora.py
     },
     entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main"]},
 )

@@ -50,7 +50,7 @@ from absl import logging
 from lmjax import integrity
 from lmjax import model as model_lib
 from lmjax import tokenizers
-from lmjax.config import ModelConfig
+from lmjax.config import ModelConfig, lora_fields
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -59,7 +59,7 @@ JSON_ITEMS = ("meta", "config", "model_config", "tokenizer")
 
 # Model fields a resume may change: they alter neither the parameter tree nor the function
 # computed at inference (dropout is training-only; dtype/remat change precision/memory only).
-SAFE_MODEL_FIELDS = ("dropout", "dtype", "remat", "init_std")
+SAFE_MODEL_FIELDS = ("dropout", "dtype", "remat", "init_std", "lora_dropout")
 # Fields that fix the parameter shapes: `init_from` (fine-tuning) needs these to match.
 SHAPE_MODEL_FIELDS = ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len",
                       "num_kv_heads", "head_dim", "position", "norm", "mlp", "bias",
@@ -152,8 +152,11 @@ def _sharded(tree, sharding):
 
 
 def abstract_params(model_config: ModelConfig, sharding=None):
-    """Shapes/dtypes/shardings of a model's parameters (no memory, no compute)."""
+    """Shapes/dtypes/shardings of a model's parameters (no memory, no compute); a LoRA model's
+    adapters alone (what a LoRA run saves: lmjax/lora.py)."""
     shapes = jax.eval_shape(lambda rng: model_lib.init_params(model_config, rng), jax.random.key(0))
+    if model_config.lora_rank:
+        shapes = model_lib.split_adapters(shapes)[1]
     return _sharded(shapes, sharding)
 
 
@@ -248,7 +251,8 @@ def check_resume_config(saved_config: dict, saved_model: dict,
     Raises IncompatibleCheckpointError naming every field that changes the model or the
     optimizer-state tree (`model.num_layers: checkpoint 6, config 4`).
     """
-    fields = config.model.to_dict()
+    fields = {k: v for k, v in config.model.to_dict().items() if not k.startswith("lora_")}
+    fields.update(lora_fields(config))
     if not fields.get("vocab_size"):  # 0 = the tokenizer's: the checkpoint's tokenizer
         fields["vocab_size"] = saved_model.get("vocab_size")
     try:

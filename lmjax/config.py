@@ -59,6 +59,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: str = "none"  # none | full | dots: rematerialise each block in the backward pass
+    # LoRA adapters (lmjax/lora.py; the experiment config's `lora` section): rank 0 = none.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # scale = alpha / rank (alpha / sqrt(rank) with lora_use_rslora)
+    lora_targets: str = "query,value"  # comma-separated LORA_TARGETS names
+    lora_dropout: float = 0.0  # on the adapter's input, in training only
+    lora_use_rslora: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -70,6 +76,12 @@ class ModelConfig:
     @property
     def head_size(self) -> int:
         return self.head_dim or self.embed_dim // self.num_heads
+
+    @property
+    def lora_scale(self) -> float:
+        """What a LoRA adapter's output is multiplied by (PEFT's `scaling`)."""
+        return self.lora_alpha / (math.sqrt(self.lora_rank) if self.lora_use_rslora
+                                  else self.lora_rank)
 
     def validate(self) -> None:
         """Raises ValueError naming the offending field and the allowed values."""
@@ -116,6 +128,24 @@ class ModelConfig:
                     f"model.{name}={getattr(self, name)!r} must be a finite number > 0")
         if not (math.isfinite(self.init_std) and self.init_std >= 0):
             raise ValueError(f"model.init_std={self.init_std!r} must be a finite number >= 0")
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora.rank={self.lora_rank!r} must be an integer >= 0 (0 = off)")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+                and self.lora_alpha > 0):
+            raise ValueError(f"lora.alpha={self.lora_alpha!r} must be a finite number > 0")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0.0 <= self.lora_dropout < 1.0):
+            raise ValueError(f"lora.dropout={self.lora_dropout!r} must be in [0, 1)")
+        if not self.lora_rank:
+            return
+        mlp = ("gate", "up", "down") if self.mlp == "swiglu" else ("up", "down")
+        allowed = ("query", "key", "value", "out") + mlp
+        targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else None
+        if not targets or any(t not in allowed for t in targets):
+            raise ValueError(f"lora.targets={self.lora_targets!r} must be comma-separated names "
+                             f"of {', '.join(allowed)} (model.mlp={self.mlp!r})")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -203,8 +233,20 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
 
 
 def preset_fields(name: str, **overrides: Any) -> dict[str, Any]:
-    """Every ModelConfig field of a preset as a dict (for `config.model.update(...)`)."""
-    return {**dataclasses.asdict(preset(name)), **overrides}
+    """Every ModelConfig field of a preset as a dict (for `config.model.update(...)`), but the
+    LoRA ones (the experiment config's `lora` section sets those, see `lora_fields`)."""
+    fields = {k: v for k, v in dataclasses.asdict(preset(name)).items()
+              if not k.startswith("lora_")}
+    return {**fields, **overrides}
+
+
+def lora_fields(config) -> dict[str, Any]:
+    """The ModelConfig fields (`lora_rank`, ...) of an experiment config's `lora` section."""
+    lora = config.get("lora", None)
+    if lora is None:
+        return {}
+    return dict(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=lora.targets,
+                lora_dropout=lora.dropout, lora_use_rslora=lora.use_rslora)
 
 
 def default_config():
@@ -252,6 +294,15 @@ def default_config():
     c.data.store_dir = ""
     c.data.shard_mb = 64  # text per shard (and per unit of work of a prepare worker)
     c.data.prepare_workers = 0  # processes that tokenize; 0 = one per CPU
+
+    # LoRA fine-tuning (lmjax/lora.py, Hu et al. 2021): rank > 0 trains low-rank adapters on the
+    # targeted projections only; the base (init_from's params, else fresh from seed) is frozen.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0 = off (every weight trains)
+    c.lora.alpha = 16.0  # the adapters' scale is alpha / rank (PEFT's lora_alpha)
+    c.lora.dropout = 0.0  # on each adapter's input (PEFT's lora_dropout)
+    c.lora.targets = "query,value"  # comma-separated: query, key, value, out, up, gate, down
+    c.lora.use_rslora = False  # scale alpha / sqrt(rank) (Kalajdzievski 2023)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak, after linear warmup from 0

@@ -35,7 +35,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from lmjax import checkpoint, evaluate, hf, sample
+from lmjax import evaluate, hf, lora, sample
 
 
 @register_model("lmjax")
@@ -54,8 +54,10 @@ class LmjaxLM(TemplateLM):
             if self.lmjax_tokenizer is None:
                 raise ValueError(f"hf_model={hf_model} has no tokenizer.json or tokenizer.model")
         else:
-            self.params, self.model_config, self.lmjax_tokenizer = checkpoint.load_params(
+            self.params, self.model_config, self.lmjax_tokenizer = lora.load_params(
                 workdir, step=None if step is None else int(step))
+            if self.model_config.lora_rank:  # a LoRA run: its adapters folded into its base
+                self.params, self.model_config = lora.merge(self.params, self.model_config)
         self.source = workdir or hf_model
         if str(batch_size).startswith("auto"):
             batch_size = 8  # no memory probing: a fixed batch

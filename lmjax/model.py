@@ -14,7 +14,7 @@ Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -245,10 +245,22 @@ def _cached_attention(q_BxLxHxK: jax.Array, k_CxTxK: jax.Array, v_CxTxK: jax.Arr
     return out_CxQxK.reshape(J, B, E, R, L, K).transpose(1, 4, 0, 2, 3, 5).reshape(B, L, H, K)
 
 
+# LoRA (Hu et al. 2021, lmjax/lora.py): the Projection names that each `lora_targets` entry
+# means (GPT-2's MLP is fc/proj, LLaMA's gate/up/proj), and the names of the adapter leaves.
+LORA_TARGETS = {"query": "query", "key": "key", "value": "value", "out": "out", "fc": "up",
+                "up": "up", "gate": "gate", "proj": "down"}
+LORA_PARAMS = ("lora_a", "lora_b")
+
+
 class Projection(nn.Module):
     """`x @ kernel + bias` contracting x's last `len(in_shape)` axes, with a kernel of shape
     in_shape + out_shape kept unflattened, so every axis carries its logical name. Computed in
-    `config.dtype` with float32 accumulation (`matmul`)."""
+    `config.dtype` with float32 accumulation (`matmul`).
+
+    With `config.lora_rank` r > 0 and this projection's name in `config.lora_targets`, a LoRA
+    adapter adds `lora_scale * dropout(x) @ lora_a @ lora_b` (lora_a [in.., r] uniform in
+    +-1/sqrt(fan_in) and lora_b [r, out..] zero, as PEFT initialises them: step 0 is the base);
+    its dropout is on when the apply has a 'dropout' rng (training)."""
 
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
@@ -271,6 +283,18 @@ class Projection(nn.Module):
                                                    self.names[len(self.in_shape):]),
                               self.out_shape, cfg.param_dtype)
             y = y + bias
+        if cfg.lora_rank and LORA_TARGETS.get(self.name) in cfg.lora_targets.split(","):
+            n_in, r = len(self.in_shape), cfg.lora_rank  # the rank axis is replicated (None)
+            a = self.param("lora_a", _partitioned(nn.initializers.variance_scaling(
+                1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=-1),
+                self.names[:n_in] + (None,)), self.in_shape + (r,), cfg.param_dtype)
+            b = self.param("lora_b", _partitioned(nn.initializers.zeros,
+                                                  (None,) + self.names[n_in:]),
+                           (r,) + self.out_shape, cfg.param_dtype)
+            if cfg.lora_dropout and self.has_rng("dropout"):
+                x = nn.Dropout(cfg.lora_dropout, deterministic=False)(x)
+            xa = matmul(f"{lead}{ins},{ins}r->{lead}r", x, a, cfg.dtype)
+            y = y + cfg.lora_scale * matmul(f"{lead}r,r{outs}->{lead}{outs}", xa, b, cfg.dtype)
         return y.astype(cfg.dtype)
 
 
@@ -479,6 +503,22 @@ def _abstract_boxed_params(config: ModelConfig) -> dict:
 def logical_axes(config: ModelConfig) -> dict:
     """The pytree of logical axis names of every parameter (for sharding), without any compute."""
     return nn.get_partition_spec(_abstract_boxed_params(config))
+
+
+def split_adapters(params: dict) -> tuple[dict, dict]:
+    """(base, adapters) of a parameter tree: the LoRA leaves (`LORA_PARAMS`) and the rest, each
+    as a nested dict of the same paths (boxed or plain leaves alike)."""
+    base, adapters = {}, {}
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            sub_base, sub_adapters = split_adapters(value)
+            if sub_base:
+                base[key] = sub_base
+            if sub_adapters:
+                adapters[key] = sub_adapters
+        else:
+            (adapters if key in LORA_PARAMS else base)[key] = value
+    return base, adapters
 
 
 def count_params(params) -> int:

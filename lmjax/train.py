@@ -32,6 +32,7 @@ from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import hf
 from lmjax import lock as lock_lib
+from lmjax import lora as lora_lib
 from lmjax import metrics as metrics_lib
 from lmjax import model as model_lib
 from lmjax import sample as sample_lib
@@ -53,6 +54,9 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # base key; step k uses fold_in(rng, k), so resume needs no RNG replay
+    # LoRA (lmjax/lora.py): the frozen base, with `params` the adapters alone (so gradients,
+    # optimizer state and checkpoints cover only them); None when every weight trains.
+    frozen: Any = None
 
 
 # ----------------------------------------------------------------------------- config checks
@@ -121,8 +125,10 @@ def check_data_files(data_config: ml_collections.ConfigDict) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of an experiment; `model.vocab_size=0` takes the tokenizer's vocab size."""
-    fields = config.model.to_dict()
+    """The ModelConfig of an experiment; `model.vocab_size=0` takes the tokenizer's vocab size;
+    the lora_* fields come from the `lora` section."""
+    fields = {k: v for k, v in config.model.to_dict().items() if not k.startswith("lora_")}
+    fields.update(config_lib.lora_fields(config))
     if not fields.get("vocab_size"):
         fields["vocab_size"] = vocab_size
     elif fields["vocab_size"] < vocab_size:
@@ -172,8 +178,11 @@ def _boxed_train_state(config: ModelConfig, tx: optax.GradientTransformation,
                        rng: jax.Array) -> TrainState:
     init_rng, train_rng = jax.random.split(rng)
     params = model_lib.init_boxed_params(config, init_rng)  # leaves carry logical axis names
+    frozen = None
+    if config.lora_rank:  # LoRA: the optimizer sees the adapters only
+        frozen, params = model_lib.split_adapters(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=train_rng)
+                      rng=train_rng, frozen=frozen)
 
 
 def create_train_state(config: ModelConfig, tx: optax.GradientTransformation,
@@ -235,9 +244,11 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
     `metrics['skipped']` is 1. (optax.apply_if_finite checks the gradients only and changes the
     optimizer-state tree, so checkpoints of the two settings could not resume each other.)
     """
-    use_dropout = config.dropout > 0
+    use_dropout = config.dropout > 0 or (config.lora_rank and config.lora_dropout > 0)
     dropout_rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, config, dropout_rng)
+    # A LoRA run differentiates its adapters only (state.params), the base frozen beside them.
+    trainable_loss = lambda p, *args: loss_fn(lora_lib.combine(state.frozen, p), *args)
+    loss, grads = jax.value_and_grad(trainable_loss)(state.params, batch, config, dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -373,6 +384,9 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
     data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
     check_sample_prompt(config, data.tokenizer)  # before compiling anything
     mcfg = model_config(config, data.tokenizer.vocab_size)
+    if mcfg.lora_rank:  # every checkpoint names the exact base its adapters belong to
+        config = config.copy_and_resolve_references()
+        config.init_from = lora_base_reference(config, ckpt, init_from)
     _log_model_and_data(config, mcfg, data)
     mesh = sharding_lib.make_mesh(config.mesh)
     axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
@@ -390,7 +404,7 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
             ckpt.wait()  # the final (or preemption) checkpoint is on disk before we go on
             history["seconds"]["save"] += time.perf_counter() - wait_start
             samples = [] if preempted_at is not None else end_of_run_samples(
-                config, state.params, mcfg, data.tokenizer)
+                config, lora_lib.combine(state.frozen, state.params), mcfg, data.tokenizer)
     _account_time(history["seconds"], time.perf_counter() - start)
     result = {"state": state, "model_config": mcfg, "tokenizer": data.tokenizer,
               "samples": samples, "preempted": preempted_at is not None, **history}
@@ -434,7 +448,8 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         hf_model = dataclasses.asdict(hf.config_from_hf(hf.read_hf_config(folder)))
         config = config.copy_and_resolve_references()
         keep = {"dropout", "dtype", "param_dtype", "remat"}
-        config.model.update({k: v for k, v in hf_model.items() if k not in keep})
+        config.model.update({k: v for k, v in hf_model.items()
+                             if k not in keep and not k.startswith("lora_")})
         config.tokenizer.kind, config.tokenizer.path = "hf", folder
     validate_config(config)
     return config
@@ -508,8 +523,19 @@ def initial_state(config: ml_collections.ConfigDict, mcfg: ModelConfig,
                                    check=_resume_check(config))  # None: no verified step
     if restored is not None:
         state, meta = restored
+        if mcfg.lora_rank:  # a LoRA checkpoint holds the adapters: the base is read again
+            state = state.replace(frozen=lora_lib.load_base(config.init_from, mcfg, config.seed,
+                                                            state_sh.frozen))
         message = (f"resuming from checkpoint step {meta['step']} (micro-step "
                    f"{meta['micro_step']}) in {ckpt.step_dir(meta['step'])}")
+    elif mcfg.lora_rank:  # fresh adapters (and optimizer) on the frozen base
+        adapters_only = jax.jit(  # XLA drops the unused random base
+            lambda rng: create_train_state(mcfg, tx, rng).replace(frozen=None),
+            out_shardings=state_sh.replace(frozen=None))
+        state = adapters_only(jax.random.key(config.seed)).replace(
+            frozen=lora_lib.load_base(config.init_from, mcfg, config.seed, state_sh.frozen))
+        message = (f"LoRA: training {model_lib.count_params(state.params):,} adapter parameters "
+                   f"on the frozen base {config.init_from or f'from seed {config.seed}'}")
     elif config.init_from:
         params, source = _init_from_params(config, mcfg, state_sh, init_from)
         _, train_rng = jax.random.split(jax.random.key(config.seed))
@@ -523,6 +549,19 @@ def initial_state(config: ml_collections.ConfigDict, mcfg: ModelConfig,
         message = "starting from scratch"
     print(message, flush=True)
     return state
+
+
+def lora_base_reference(config, ckpt: checkpoint_lib.Checkpointer, init_from: dict | None) -> str:
+    """The base of a LoRA run, pinned: the one its checkpoints name (resuming), else
+    `config.init_from`'s step folder (`hf:` + the absolute folder); '' = fresh from seed."""
+    for step in reversed(ckpt.all_steps()):
+        try:
+            return ckpt.read_info(step)["config"].get("init_from", "")
+        except checkpoint_lib.CheckpointError:
+            continue
+    if config.init_from.startswith("hf:"):
+        return "hf:" + os.path.abspath(config.init_from[len("hf:"):])
+    return init_from["step_dir"] if init_from else config.init_from
 
 
 def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from: dict | None):
@@ -622,7 +661,7 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
                              skip_nonfinite=config.optim.skip_nonfinite)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg),
-                       in_shardings=(state_sh.params, batch_sh))
+                       in_shardings=(lora_lib.combine(state_sh.frozen, state_sh.params), batch_sh))
     eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
     max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
     final_batches = config.train.final_eval_batches or config.train.eval_batches
@@ -672,8 +711,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
                 wait_for_device(in_flight, 0, check)  # never a checkpoint past a bad step
             if eval_due:
                 eval_start = time.perf_counter()
-                result = evaluate(eval_fn, state.params, data.val.eval_batches(
-                    max_final_eval if is_last else max_eval))
+                result = evaluate(eval_fn, lora_lib.combine(state.frozen, state.params),
+                                  data.val.eval_batches(max_final_eval if is_last else max_eval))
                 log.log_eval(step, result)
                 seconds["eval"] += time.perf_counter() - eval_start
             if save_due or stop:

@@ -25,6 +25,8 @@ def tiny_config(job):
     config.train.update(num_steps=job.get("num_steps", 10), log_every=1, eval_every=0,
                         eval_batches=2, checkpoint_every=job.get("checkpoint_every", 0),
                         keep_checkpoints=5, num_samples=0, progress_bar=False)
+    config.lora.rank = job.get("lora_rank", 0)  # tests/test_lora.py: adapters on every projection
+    config.lora.targets = "query,key,value,out,gate,up,down"
     for axis, size in job.get("mesh", {}).items():
         config.mesh[axis] = size
     return config

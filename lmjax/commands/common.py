@@ -10,7 +10,7 @@ import traceback
 import jax
 from absl import app, logging
 
-from lmjax import checkpoint, configs, hf
+from lmjax import checkpoint, configs, hf, lora
 
 # Third-party loggers that write INFO lines nobody acts on (e.g. jax's "Unable to initialize
 # backend 'tpu'" on every CPU start); their warnings still show.
@@ -97,14 +97,26 @@ def fail(program: str, error: BaseException, code: int) -> None:
     sys.exit(code)
 
 
-def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int | None = None):
+def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int | None = None,
+               adapter: str | None = None):
     """(params, model_config, tokenizer) of exactly one of `workdir` (its newest verified step,
-    or `step`) and `hf_model` (a Hugging Face folder with a tokenizer, loaded as `dtype`)."""
+    or `step`) and `hf_model` (a Hugging Face folder with a tokenizer, loaded as `dtype`).
+
+    `adapter`: a PEFT LoRA folder or a LoRA run's workdir / step folder, applied onto that base.
+    A LoRA run's own workdir brings its base. Adapters come back merged into the weights
+    (`lora.merge`: sampling at the base model's speed)."""
     if (workdir is None) == (hf_model is None):
         raise app.UsageError("give exactly one of --workdir and --hf_model")
     if hf_model:
         model_config, params, tokenizer = hf.load_hf(hf_model, dtype)
         if tokenizer is None:
             raise app.UsageError(f"{hf_model} has no tokenizer.json or tokenizer.model")
-        return params, model_config, tokenizer
-    return checkpoint.load_params(workdir, step=step)
+    else:
+        params, model_config, tokenizer = lora.load_params(workdir, step=step)
+    if adapter:
+        if model_config.lora_rank:
+            params, model_config = lora.merge(params, model_config)
+        params, model_config = lora.apply_adapter(params, model_config, adapter)
+    if model_config.lora_rank:
+        params, model_config = lora.merge(params, model_config)
+    return params, model_config, tokenizer

@@ -2,6 +2,7 @@ r"""`lmjax eval`: perplexity, multiple choice and generation metrics of a run or
 
   lmjax eval --workdir=workdirs/demo --task=perplexity --data=val
   lmjax eval --hf_model=models/gpt2 --task=perplexity --data=wiki.test.txt --stride=512
+  lmjax eval --hf_model=models/gpt2 --adapter=my_peft_adapter --task=perplexity --data=val.txt
   lmjax eval --workdir=W --task=multiple_choice --data=questions.jsonl
   lmjax eval --workdir=workdirs/demo --task=next_line --data=val --limit=200
   lmjax eval --workdir=W --task=generate --data=prompts.jsonl --greedy --stop="\n"
@@ -41,6 +42,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder o
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder or "
+                               "a LoRA run's workdir (merged into the weights).")
 _TASK = flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
 _DATA = flags.DEFINE_string("data", None, "The documents (see the module docstring).")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Perplexity window (default model.max_len).")
@@ -100,12 +103,14 @@ def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
 def load_model():
     """(params, model_config, tokenizer, description) of --workdir or --hf_model."""
     params, model_config, tokenizer = common.load_model(_WORKDIR.value, _HF_MODEL.value,
-                                                        _DTYPE.value, _STEP.value)
+                                                        _DTYPE.value, _STEP.value, _ADAPTER.value)
     if _HF_MODEL.value:
         source = {"hf_model": os.path.abspath(_HF_MODEL.value), "dtype": _DTYPE.value}
     else:
         source = {"workdir": os.path.abspath(_WORKDIR.value),
                   "step_dir": checkpoint.resolve_step_dir(_WORKDIR.value, _STEP.value)}
+    if _ADAPTER.value:
+        source["adapter"] = os.path.abspath(_ADAPTER.value)
     return params, model_config, tokenizer, {
         **source, "model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.kind}
 

@@ -2,6 +2,7 @@ r"""`lmjax sample`: text from a trained run or a Hugging Face folder, with the K
 
   lmjax sample --workdir=workdirs/demo --prompt="ROMEO." --num_samples=3 --temperature=0.8
   lmjax sample --hf_model=models/gpt2 --prompt="Hello" --greedy
+  lmjax sample --hf_model=models/gpt2 --adapter=my_peft_adapter --prompt="Hello"   # + LoRA
   lmjax sample --workdir=DIR --num_beams=4 --length_penalty=0.8 --no_repeat_ngram_size=3 \
       --num_return_sequences=2 --stop=$'\n\n'
 
@@ -25,6 +26,8 @@ from lmjax.logits_process import hf_generation_fields
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder or params export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder or "
+                               "a LoRA run's workdir (merged into the weights).")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Prompt(s); repeat the flag for several.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Runs of each prompt (rows of the batch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (a batch is reproducible given it).")
@@ -82,7 +85,8 @@ def sampling_config() -> sample.SamplingConfig:
 
 def load_model():
     """(params, model_config, tokenizer) from --workdir or --hf_model."""
-    return common.load_model(_WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value)
+    return common.load_model(_WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value,
+                             _ADAPTER.value)
 
 
 def main(argv):

@@ -544,7 +544,7 @@ class Engine:
             if finish:
                 self._finish(seq, finish, chunk=chunk)
             else:
-                seq.emit(chunk)
+                _send(seq, chunk)
 
     def _finish(self, seq: Sequence, reason: str, chunk: Chunk | None = None, note: str = ""):
         """Frees the sequence's slot and sends its last chunk."""
@@ -554,9 +554,18 @@ class Engine:
         if seq.slot is not None and self._rows[seq.slot] is seq:
             self._rows[seq.slot] = None
             self._positions[seq.slot] = self._feed[seq.slot] = self._steps[seq.slot] = 0
-        seq.emit(chunk or Chunk(note if reason == "error" else "", [], [], [], reason))
+        _send(seq, chunk or Chunk(note if reason == "error" else "", [], [], [], reason))
         for hook in self.on_finish:
             hook(seq)
+
+
+def _send(seq: Sequence, chunk: Chunk) -> None:
+    """seq.emit(chunk); a failing callback is logged and cancels its sequence, nothing else."""
+    try:
+        seq.emit(chunk)
+    except Exception:  # one failed request never takes the server down
+        logging.exception("serve: a sequence's emit callback failed")
+        seq.cancelled = True
 
 
 def place_on_mesh(params: Any, model_config: ModelConfig, tensor: int = 1, fsdp: int = 1):

@@ -96,7 +96,10 @@ def _prompts(value, tokenizer, vocab_size: int) -> list[list[int]]:
     out = []
     for item in value:
         if isinstance(item, str):
-            ids = list(tokenizer.encode(item))
+            try:
+                ids = list(tokenizer.encode(item))
+            except ValueError as e:  # e.g. a character the tokenizer has never seen
+                raise ApiError(400, f"prompt cannot be encoded: {e}", "prompt") from None
             if not ids and getattr(tokenizer, "bos_id", None) is not None:
                 ids = [tokenizer.bos_id]
         elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool)

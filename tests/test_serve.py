@@ -108,9 +108,9 @@ def test_greedy_and_seeded_requests_equal_offline_generate():
 
 
 def test_seeded_request_same_alone_or_among_15_others():
-    def request(**kw):
-        return serve.Sequence(ids("21 little pigs"), 20, None, temperature=1.0, top_p=0.95,
-                              seed=1234, **kw)
+    def request(emit=None):
+        return serve.Sequence(ids("21 little pigs"), 20, emit, temperature=1.0, top_p=0.95,
+                              seed=1234)
 
     engine = make_engine(slots=16)
     try:
@@ -120,7 +120,7 @@ def test_seeded_request_same_alone_or_among_15_others():
         others = [serve.Sequence(ids(PROMPTS[i % 8]), int(rng.integers(3, 30)), None,
                                  temperature=float(rng.choice([0.0, 0.7, 1.5])),
                                  top_k=int(rng.integers(0, 10)), seed=i) for i in range(15)]
-        crowded, start = request(), engine.steps
+        crowded, start = request(emit=lambda chunk: None), engine.steps
         # The request arrives after the others have decoded three steps.
         engine.on_step.append(lambda e: e.steps == start + 3 and not crowded.submitted
                               and e.submit(crowded))
@@ -340,7 +340,7 @@ def test_client_disconnect_frees_its_slot(server):
 
 
 def test_full_queue_answers_503_with_retry_after():
-    s = Server(make_engine(slots=1, max_queue=3))
+    s = Server(make_engine(max_queue=3))  # 4 slots, as the module server: no new compile
     try:
         s.engine.pause()
         with httpx.Client(base_url=s.url, timeout=60) as client:

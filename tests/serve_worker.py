@@ -13,10 +13,10 @@ from lmjax.model import init_params
 
 
 def tokens(params, config, tokenizer, **mesh):
-    engine = serve.Engine(params, config, tokenizer, slots=4, cache_len=32, **mesh)
-    engine.start()
-    prompts = ["ROMEO.", "To be, or not", "a", "the quick brown fox"]
-    seqs = [serve.Sequence(list(p.encode()), 12, lambda chunk: None,
+    engine = serve.Engine(params, config, tokenizer, slots=4, cache_len=16, **mesh)
+    engine.start()  # one prefill bucket (16); prompt + new tokens fill the cache: it shifts
+    prompts = ["ROMEO.", "To be", "a", "fox"]
+    seqs = [serve.Sequence(list(p.encode()), 16 - len(p), lambda chunk: None,
                            temperature=t, top_k=k, seed=i)
             for i, p in enumerate(prompts) for t, k in ((0.0, 0), (1.0, 8))]
     engine.submit(seqs)

@@ -83,25 +83,25 @@ def test_warp_rows_equals_transformers_warpers_per_row():
 
 
 def test_greedy_and_seeded_requests_equal_offline_generate():
-    """Eight requests through four slots of a 32-slot cache: later ones are inserted while
-    others decode, and the cache shifts; each equals `generate` of its prompt alone."""
-    engine = make_engine(cache_len=32)
+    """Six requests through four slots: later ones are inserted while others decode, and the
+    cache shifts (its write slot passes the end); each equals `generate` of its prompt alone."""
+    engine = make_engine()
+    short = [p for p in PROMPTS if len(p) <= 16]  # one bucket: one compile of generate
     try:
-        seqs = [serve.Sequence(ids(p), 32 - len(ids(p)), None, temperature=0.0)
-                for p in PROMPTS]
-        seqs += [serve.Sequence(ids(p), 12, None, temperature=0.9, top_k=6, top_p=0.9, seed=7,
-                                choice=1) for p in (PROMPTS[0], PROMPTS[2])]
+        seqs = [serve.Sequence(ids(p), 40, None, temperature=0.0) for p in short]
+        seqs += [serve.Sequence(ids(p), 40, None, temperature=0.9, top_k=6, top_p=0.9, seed=7,
+                                choice=1) for p in short[:2]]
         chunks = run_all(engine, seqs)
-        assert engine.steps > 32  # the write slot went round the cache at least once
+        assert engine.steps > 64 - 16  # the write slot passed the end of the cache
     finally:
         engine.stop()
-    for s in seqs[:len(PROMPTS)]:
-        assert s.ids == generate(s.prompt_ids, s.max_tokens, temperature=0.0)[0]
+    for s in seqs[:len(short)]:
+        assert s.ids == generate(s.prompt_ids, 40, temperature=0.0)[0]
         assert s.finish_reason == "length"
         assert "".join(c.text for c in chunks[id(s)]) == TOKENIZER.decode(s.ids)
-    for s in seqs[len(PROMPTS):]:  # generate's row 1 of num_return_sequences=2, seed 7
+    for s in seqs[len(short):]:  # generate's row 1 of num_return_sequences=2, seed 7
         out = sample_lib.generate(PARAMS, CONFIG, [s.prompt_ids], SamplingConfig(
-            max_new_tokens=12, temperature=0.9, top_k=6, top_p=0.9, num_return_sequences=2),
+            max_new_tokens=40, temperature=0.9, top_k=6, top_p=0.9, num_return_sequences=2),
             rng=7)
         assert s.ids == np.asarray(out.tokens)[1].tolist()
         np.testing.assert_allclose(s._logprobs, np.asarray(out.logprobs)[1], atol=2e-5)
@@ -369,17 +369,16 @@ def test_chat_completions_with_the_tokenizers_chat_template(tmp_path):
     from conftest import write_random_gpt2
     folder = str(tmp_path / "gpt2")
     write_random_gpt2(folder, TEXT * 4, vocab_size=300, n_positions=128)
-    template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}"
-                "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
+                "{% endfor %}{% if add_generation_prompt %}bot:{% endif %}")
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": "<|endoftext|>", "chat_template": template}, f)
     config, params, tokenizer = hf.load_hf(folder)
-    messages = [{"role": "system", "content": "be brief"},
-                {"role": "user", "content": "7 little pigs"}]
+    messages = [{"role": "user", "content": "7 pigs"}]
     reference = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(
         messages, add_generation_prompt=True, tokenize=False)
     assert serve_http.render_chat(tokenizer, messages) == reference
-    engine = serve.Engine(params, config, tokenizer, slots=2)
+    engine = serve.Engine(params, config, tokenizer, slots=2, cache_len=32)
     engine.start()
     s = Server(engine, "gpt2")
     try:

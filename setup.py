@@ -3,6 +3,7 @@
     pip install .                 # the library and the `lmjax` command
     pip install ".[test]"         # + what the tests compare against (PyTorch, transformers, ...)
     pip install ".[eval]"         # + lm-evaluation-harness (lmjax's model for `lm_eval`)
+    pip install ".[serve]"        # + the HTTP server `lmjax-serve` (FastAPI, uvicorn)
 
 Lower bounds are the oldest versions the tests pass on (`make test-min` installs exactly them).
 """
@@ -18,6 +19,7 @@ with open("lmjax/__init__.py", encoding="utf-8") as f:
 # https://download.pytorch.org/whl/cpu (the default wheel bundles CUDA, several GB).
 TORCH = "torch>=2.4"
 LM_EVAL = "lm-eval>=0.4.13"  # the version the tests ran on
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "jinja2>=3.1"]
 
 setuptools.setup(
     name="lmjax",
@@ -50,11 +52,14 @@ setuptools.setup(
         "torch": [TORCH],  # Hugging Face folders with PyTorch `.bin` weights
         "tfds": ["tensorflow-datasets>=4.9", "array_record", "importlib_resources"],
         "tensorboard": ["tensorboard"],
+        "serve": SERVE,  # lmjax-serve: the OpenAI-compatible HTTP server (lmjax/serve_http.py)
         "eval": [LM_EVAL],  # the `lmjax` model of lm-evaluation-harness (lmjax/lm_eval_model.py)
         "test": ["pytest>=8", "pytest-xdist", "setuptools>=70.1", "transformers>=4.45", TORCH, "nbclient",
                  "nbformat", "ipykernel", "matplotlib", "scipy", LM_EVAL,
                  "accelerate",  # lm_eval's `hf` model, the reference of tests/test_lm_eval.py
-                 "peft>=0.21"],  # Hugging Face PEFT: the reference of tests/test_lora.py
+                 "peft>=0.21",  # Hugging Face PEFT: the reference of tests/test_lora.py
+                 "openai>=1.0", "httpx>=0.27"] + SERVE,  # the clients of tests/test_serve.py
     },
-    entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main"]},
+    entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main",
+                                      "lmjax-serve = lmjax.commands.serve:console"]},
 )

@@ -179,14 +179,16 @@ def forward(params, model_config: ModelConfig, tokens_BxL: jax.Array, positions_
 
 
 def prefill(params, model_config: ModelConfig, prompt_BxL: jax.Array, lengths_B: jax.Array,
-            cache_len: int, layout: CacheLayout = CacheLayout()) -> tuple[jax.Array, KVCache]:
-    """One forward pass over the left-padded prompts: (logits at slot L - 1 [B, V], cache)."""
+            cache_len: int, layout: CacheLayout = CacheLayout(), every_slot: bool = False
+            ) -> tuple[jax.Array, KVCache]:
+    """One forward pass over the left-padded prompts: (logits at slot L - 1 [B, V], cache);
+    `every_slot`: the logits of every slot [B, L, V] (the server's prompt logprobs)."""
     B, L = prompt_BxL.shape
     # Padding gets position 0 (its keys are masked; a negative position has no embedding).
     positions_BxL = jnp.maximum(jnp.arange(L, dtype=jnp.int32) - (L - lengths_B)[:, None], 0)
     logits_BxLxV, cache = forward(params, model_config, prompt_BxL, positions_BxL,
                                   new_cache(model_config, B, cache_len, layout), 0, layout)
-    return logits_BxLxV[:, -1], cache
+    return (logits_BxLxV if every_slot else logits_BxLxV[:, -1]), cache
 
 
 def forward_one(params, model_config: ModelConfig, tokens_B: jax.Array, positions_B: jax.Array,

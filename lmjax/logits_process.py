@@ -360,6 +360,40 @@ def sample_logits(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingCo
     return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
 
 
+def warp_rows(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,
+              top_p_B: jax.Array) -> jax.Array:
+    """`warp_logits` with each row's own settings (arrays [B]; the server's decode slots): the
+    same operations in the same order, so a row's warped logits equal warp_logits' for its
+    settings. top_k 0 (or >= V) and top_p 1.0 are off; temperature must be > 0 (a greedy row's
+    result is not used)."""
+    logits_BxV = logits_BxV.astype(jnp.float32) / temperature_B[:, None]
+    V = logits_BxV.shape[-1]
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
+    # top-k: the k-th largest (the value lax.top_k gives) is the threshold; ties kept.
+    k_on_B = (top_k_B > 0) & (top_k_B < V)
+    kth_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.clip(top_k_B - 1, 0, V - 1)[:, None], axis=-1)
+    kth_Bx1 = jnp.where(k_on_B[:, None], kth_Bx1, -jnp.inf)
+    logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    # top-p over what top-k kept (the sorted top-k-masked logits, as warp_logits sorts them).
+    sorted_BxV = jnp.where(sorted_BxV < kth_Bx1, -jnp.inf, sorted_BxV)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    keep_Bx1 = jnp.sum(mass_before_BxV < top_p_B[:, None], axis=-1, keepdims=True)
+    threshold_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.maximum(keep_Bx1, 1) - 1, axis=-1)
+    threshold_Bx1 = jnp.where((top_p_B < 1.0)[:, None], threshold_Bx1, -jnp.inf)
+    return jnp.where(logits_BxV < threshold_Bx1, -jnp.inf, logits_BxV)
+
+
+def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Array,
+                top_k_B: jax.Array, top_p_B: jax.Array) -> jax.Array:
+    """`sample_logits` with each row's own settings: argmax where temperature is 0, else a draw
+    from `warp_rows` with the row's key."""
+    greedy_B = temperature_B == 0
+    warped_BxV = warp_rows(logits_BxV, jnp.where(greedy_B, 1.0, temperature_B), top_k_B, top_p_B)
+    drawn_B = jax.vmap(jax.random.categorical)(keys_B, warped_BxV)
+    return jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), drawn_B).astype(jnp.int32)
+
+
 def row_keys(rng: jax.Array, batch: int) -> jax.Array:
     """Row b's key: fold_in(rng, b)."""
     return jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch))

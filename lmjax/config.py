@@ -18,6 +18,8 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
+    "quantization": ("none", "int8"),
+    "kv_cache_dtype": ("auto", "int8"),
 }
 
 
@@ -59,6 +61,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: str = "none"  # none | full | dots: rematerialise each block in the backward pass
+    # Inference only (lmjax/quantize.py): int8 stores every projection kernel and the embedding
+    # as int8 with float32 scales per output channel (per vocabulary row for the embedding).
+    quantization: str = "none"  # none | int8
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | int8: int8 keys/values, a scale per token/head
 
     def __post_init__(self):
         self.validate()

@@ -9,7 +9,7 @@ import traceback
 
 from absl import app, logging
 
-from lmjax import checkpoint, configs, hf
+from lmjax import checkpoint, configs, hf, quantize
 
 # Third-party loggers that write INFO lines nobody acts on (e.g. jax's "Unable to initialize
 # backend 'tpu'" on every CPU start); their warnings still show.
@@ -82,14 +82,22 @@ def fail(program: str, error: BaseException, code: int) -> None:
     sys.exit(code)
 
 
-def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int | None = None):
+def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int | None = None,
+               weights_dtype: str | None = None):
     """(params, model_config, tokenizer) of exactly one of `workdir` (its newest verified step,
-    or `step`) and `hf_model` (a Hugging Face folder with a tokenizer, loaded as `dtype`)."""
+    or `step`) and `hf_model` (a Hugging Face folder with a tokenizer, loaded as `dtype`).
+
+    weights_dtype: None (as stored), 'float32', 'bfloat16' or 'int8' (`quantize.convert`, once,
+    here): the dtype the weights are kept in while decoding.
+    """
     if (workdir is None) == (hf_model is None):
         raise app.UsageError("give exactly one of --workdir and --hf_model")
+    quantize.check_weights_dtype(weights_dtype)
     if hf_model:
         model_config, params, tokenizer = hf.load_hf(hf_model, dtype)
         if tokenizer is None:
             raise app.UsageError(f"{hf_model} has no tokenizer.json or tokenizer.model")
-        return params, model_config, tokenizer
-    return checkpoint.load_params(workdir, step=step)
+    else:
+        params, model_config, tokenizer = checkpoint.load_params(workdir, step=step)
+    params, model_config = quantize.convert(params, model_config, weights_dtype)
+    return params, model_config, tokenizer

@@ -20,6 +20,18 @@ Beam search (4 beams, batch 1, 128 new tokens, no end token, so both run every s
 more row, timed the same way (a steady call, after a compile / warm-up call), lmjax's
 `generate(num_beams=4)` beside HF's `generate(num_beams=4)` on the same weights.
 
+**Weights dtypes** (`--weights`): GPT-2 124M and a LLaMA-style model of similar size (llama_125m:
+12 layers x 768, GQA 12/4 heads, SwiGLU, vocab 32000), side by side: lmjax float32, bfloat16
+(`--weights_dtype=bfloat16`), int8 weight-only and int8 weights + int8 KV cache (lmjax/quantize.py),
+Hugging Face generate in float32 and, on the LLaMA-style model, with PyTorch's own int8 CPU
+recipe (`torch.ao.quantization.quantize_dynamic` of every `nn.Linear`; GPT-2's `Conv1D` layers
+are not `nn.Linear`, so that recipe does not apply to it). Each row gives tok/s, the bytes a
+decode step reads (weights, and the KV cache at the run's mean length) and the fraction of the
+bound those bytes set at the measured read bandwidth.
+
+    python benchmarks/sample_speed.py --weights --batches=1 --lengths=128   # a short run
+    python benchmarks/sample_speed.py --weights                             # 1 and 8, 128 and 512
+
 Prints a JSON object and a Markdown table.
 """
 from __future__ import annotations
@@ -136,6 +148,32 @@ def hf_beam(model, prompts: np.ndarray, new_tokens: int, beams: int) -> tuple[np
     return out[:, prompts.shape[1]:].numpy(), seconds
 
 
+def to_hf_llama(params, config):
+    """An HF `LlamaForCausalLM` holding lmjax LLaMA-style params (`lmjax.hf.save_hf`)."""
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    from lmjax import hf
+    with tempfile.TemporaryDirectory() as folder:
+        hf.save_hf(folder, config, params, model_type="llama")
+        return LlamaForCausalLM.from_pretrained(folder).eval()
+
+
+def torch_int8(model):
+    """PyTorch's dynamic int8 quantization of every nn.Linear (weights int8, activations
+    quantized per call), and the bytes a decode step reads with it (Linear weights 1 byte,
+    everything else 4)."""
+    import torch
+
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    total = sum(p.numel() for p in model.parameters())
+    embed = model.get_input_embeddings().weight.numel()  # one row read per step
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear},
+                                                       dtype=torch.qint8)
+    return quantized, linear + 4 * (total - linear - embed)
+
+
 # ------------------------------------------------------------------------------------- lmjax
 
 
@@ -173,6 +211,92 @@ def beam_row(params, config, prompts: np.ndarray, hf_model, beams: int = 4,
     return row
 
 
+def cache_bytes_per_step(config, batch: int, mean_len: float) -> float:
+    """KV-cache bytes one decode step reads at `mean_len` cached tokens (keys and values of every
+    layer; an int8 cache's scales included)."""
+    per_token = 2 * config.num_layers * batch * config.kv_heads
+    if config.kv_cache_dtype == "int8":
+        return per_token * mean_len * (config.head_size + 4)
+    return per_token * mean_len * config.head_size * np.dtype(config.dtype).itemsize
+
+
+def weights_rows(args, bandwidth: float) -> list[dict]:
+    """The --weights table: every dtype of lmjax and the HF peers, per model, batch, length."""
+    from lmjax import quantize
+
+    rows = []
+    for model_name in args.models.split(","):
+        config = preset(model_name)
+        params = init_params(config, jax.random.key(0))
+        prompts = np.random.RandomState(0).randint(0, config.vocab_size, (8, PROMPT_LEN))
+        variants = {}
+        for name, dtype, kv in (("lmjax f32", None, False), ("lmjax bf16", "bfloat16", False),
+                                ("lmjax int8", "int8", False),
+                                ("lmjax int8 + int8 KV", "int8", True)):
+            vparams, vconfig = quantize.convert(params, config, dtype)
+            variants[name] = (vparams, quantize.with_int8_kv_cache(vconfig, kv))
+        peers = {}
+        if not args.no_hf:
+            import torch
+            torch.set_num_threads(args.hf_threads or 1)
+            hf_model = (to_hf_gpt2 if config.position == "learned" else to_hf_llama)(params, config)
+            peers["HF f32"] = (hf_model, weight_bytes_per_step(params))
+            if config.position == "rope":  # nn.Linear layers: PyTorch's int8 recipe applies
+                peers["HF + torch int8 (quantize_dynamic)"] = torch_int8(to_hf_llama(params, config))
+        for batch in [int(b) for b in args.batches.split(",")]:
+            for n in [int(x) for x in args.lengths.split(",")]:
+                mean_len = PROMPT_LEN + n / 2
+                reference = None
+                for name, (vparams, vconfig) in variants.items():
+                    lmjax_generate(vparams, vconfig, prompts[:batch], n)  # compiles
+                    tokens, seconds = lmjax_generate(vparams, vconfig, prompts[:batch], n)
+                    reference = tokens if reference is None else reference
+                    wbytes = weight_bytes_per_step(vparams) if name == "lmjax f32" else (
+                        quantize.weight_bytes(vparams) - _pos_rows_bytes(vparams))
+                    rows.append(_row(model_name, name, batch, n, seconds, wbytes,
+                                     cache_bytes_per_step(vconfig, batch, mean_len), bandwidth,
+                                     float((tokens == reference).mean())))
+                    print(json.dumps(rows[-1]), flush=True)
+                for name, (model, wbytes) in peers.items():
+                    hf_generate(model, prompts[:batch], 4)  # warm-up
+                    tokens, seconds = hf_generate(model, prompts[:batch], n)
+                    rows.append(_row(model_name, name, batch, n, seconds, wbytes,
+                                     cache_bytes_per_step(config, batch, mean_len), bandwidth,
+                                     float((tokens == reference).mean())))
+                    print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def _pos_rows_bytes(params) -> int:
+    """GPT-2's position table minus the one row a step reads."""
+    pos = params.get("pos_embed")
+    return 0 if pos is None else (pos.size - pos.shape[1]) * pos.dtype.itemsize
+
+
+def _row(model, name, batch, n, seconds, wbytes, cbytes, bandwidth, agree) -> dict:
+    bound = bandwidth / (wbytes + cbytes) * batch
+    return dict(model=model, weights=name, batch=batch, new_tokens=n,
+                tokens_per_s=batch * n / seconds, weight_mb_per_step=wbytes / 1e6,
+                cache_mb_per_step=cbytes / 1e6, bytes_per_token=(wbytes + cbytes) / batch,
+                bound_tokens_per_s=bound, fraction_of_bound=batch * n / seconds / bound,
+                greedy_agree_with_lmjax_f32=agree)
+
+
+def print_weights_table(rows: list[dict]) -> None:
+    print("\n| model | weights | batch | new tokens | tok/s | x lmjax f32 | weights MB/step "
+          "| KV MB/step | bytes/token | bound tok/s | of bound | greedy = f32 |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    base = {}
+    for r in rows:
+        key = (r["model"], r["batch"], r["new_tokens"])
+        base.setdefault(key, r["tokens_per_s"])
+        print(f"| {r['model']} | {r['weights']} | {r['batch']} | {r['new_tokens']} | "
+              f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base[key]:.2f}x | "
+              f"{r['weight_mb_per_step']:.0f} | {r['cache_mb_per_step']:.1f} | "
+              f"{r['bytes_per_token'] / 1e6:.1f} MB | {r['bound_tokens_per_s']:.1f} | "
+              f"{r['fraction_of_bound']:.0%} | {r['greedy_agree_with_lmjax_f32']:.0%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="128 new tokens only")
@@ -180,7 +304,24 @@ def main() -> None:
     parser.add_argument("--beam-only", action="store_true", help="only the beam-search row")
     parser.add_argument("--hf-threads", type=int, default=0,
                         help="torch threads for HF (0: the faster of 1 and all cores)")
+    parser.add_argument("--weights", action="store_true",
+                        help="the weights-dtype table (f32, bf16, int8, int8 + int8 KV, HF)")
+    parser.add_argument("--models", default="gpt2_124m,llama_125m", help="--weights: presets")
+    parser.add_argument("--batches", default="1,8", help="--weights: batch sizes")
+    parser.add_argument("--lengths", default="128,512", help="--weights: new tokens")
     args = parser.parse_args()
+    if args.weights:
+        env = _env.environment(peers=() if args.no_hf else ("torch", "transformers"))
+        load_before = os.getloadavg()
+        bandwidth = read_bandwidth()
+        rows = weights_rows(args, bandwidth)
+        print(json.dumps(dict(environment=env, read_bandwidth_gb_s=bandwidth / 1e9,
+                              load_average_before=load_before,
+                              load_average_after=os.getloadavg(), prompt_len=PROMPT_LEN,
+                              rows=rows), indent=1))
+        print("\n" + _env.measured_with(env) + f"; read bandwidth {bandwidth / 1e9:.1f} GB/s")
+        print_weights_table(rows)
+        return
     lengths = [128] if args.quick else [128, 512, 992]
     batches = [1, 8]
 

@@ -59,7 +59,7 @@ JSON_ITEMS = ("meta", "config", "model_config", "tokenizer")
 
 # Model fields a resume may change: they alter neither the parameter tree nor the function
 # computed at inference (dropout is training-only; dtype/remat change precision/memory only).
-SAFE_MODEL_FIELDS = ("dropout", "dtype", "remat", "init_std", "lora_dropout")
+SAFE_MODEL_FIELDS = ("dropout", "dtype", "remat", "init_std", "lora_dropout", "kv_cache_dtype")
 # Fields that fix the parameter shapes: `init_from` (fine-tuning) needs these to match.
 SHAPE_MODEL_FIELDS = ("vocab_size", "num_layers", "num_heads", "embed_dim", "mlp_dim", "max_len",
                       "num_kv_heads", "head_dim", "position", "norm", "mlp", "bias",
@@ -240,8 +240,11 @@ def model_differences(saved: dict, current: ModelConfig,
     current_dict = dataclasses.asdict(current)
     if fields is None:
         fields = tuple(k for k in current_dict if k not in SAFE_MODEL_FIELDS)
-    return [f"model.{k}: checkpoint {saved.get(k)!r}, config {current_dict[k]!r}"
-            for k in fields if saved.get(k) != current_dict[k]]
+    # A field that an older checkpoint does not record has its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    saved = {k: saved.get(k, defaults.get(k)) for k in fields}
+    return [f"model.{k}: checkpoint {saved[k]!r}, config {current_dict[k]!r}"
+            for k in fields if saved[k] != current_dict[k]]
 
 
 def check_resume_config(saved_config: dict, saved_model: dict,

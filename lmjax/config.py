@@ -18,6 +18,8 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
+    "quantization": ("none", "int8"),
+    "kv_cache_dtype": ("auto", "int8"),
 }
 
 
@@ -65,6 +67,10 @@ class ModelConfig:
     lora_targets: str = "query,value"  # comma-separated LORA_TARGETS names
     lora_dropout: float = 0.0  # on the adapter's input, in training only
     lora_use_rslora: bool = False
+    # Inference only (lmjax/quantize.py): int8 stores every projection kernel and the embedding
+    # as int8 with float32 scales per output channel (per vocabulary row for the embedding).
+    quantization: str = "none"  # none | int8
+    kv_cache_dtype: str = "auto"  # auto (= dtype) | int8: int8 keys/values, a scale per token/head
 
     def __post_init__(self):
         self.validate()

@@ -39,6 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from lmjax import model as model_lib
+from lmjax import quantize
 from lmjax import tokenizers as tokenizers_lib
 from lmjax.config import ModelConfig
 
@@ -565,6 +566,7 @@ def save_hf(folder: str, model_config: ModelConfig, params: dict,
     """
     from safetensors.numpy import save_file
 
+    params, model_config = quantize.dequantize(params, model_config)  # int8: float32 out
     hf = hf_config(model_config, model_type, tokenizer)
     model_type = hf["model_type"]
     # The HF side's config may have more biases than lmjax's (exported as zeros).

@@ -92,11 +92,29 @@ def apply_rope(x_BxLxNxK: jax.Array, positions_BxL: jax.Array, inv_freq_K2: jax.
 
 def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int | None = None,
                   dtype: Any = None) -> KVCache:
-    """An empty KV cache: per layer keys and values `[B * G, T, K]` (only the KV heads)."""
+    """An empty KV cache: per layer keys and values `[B * G, T, K]` (only the KV heads).
+
+    `config.kv_cache_dtype='int8'`: int8 keys and values, plus float32 scales `k_scale`,
+    `v_scale` `[B * G, T, 1]`, one per token and KV head (a trailing axis of 1, so every
+    function over the cache's [C, T, K] axes serves them too).
+    """
     shape = (batch_size * config.kv_heads, max_len or config.max_len, config.head_size)
+    if config.kv_cache_dtype == "int8":
+        scales = shape[:2] + (1,)
+        return [{"k": jnp.zeros(shape, jnp.int8), "v": jnp.zeros(shape, jnp.int8),
+                 "k_scale": jnp.zeros(scales, jnp.float32),
+                 "v_scale": jnp.zeros(scales, jnp.float32)} for _ in range(config.num_layers)]
     dtype = dtype or config.dtype
     return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
             for _ in range(config.num_layers)]
+
+
+def quantize_int8(x: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 quantization over `axes` (llama.cpp's Q8_0 rule): scale = max|x| / 127,
+    q = round(x / scale); returns (q int8, scale float32 with `axes` kept as size 1)."""
+    scale = jnp.abs(x.astype(jnp.float32)).max(axis=axes, keepdims=True) / 127.0
+    q = jnp.round(x.astype(jnp.float32) / jnp.where(scale == 0, 1.0, scale))
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
 def _write_slots(cache_CxTxK: jax.Array, new_BxLxGxK: jax.Array, cache_index,
@@ -148,18 +166,69 @@ def _low_precision_einsum_bwd(spec, dtype, ab, cotangent):
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
 
 
+def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
+    """`einsum(spec, x, y)` (float32) for a float x and an int8 y, as an integer dot: x is
+    quantized to int8 per row (symmetric, over the axes it contracts: PyTorch's dynamic
+    quantization, per token), multiplied with y in int32, and the result scaled back.
+
+    Hand-written because XLA:CPU (jax 0.10.2) has no fast dot with an int8 or bf16 operand: it
+    converts that operand to a full float32 copy, every call. Measured on this 2-core machine,
+    x [1, 768] @ w [768, 3072] (benchmarks/sample_speed.py's shapes): f32 dot 0.59 ms; f32 x with
+    the int8 w converted (in the dot or before it: the same HLO, also qwix 0.1.8's weight-only
+    `dot_general(x, qvalue) * scale`) 1.6-2.2 ms; bf16 x bf16 1.2 ms; multiply-and-reduce forms
+    37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO), and
+    0.47 ms vs 0.90 ms f32 at 8 rows. A dot with a single row is padded to two: XLA rewrites a
+    one-row dot into a multiply-reduce that materialises w as int32 (1.5 ms).
+    """
+    inputs, out = spec.split("->")
+    x_axes, y_axes = inputs.split(",")
+    contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
+    free = [i for i, c in enumerate(x_axes) if c in out and c not in y_axes]
+    x_q, x_scale = quantize_int8(x, contracted)
+    single = bool(free) and all(x.shape[i] == 1 for i in free)
+    if single:
+        x_q = jnp.concatenate([x_q, jnp.zeros_like(x_q)], axis=free[0])
+    y = jnp.einsum(spec, x_q, y_int8, preferred_element_type=jnp.int32)
+    if single:
+        y = jax.lax.slice_in_dim(y, 0, 1, axis=out.index(x_axes[free[0]]))
+    # x's scale (a size-1 axis per contracted one) laid out along the output's axes (x's
+    # letters keep their order in every spec here).
+    kept = [c for c in x_axes if c in out]
+    x_scale = x_scale.reshape([x.shape[x_axes.index(c)] for c in kept])
+    x_scale = jnp.expand_dims(x_scale, [i for i, c in enumerate(out) if c not in kept])
+    return y.astype(jnp.float32) * x_scale
+
+
+def int8_matmul(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
+                dtype: Any) -> jax.Array:
+    """`einsum(spec, x, kernel * scale)` for an int8 `kernel` and its float32 `scale` per output
+    channel (broadcast against the result's trailing axes): `int8_dot`, then the scale, so no
+    float copy of the kernel is ever made. Inference only (no gradient); float32 result."""
+    del dtype  # the dot is integer whatever the compute dtype
+    return int8_dot(spec, x, kernel) * scale
+
+
 def _attend(q_XxQxK: jax.Array, k_XxSxK: jax.Array, v_XxSxK: jax.Array,
-            mask_XxQxS: jax.Array) -> jax.Array:
+            mask_XxQxS: jax.Array, k_scale_Xx1xS: jax.Array | None = None,
+            v_scale_Xx1xS: jax.Array | None = None) -> jax.Array:
     """Softmax attention of scaled queries over keys where `mask` (broadcast to [X, Q, S]) is
     True, X independent groups at once, in the queries' dtype. Scores and the softmax are f32;
-    the softmax is normalised after the value matmul ([Q, K] divisions instead of [Q, S])."""
+    the softmax is normalised after the value matmul ([Q, K] divisions instead of [Q, S]).
+    With int8 keys/values, their per-key scales multiply the scores and the softmax weights
+    (`[X, Q, S]`), so the cache itself is never rescaled."""
     dtype = q_XxQxK.dtype
-    scores_XxQxS = matmul("xqk,xsk->xqs", q_XxQxK, k_XxSxK, dtype)
+    if k_scale_Xx1xS is not None:  # int8 cache: integer dots (see int8_dot)
+        scores_XxQxS = int8_dot("xqk,xsk->xqs", q_XxQxK, k_XxSxK) * k_scale_Xx1xS
+    else:
+        scores_XxQxS = matmul("xqk,xsk->xqs", q_XxQxK, k_XxSxK, dtype)
     scores_XxQxS = jnp.where(mask_XxQxS, scores_XxQxS, jnp.finfo(jnp.float32).min)
     # Subtracting the (constant) row max keeps exp finite; it needs no gradient.
     max_XxQx1 = jax.lax.stop_gradient(scores_XxQxS.max(-1, keepdims=True))
     weights_XxQxS = jnp.exp(scores_XxQxS - max_XxQx1)
-    out_XxQxK = matmul("xqs,xsk->xqk", weights_XxQxS, v_XxSxK, dtype)
+    if v_scale_Xx1xS is not None:
+        out_XxQxK = int8_dot("xqs,xsk->xqk", weights_XxQxS * v_scale_Xx1xS, v_XxSxK)
+    else:
+        out_XxQxK = matmul("xqs,xsk->xqk", weights_XxQxS, v_XxSxK, dtype)
     return (out_XxQxK / weights_XxQxS.sum(-1, keepdims=True)).astype(dtype)
 
 
@@ -229,11 +298,14 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.
     return out_BxGxLxRxK.transpose(0, 2, 1, 3, 4).reshape(B, L, H, K)
 
 
-def _cached_attention(q_BxLxHxK: jax.Array, k_CxTxK: jax.Array, v_CxTxK: jax.Array,
+def _cached_attention(q_BxLxHxK: jax.Array, cache: dict[str, jax.Array],
                       mask_BxLxT: jax.Array, groups: int) -> jax.Array:
     """Softmax attention of L new queries over the cache: the R query heads of KV head
     g = j * E + e (and the L tokens) become the Q = R * L queries of cache row (j * B + b) * E + e
-    (`groups` = J, see KVCache)."""
+    (`groups` = J, see KVCache). An int8 cache's scales [C, T, 1] scale the scores/weights."""
+    k_CxTxK, v_CxTxK = cache["k"], cache["v"]
+    scales = [None if name not in cache else cache[name].transpose(0, 2, 1)  # [C, 1, T]
+              for name in ("k_scale", "v_scale")]
     B, L, H, K = q_BxLxHxK.shape
     C, T, _ = k_CxTxK.shape
     J, E, R = groups, C // (B * groups), H * B // C
@@ -241,7 +313,7 @@ def _cached_attention(q_BxLxHxK: jax.Array, k_CxTxK: jax.Array, v_CxTxK: jax.Arr
                .reshape(C, R * L, K))
     mask_CxQxT = jnp.broadcast_to(mask_BxLxT[None, :, None, None],
                                   (J, B, E, R, L, T)).reshape(C, R * L, T)
-    out_CxQxK = _attend(q_CxQxK, k_CxTxK, v_CxTxK, mask_CxQxT)
+    out_CxQxK = _attend(q_CxQxK, k_CxTxK, v_CxTxK, mask_CxQxT, *scales)
     return out_CxQxK.reshape(J, B, E, R, L, K).transpose(1, 4, 0, 2, 3, 5).reshape(B, L, H, K)
 
 
@@ -272,12 +344,22 @@ class Projection(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale), self.names),
-                            self.in_shape + self.out_shape, cfg.param_dtype)
         # einsum letters: a.. x's leading axes, d.. the contracted ones, h.. the outputs.
         lead, ins = "abc"[:x.ndim - len(self.in_shape)], "defg"[:len(self.in_shape)]
         outs = "hijk"[:len(self.out_shape)]
-        y = matmul(f"{lead}{ins},{ins}{outs}->{lead}{outs}", x, kernel, cfg.dtype)
+        spec = f"{lead}{ins},{ins}{outs}->{lead}{outs}"
+        if cfg.quantization == "int8":  # int8 kernel, a float32 scale per output channel
+            kernel = self.param("kernel", _partitioned(nn.initializers.zeros, self.names),
+                                self.in_shape + self.out_shape, jnp.int8)
+            scale = self.param("scale", _partitioned(nn.initializers.ones,
+                                                     self.names[len(self.in_shape):]),
+                               self.out_shape, jnp.float32)
+            y = int8_matmul(spec, x, kernel, scale, cfg.dtype)
+        else:
+            kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale),
+                                                       self.names),
+                                self.in_shape + self.out_shape, cfg.param_dtype)
+            y = matmul(spec, x, kernel, cfg.dtype)
         if self.use_bias:
             bias = self.param("bias", _partitioned(nn.initializers.zeros,
                                                    self.names[len(self.in_shape):]),
@@ -296,6 +378,30 @@ class Projection(nn.Module):
             xa = matmul(f"{lead}{ins},{ins}r->{lead}r", x, a, cfg.dtype)
             y = y + cfg.lora_scale * matmul(f"{lead}r,r{outs}->{lead}{outs}", xa, b, cfg.dtype)
         return y.astype(cfg.dtype)
+
+
+class Int8Embed(nn.Module):
+    """The token embedding [V, D] stored as int8 with a float32 scale per vocabulary row (the
+    output channel of the tied logits): the parameters `embedding` and `scale` of nn.Embed's
+    place. Inference only."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "embedding", _partitioned(nn.initializers.zeros, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.embed_dim), jnp.int8)
+        self.scale = self.param("scale", _partitioned(nn.initializers.ones, ("vocab",)),
+                                (cfg.vocab_size,), jnp.float32)
+
+    def __call__(self, tokens_BxL):
+        rows_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(jnp.float32)
+        return (rows_BxLxD * jnp.take(self.scale, tokens_BxL)[..., None]).astype(self.config.dtype)
+
+    def attend(self, x_BxLxD):
+        """Tied logits [B, L, V]: x @ embedding.T, scaled per vocabulary row."""
+        return int8_matmul("bld,vd->blv", x_BxLxD, self.embedding, self.scale, self.config.dtype)
 
 
 class Attention(nn.Module):
@@ -327,16 +433,18 @@ class Attention(nn.Module):
         else:
             # Cached: write this call's keys/values at cache_index, then each query (slot s,
             # position p) attends to its row's slots s - p .. s.
-            kv_cache = {name: _write_slots(kv_cache[name], new_BxLxGxK, cache_index,
-                                           self.cache_groups)
-                        for name, new_BxLxGxK in (("k", k_BxLxGxK), ("v", v_BxLxGxK))}
+            new = {"k": k_BxLxGxK, "v": v_BxLxGxK}
+            if "k_scale" in kv_cache:  # int8 cache: a scale per token and KV head
+                for name in ("k", "v"):
+                    new[name], new[f"{name}_scale"] = quantize_int8(new[name], -1)
+            kv_cache = {name: _write_slots(kv_cache[name], new[name], cache_index,
+                                           self.cache_groups) for name in kv_cache}
             slots_T = jnp.arange(kv_cache["k"].shape[1])
             query_slots_L = cache_index + jnp.arange(x_BxLxD.shape[1])
             first_BxL = query_slots_L[None, :] - positions_BxL
             mask_BxLxT = ((slots_T >= first_BxL[:, :, None])
                           & (slots_T <= query_slots_L[None, :, None]))
-            out_BxLxHxK = _cached_attention(q_BxLxHxK, kv_cache["k"], kv_cache["v"], mask_BxLxT,
-                                            self.cache_groups)
+            out_BxLxHxK = _cached_attention(q_BxLxHxK, kv_cache, mask_BxLxT, self.cache_groups)
 
         # Residual projections are scaled down with depth (GPT-2, nanoGPT).
         out_BxLxD = Projection((H, K), (cfg.embed_dim,), ("heads", "head_dim", "embed"),
@@ -450,9 +558,12 @@ class Transformer(nn.Module):
         elif positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
 
-        embed = nn.Embed(
-            cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-            embedding_init=_partitioned(_dense_init(cfg), ("vocab", "embed")), name="embed")
+        if cfg.quantization == "int8":
+            embed = Int8Embed(cfg, name="embed")
+        else:
+            embed = nn.Embed(
+                cfg.vocab_size, cfg.embed_dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                embedding_init=_partitioned(_dense_init(cfg), ("vocab", "embed")), name="embed")
         x_BxLxD = embed(tokens_BxL)
         if cfg.position == "learned":
             pos_embed = self.param(
@@ -476,7 +587,9 @@ class Transformer(nn.Module):
             new_cache.append(layer_cache)
         x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
 
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and cfg.quantization == "int8":
+            logits_BxLxV = embed.attend(x_BxLxD)
+        elif cfg.tie_embeddings:
             logits_BxLxV = matmul("bld,vd->blv", x_BxLxD, embed.embedding, cfg.dtype)
         else:
             logits_BxLxV = Projection((cfg.embed_dim,), (cfg.vocab_size,), ("embed", "vocab"),

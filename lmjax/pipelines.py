@@ -20,7 +20,7 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
-from lmjax import checkpoint, hf, sample
+from lmjax import checkpoint, hf, quantize, sample
 from lmjax.logits_process import SamplingConfig
 
 TASKS = ("text-generation",)
@@ -65,11 +65,14 @@ class TextGenerationPipeline:
 
 
 def pipeline(task: str, model: str, dtype: str = "float32", step: int | None = None,
-             return_full_text: bool = True, **options) -> TextGenerationPipeline:
+             return_full_text: bool = True, weights_dtype: str | None = None,
+             **options) -> TextGenerationPipeline:
     """A text-generation pipeline over a workdir or a Hugging Face folder (see the module
-    docstring); `options` are default SamplingConfig fields for its calls."""
+    docstring); `options` are default SamplingConfig fields for its calls. `weights_dtype`:
+    'float32', 'bfloat16' or 'int8' (`quantize.convert` at load; None: as stored)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported: lmjax.pipeline does {', '.join(TASKS)}")
+    quantize.check_weights_dtype(weights_dtype)
     fields = _sampling_fields(options)
     # A run's workdir also holds a config.json (its experiment config): its checkpoints decide.
     is_workdir = os.path.isdir(os.path.join(model, checkpoint.CHECKPOINT_DIR))
@@ -82,4 +85,5 @@ def pipeline(task: str, model: str, dtype: str = "float32", step: int | None = N
     else:
         params, model_config, tokenizer = checkpoint.load_params(model, step=step)
         sampling = SamplingConfig(**fields)
+    params, model_config = quantize.convert(params, model_config, weights_dtype)
     return TextGenerationPipeline(params, model_config, tokenizer, sampling, return_full_text)

@@ -91,6 +91,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "model.dtype='float16' is for inference only: training in float16 needs loss scaling, "
             "which lmjax does not do (gradients underflow). Train with model.dtype='bfloat16' "
             "(same memory, float32's range) or 'float32'")
+    if config.model.quantization != "none":
+        raise ValueError(f"model.quantization={config.model.quantization!r} is for inference "
+                         "only (int8 weights have no gradient): train with 'none', then load "
+                         "with --weights_dtype=int8 (lmjax.quantize)")
     tokenizers_lib.check_config(config.tokenizer)
     check_data_files(config.data)
     if config.train.num_samples > 0:

@@ -58,10 +58,14 @@ def sample(job):
     config.model.update(num_layers=1, num_heads=16, max_len=128)
     mcfg = train_lib.model_config(config, vocab_size=259)
     params = model_lib.init_params(mcfg, jax.random.key(0))
+    if job.get("quantize"):  # int8 weights and KV cache (lmjax.quantize), greedy only
+        from lmjax import quantize
+        params, mcfg = quantize.quantize(params, quantize.with_int8_kv_cache(mcfg))
     prompts = [[1, 2, 3, 4, 5], [7, 8, 9], [10, 11, 12, 13, 14, 15, 16], [3], [4, 4],
                [9, 9, 9], [100, 101], [42]]
     samplings = (sample_lib.SamplingConfig(max_new_tokens=60, temperature=0.0),
-                 sample_lib.SamplingConfig(max_new_tokens=60, num_beams=3))
+                 sample_lib.SamplingConfig(max_new_tokens=60, num_beams=3))[
+        :1 if job.get("quantize") else 2]
 
     single_params = jax.device_put(params, jax.devices()[0])
     result = {"single": [np.asarray(sample_lib.generate(single_params, mcfg, prompts, sampling)
@@ -79,8 +83,10 @@ def sample(job):
                                                                     *reference_CxTxK.shape[1:])),
                    "decoders": [decode(sharded_params, mcfg, prompts, sampling)
                                 for sampling in samplings]}
-        query = sharded_params["blocks_0"]["attn"]["query"]["kernel"]
-        result["meshes"].append(dict(run, query_spec=str(query.sharding.spec)))
+        query = sharded_params["blocks_0"]["attn"]["query"]
+        result["meshes"].append(dict(run, query_spec=str(query["kernel"].sharding.spec),
+                                     query_dtype=str(query["kernel"].dtype), query_scale_spec=str(
+                                         query["scale"].sharding.spec) if "scale" in query else None))
     return result
 
 

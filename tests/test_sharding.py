@@ -170,6 +170,18 @@ def test_sharded_sampling_matches_one_device_and_splits_the_cache(corpus, mesh):
     assert greedy["moved"] == beam["moved"] == []
 
 
+def test_quantized_sampling_on_a_mesh_matches_one_device(corpus):
+    """int8 weights and an int8 KV cache on a data x fsdp x tensor mesh: the int8 kernels and
+    their scales are split like the float kernel's axes, and greedy tokens equal one device's."""
+    result = run_worker({"kind": "sample", "corpus": corpus, "quantize": True,
+                         "meshes": [MESHES["data2_fsdp2_tensor2"]]})
+    run = result["meshes"][0]
+    assert run["decoders"][0]["tokens"] == result["single"][0]
+    assert run["query_dtype"] == "int8" and run["query_spec"] == "P('fsdp', 'tensor', None)"
+    assert run["query_scale_spec"] == "P('tensor', None)"  # [heads, head_dim], as the kernel's
+    assert run["cache"]["shard_shape"] == [8, 64, 4]  # the int8 cache is split as the float one
+
+
 def test_every_rule_names_an_axis_in_use():
     """No dead rules: every logical axis of the rules table names a parameter axis (GPT-2 and
     LLaMA layouts), an activation or a KV-cache axis."""

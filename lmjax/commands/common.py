@@ -10,7 +10,7 @@ import traceback
 import jax
 from absl import app, logging
 
-from lmjax import checkpoint, configs, hf, lora
+from lmjax import checkpoint, configs, hf, lora, quantize
 
 # Third-party loggers that write INFO lines nobody acts on (e.g. jax's "Unable to initialize
 # backend 'tpu'" on every CPU start); their warnings still show.
@@ -98,15 +98,19 @@ def fail(program: str, error: BaseException, code: int) -> None:
 
 
 def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int | None = None,
-               adapter: str | None = None):
+               adapter: str | None = None, weights_dtype: str | None = None):
     """(params, model_config, tokenizer) of exactly one of `workdir` (its newest verified step,
     or `step`) and `hf_model` (a Hugging Face folder with a tokenizer, loaded as `dtype`).
 
     `adapter`: a PEFT LoRA folder or a LoRA run's workdir / step folder, applied onto that base.
     A LoRA run's own workdir brings its base. Adapters come back merged into the weights
-    (`lora.merge`: sampling at the base model's speed)."""
+    (`lora.merge`: sampling at the base model's speed).
+    weights_dtype: None (as stored), 'float32', 'bfloat16' or 'int8' (`quantize.convert`, once,
+    here, after any adapter is merged): the dtype the weights are kept in while decoding.
+    """
     if (workdir is None) == (hf_model is None):
         raise app.UsageError("give exactly one of --workdir and --hf_model")
+    quantize.check_weights_dtype(weights_dtype)
     if hf_model:
         model_config, params, tokenizer = hf.load_hf(hf_model, dtype)
         if tokenizer is None:
@@ -119,4 +123,5 @@ def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int 
         params, model_config = lora.apply_adapter(params, model_config, adapter)
     if model_config.lora_rank:
         params, model_config = lora.merge(params, model_config)
+    params, model_config = quantize.convert(params, model_config, weights_dtype)
     return params, model_config, tokenizer

@@ -44,6 +44,9 @@ _HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder i
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
 _ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder or "
                                "a LoRA run's workdir (merged into the weights).")
+_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", None, ["float32", "bfloat16", "int8"],
+                                   "Evaluate with the weights in this dtype (int8: weight-only "
+                                   "quantization, lmjax.quantize); default: as stored.")
 _TASK = flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
 _DATA = flags.DEFINE_string("data", None, "The documents (see the module docstring).")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Perplexity window (default model.max_len).")
@@ -103,7 +106,8 @@ def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
 def load_model():
     """(params, model_config, tokenizer, description) of --workdir or --hf_model."""
     params, model_config, tokenizer = common.load_model(_WORKDIR.value, _HF_MODEL.value,
-                                                        _DTYPE.value, _STEP.value, _ADAPTER.value)
+                                                        _DTYPE.value, _STEP.value, _ADAPTER.value,
+                                                        weights_dtype=_WEIGHTS_DTYPE.value)
     if _HF_MODEL.value:
         source = {"hf_model": os.path.abspath(_HF_MODEL.value), "dtype": _DTYPE.value}
     else:
@@ -111,6 +115,7 @@ def load_model():
                   "step_dir": checkpoint.resolve_step_dir(_WORKDIR.value, _STEP.value)}
     if _ADAPTER.value:
         source["adapter"] = os.path.abspath(_ADAPTER.value)
+    source["weights_dtype"] = _WEIGHTS_DTYPE.value
     return params, model_config, tokenizer, {
         **source, "model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.kind}
 

@@ -5,6 +5,7 @@
     lmjax prepare --config=shakespeare_char         # tokenize the data once (training does too)
     lmjax eval   --workdir=workdirs/demo --task=perplexity --data=val
     lmjax serve  --workdir=workdirs/demo --port=8000   # OpenAI-compatible HTTP (lmjax-serve)
+    lmjax quantize --workdir=workdirs/demo --output=workdirs/demo_int8   # int8 weights
     lmjax configs                                   # the shipped configs
 
 Only the chosen subcommand's module is imported, so each defines its own absl flags.
@@ -23,6 +24,7 @@ commands:
   sample   sample from a run or a Hugging Face folder: lmjax sample --workdir=DIR --prompt=...
   eval     evaluate a run or a Hugging Face folder: lmjax eval --workdir=DIR --task=... --data=...
   serve    an OpenAI-compatible HTTP server: lmjax serve --workdir=DIR --port=8000 (lmjax-serve)
+  quantize int8 / bfloat16 weights of a run or HF folder: lmjax quantize --workdir=DIR --output=DIR
   configs  list the shipped configs (named in --config=NAME[:ARG])
   version  print lmjax's version
 """
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "serve":
         from lmjax.commands import serve
         serve.run(rest)
+    elif command == "quantize":
+        from lmjax.commands import quantize
+        quantize.run(rest)
     elif command == "configs":
         from lmjax import configs
         for name, doc in configs.describe().items():

@@ -19,7 +19,7 @@ import sys
 
 from absl import app, flags
 
-from lmjax import checkpoint, hf, sample
+from lmjax import checkpoint, hf, quantize, sample
 from lmjax.commands import common
 from lmjax.logits_process import hf_generation_fields
 
@@ -32,6 +32,11 @@ _PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Prompt(s); repeat the fla
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Runs of each prompt (rows of the batch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (a batch is reproducible given it).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
+_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", None, list(quantize.WEIGHTS_DTYPES),
+                                   "Keep the weights in this dtype while decoding (int8: weight-"
+                                   "only quantization, lmjax.quantize); default: as stored.")
+_KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
+                                    "KV cache: the compute dtype (auto) or int8.")
 _BAD_WORDS = flags.DEFINE_multi_string("bad_words", [], "Text never generated (encoded with the "
                                        "model's tokenizer into bad_words_ids); repeatable.")
 # SamplingConfig fields, by name.
@@ -85,8 +90,11 @@ def sampling_config() -> sample.SamplingConfig:
 
 def load_model():
     """(params, model_config, tokenizer) from --workdir or --hf_model."""
-    return common.load_model(_WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value,
-                             _ADAPTER.value)
+    params, model_config, tokenizer = common.load_model(
+        _WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value, _ADAPTER.value,
+        weights_dtype=_WEIGHTS_DTYPE.value)
+    model_config = quantize.with_int8_kv_cache(model_config, _KV_CACHE_DTYPE.value == "int8")
+    return params, model_config, tokenizer
 
 
 def main(argv):

@@ -1,0 +1,164 @@
+"""Inference weights in fewer bytes: bfloat16, or int8 weight-only quantization.
+
+    params, model_config = convert(params, model_config, "int8")      # or "bfloat16", "float32"
+    export_quantized("models/demo_int8", params, model_config, tokenizer)   # load_params reads it
+    params, model_config = dequantize(params, model_config)           # float32 again (HF export)
+
+Decoding reads every weight once per token, so its speed is bounded by the bytes of the weights:
+bfloat16 halves them, int8 quarters them (what llama.cpp's Q8_0 and gpt-fast's int8 weight-only
+path do). `convert` runs once, at load; nothing is converted per step.
+
+* **bfloat16**: every floating parameter in bfloat16 and the compute dtype bfloat16
+  (`model.param_dtype = model.dtype = 'bfloat16'`), so no matmul casts a weight.
+* **int8**: every projection kernel (query, key, value, out, the MLP's, lm_head) and the token
+  embedding become int8 with a float32 scale per output channel, symmetric (scale = max|w| / 127
+  over the input axes, `model.quantize_int8`); for the embedding [V, D] a scale per vocabulary row,
+  which is also the output channel of the tied logits. Norms, biases and GPT-2's position
+  embedding stay float. `model.quantization='int8'` makes the model declare these int8 kernels
+  and scales (with logical axis names: scales are sharded like their kernel's output axes), so
+  `logical_axes`, `abstract_params` and Orbax restore of a quantized checkpoint need nothing more.
+* **int8 KV cache** (`model.kv_cache_dtype='int8'`, `with_int8_kv_cache`): keys and values int8
+  with a float32 scale per token and KV head (see `model.init_kv_cache`).
+
+A quantized checkpoint is `checkpoint.export_params` of the int8 params with their config:
+`checkpoint.load_params` restores it without ever holding the float weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from lmjax import checkpoint
+from lmjax import model as model_lib
+from lmjax.config import ModelConfig
+
+WEIGHTS_DTYPES = ("float32", "bfloat16", "int8")
+
+
+def check_weights_dtype(weights_dtype: str | None) -> None:
+    """ValueError naming the allowed values, before anything is loaded."""
+    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype={weights_dtype!r} is not one of "
+                         f"{', '.join(WEIGHTS_DTYPES)} (or None: as stored)")
+
+
+def _abstract_flat(model_config: ModelConfig) -> dict:
+    return traverse_util.flatten_dict(jax.eval_shape(
+        lambda: model_lib.init_params(model_config, jax.random.key(0))))
+
+
+def _reduced_axes(path: tuple[str, ...], kernel_ndim: int, scale_ndim: int) -> tuple[int, ...]:
+    """The input axes a kernel's scale is taken over: the embedding [V, D] has one per row (D);
+    a Projection kernel in_shape + out_shape one per output channel (the leading in_shape)."""
+    if path[-2:] == ("embed", "embedding"):
+        return (1,)
+    return tuple(range(kernel_ndim - scale_ndim))
+
+
+_quantize_leaf = jax.jit(model_lib.quantize_int8, static_argnums=1)
+
+
+@jax.jit
+def _dequantize_leaf(q, scale_bcast):
+    return q.astype(jnp.float32) * scale_bcast
+
+
+def quantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Float params -> (int8 params, config with quantization='int8') as `model.Transformer`
+    with that config declares them (every kernel and the embedding int8 plus its `scale`)."""
+    if model_config.quantization == "int8":
+        return params, model_config
+    qconfig = dataclasses.replace(model_config, quantization="int8")
+    target = _abstract_flat(qconfig)
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, leaf in flat.items():
+        want = target.get(path)
+        if want is not None and want.dtype == jnp.int8:
+            scale_shape = target[path[:-1] + ("scale",)].shape
+            axes = _reduced_axes(path, leaf.ndim, len(scale_shape))
+            q, scale = _quantize_leaf(leaf, axes)
+            out[path], out[path[:-1] + ("scale",)] = q, scale.reshape(scale_shape)
+        else:
+            out[path] = leaf
+    _check_tree(out, target)
+    return traverse_util.unflatten_dict(out), qconfig
+
+
+def dequantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
+    """int8 params -> float32 params (q * scale) and the config with quantization='none'
+    (float32 params and compute); float params are returned as they are."""
+    if model_config.quantization == "none":
+        return params, model_config
+    fconfig = dataclasses.replace(model_config, quantization="none", param_dtype="float32",
+                                  dtype="float32")
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, leaf in flat.items():
+        if path[-1] == "scale" and path[:-1] + ("kernel",) in flat:
+            continue
+        if path[-1] == "scale" and path[-2:-1] == ("embed",):
+            continue
+        if leaf.dtype == jnp.int8:
+            scale = flat[path[:-1] + ("scale",)]
+            axes = _reduced_axes(path, leaf.ndim, scale.ndim)
+            out[path] = _dequantize_leaf(leaf, jnp.expand_dims(scale, axes))
+        else:
+            out[path] = leaf.astype(jnp.float32)
+    _check_tree(out, _abstract_flat(fconfig))
+    return traverse_util.unflatten_dict(out), fconfig
+
+
+def to_bfloat16(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
+    """Every floating parameter in bfloat16, and the config's param and compute dtypes."""
+    params, model_config = dequantize(params, model_config)
+    params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    return params, dataclasses.replace(model_config, param_dtype="bfloat16", dtype="bfloat16")
+
+
+def convert(params: dict, model_config: ModelConfig,
+            weights_dtype: str | None) -> tuple[dict, ModelConfig]:
+    """The params (and config) in `weights_dtype`: None keeps them as stored; 'float32' and
+    'bfloat16' store and compute in that dtype (an int8 model is dequantized); 'int8' quantizes
+    (see the module docstring). Runs once, at load."""
+    check_weights_dtype(weights_dtype)
+    if weights_dtype is None:
+        return params, model_config
+    if weights_dtype == "int8":
+        return quantize(params, model_config)
+    if weights_dtype == "bfloat16":
+        return to_bfloat16(params, model_config)
+    params, model_config = dequantize(params, model_config)
+    if model_config.param_dtype != "float32" or model_config.dtype != "float32":
+        params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+        model_config = dataclasses.replace(model_config, param_dtype="float32", dtype="float32")
+    return params, model_config
+
+
+def with_int8_kv_cache(model_config: ModelConfig, enabled: bool = True) -> ModelConfig:
+    """The config with an int8 KV cache (or the compute dtype's: enabled=False)."""
+    return dataclasses.replace(model_config, kv_cache_dtype="int8" if enabled else "auto")
+
+
+def weight_bytes(params) -> int:
+    """Bytes of a parameter tree (what a decode step reads, up to GPT-2's position rows)."""
+    return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(params))
+
+
+def _check_tree(flat: dict, target: dict) -> None:
+    """The converted tree has exactly the target's paths, shapes and dtypes (else a bug here)."""
+    bad = sorted(set(flat) ^ set(target)) or [
+        p for p in target if (tuple(flat[p].shape), flat[p].dtype) != (target[p].shape,
+                                                                        target[p].dtype)]
+    if bad:
+        raise ValueError(f"converted params do not match the model at {'/'.join(bad[0])}")
+
+
+def export_quantized(path: str, params: dict, model_config: ModelConfig, tokenizer) -> str:
+    """Writes an int8 params-only folder (quantizing float params first): `load_params(path)`
+    and `--workdir=PATH` restore the int8 arrays, never the float weights. Returns the path."""
+    params, model_config = quantize(params, model_config)
+    return checkpoint.export_params(path, params, model_config, tokenizer)

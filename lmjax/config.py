@@ -18,6 +18,9 @@ _CHOICES = {
     "dtype": ("float32", "bfloat16", "float16"),
     "param_dtype": ("float32", "bfloat16"),
     "remat": ("none", "full", "dots"),
+    "architecture": ("decoder", "encoder"),
+    "norm_position": ("pre", "post"),
+    "head": ("lm", "classifier", "none"),
 }
 
 
@@ -59,6 +62,14 @@ class ModelConfig:
     param_dtype: str = "float32"
     init_std: float = 0.02
     remat: str = "none"  # none | full | dots: rematerialise each block in the backward pass
+    # Encoders (BERT, lmjax/encoder.py): bidirectional attention with a padding mask.
+    architecture: str = "decoder"  # decoder (causal LM, model.Transformer) | encoder (BERT)
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2, LLaMA) | post: norm(x + f(x)) (BERT)
+    type_vocab_size: int = 0  # encoder: token-type (sentence A/B) embeddings; 0 = none
+    # encoder: lm (masked-LM head, BertForMaskedLM) | classifier (pooler + classifier,
+    # BertForSequenceClassification) | none (pooler only: hidden states and pooled, BertModel)
+    head: str = "lm"
+    num_labels: int = 0  # head='classifier': classes (1 = regression); 0 otherwise
 
     def __post_init__(self):
         self.validate()
@@ -114,8 +125,27 @@ class ModelConfig:
                     and math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(
                     f"model.{name}={getattr(self, name)!r} must be a finite number > 0")
+        self._validate_encoder()
         if not (math.isfinite(self.init_std) and self.init_std >= 0):
             raise ValueError(f"model.init_std={self.init_std!r} must be a finite number >= 0")
+
+    def _validate_encoder(self) -> None:
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"model.type_vocab_size={self.type_vocab_size!r} must be an integer "
+                             ">= 0 (0 = no token-type embeddings)")
+        if self.architecture == "decoder":
+            for name, default in (("head", "lm"), ("type_vocab_size", 0), ("num_labels", 0)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"model.{name}={getattr(self, name)!r} is for "
+                                     f"model.architecture='encoder'; a decoder has {name}="
+                                     f"{default!r}")
+        if self.head == "classifier" and not (isinstance(self.num_labels, int)
+                                              and self.num_labels >= 1):
+            raise ValueError(f"model.num_labels={self.num_labels!r} must be an integer >= 1 with "
+                             "model.head='classifier' (1 = regression)")
+        if self.head != "classifier" and self.num_labels != 0:
+            raise ValueError(f"model.num_labels={self.num_labels!r} needs model.head="
+                             f"'classifier' (model.head={self.head!r} has num_labels=0)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -223,8 +253,9 @@ def default_config():
     c.model = ml_collections.ConfigDict(preset_fields("nanogpt_baby", vocab_size=0))
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "char"  # char | byte | sentencepiece | hf (a Hugging Face model folder)
-    c.tokenizer.vocab_size = 8000  # sentencepiece only
+    # char | byte | sentencepiece | wordpiece (BERT's, trained) | hf (a Hugging Face model folder)
+    c.tokenizer.kind = "char"
+    c.tokenizer.vocab_size = 8000  # sentencepiece and wordpiece only
     c.tokenizer.model_type = "bpe"  # sentencepiece only: bpe | unigram
     c.tokenizer.path = ""  # existing SentencePiece .model or saved tokenizer folder ('' = train)
     # (kind hf: the folder with tokenizer.json or tokenizer.model, e.g. a Hugging Face model)

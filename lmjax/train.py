@@ -29,10 +29,12 @@ from absl import logging
 from lmjax import checkpoint as checkpoint_lib
 from lmjax import config as config_lib
 from lmjax import data as data_lib
+from lmjax import encoder as encoder_lib
 from lmjax import hf
 from lmjax import lock as lock_lib
 from lmjax import metrics as metrics_lib
 from lmjax import model as model_lib
+from lmjax import objectives as objectives_lib
 from lmjax import sample as sample_lib
 from lmjax import sharding as sharding_lib
 from lmjax import sources
@@ -170,7 +172,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
 def _boxed_train_state(config: ModelConfig, tx: optax.GradientTransformation,
                        rng: jax.Array) -> TrainState:
     init_rng, train_rng = jax.random.split(rng)
-    params = model_lib.init_boxed_params(config, init_rng)  # leaves carry logical axis names
+    params = encoder_lib.init_boxed_params(config, init_rng)  # leaves carry logical axis names
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       rng=train_rng)
 
@@ -225,9 +227,12 @@ def loss_fn(params, batch: Batch, config: ModelConfig, dropout_rng: jax.Array | 
 
 
 def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
-               tx: optax.GradientTransformation,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, skip_nonfinite: bool = False,
+               objective=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One (micro-)step: gradients of the mean loss, then the optimizer update.
+
+    objective: None is the causal LM (`loss_fn`); an encoder's (`objectives.for_run`) gives
+    the loss and more metrics (its random masks from fold_in(state.rng, state.step)).
 
     skip_nonfinite (`optim.skip_nonfinite`): where the loss or the gradient norm is NaN or
     infinite, params and optimizer state stay as they were (the batch is passed over) and
@@ -236,10 +241,15 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
     """
     use_dropout = config.dropout > 0
     dropout_rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, config, dropout_rng)
+    extra = {}
+    if objective is None:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, config, dropout_rng)
+    else:
+        (loss, extra), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+            state.params, batch, config, jax.random.fold_in(state.rng, state.step), dropout_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extra}
     if skip_nonfinite:
         ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
@@ -249,16 +259,18 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
 
 
 def train_steps(state: TrainState, batches: Batch, *, config: ModelConfig,
-                tx: optax.GradientTransformation,
-                skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+                tx: optax.GradientTransformation, skip_nonfinite: bool = False,
+                objective=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """`n` micro-steps in one call: `train_step` under `lax.scan` over batches stacked `[n, B, L]`
     (`train.steps_per_call`: fewer dispatches for small models). Metrics come back stacked `[n]`."""
     return jax.lax.scan(functools.partial(train_step, config=config, tx=tx,
-                                          skip_nonfinite=skip_nonfinite), state, batches)
+                                          skip_nonfinite=skip_nonfinite, objective=objective),
+                        state, batches)
 
 
 def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_sh: TrainState,
-                   batch_sh, steps_per_call: int = 1, skip_nonfinite: bool = False):
+                   batch_sh, steps_per_call: int = 1, skip_nonfinite: bool = False,
+                   objective=None):
     """The training call as `train_and_evaluate` jits it (shardings, donated state).
 
     steps_per_call 1: `(state, batch) -> (state, metrics)`; above 1: `train_steps`, whose batches
@@ -268,7 +280,8 @@ def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_
         fn, in_batch_sh = train_step, batch_sh
     else:
         fn, in_batch_sh = train_steps, stacked_batch_sharding(batch_sh)
-    return jax.jit(functools.partial(fn, config=config, tx=tx, skip_nonfinite=skip_nonfinite),
+    return jax.jit(functools.partial(fn, config=config, tx=tx, skip_nonfinite=skip_nonfinite,
+                                     objective=objective),
                    in_shardings=(state_sh, in_batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)
 
@@ -287,21 +300,28 @@ def put_batches(batches: list[Batch],
     return sharding_lib.put_batch(stacked, stacked_batch_sharding(batch_sh), batch_axis=1)
 
 
-def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Summed loss and token count of a validation batch (no dropout)."""
+def eval_step(params, batch: Batch, *, config: ModelConfig, objective=None):
+    """Summed loss and token count of a validation batch (no dropout); an encoder's objective
+    adds a dict of sums for its metrics."""
+    if objective is not None:
+        return objective.eval_sums(params, batch, config)
     logits_BxLxV = model_lib.Transformer(config).apply({"params": params}, batch["inputs"],
                                                        **packed_inputs(batch))
     return cross_entropy(logits_BxLxV, batch["targets"], batch["mask"])
 
 
-def evaluate(eval_fn, params, batches: Iterable[Batch]) -> dict[str, float]:
-    """Token-weighted validation loss and perplexity over `batches`."""
-    total, count = 0.0, 0.0
+def evaluate(eval_fn, params, batches: Iterable[Batch], objective=None) -> dict[str, float]:
+    """Token-weighted validation loss and perplexity over `batches` (+ the objective's metrics
+    from the sums its eval_fn returns)."""
+    total, count, sums = 0.0, 0.0, {}
     for batch in batches:
-        loss_sum, n = eval_fn(params, batch)
+        loss_sum, n, *extra = eval_fn(params, batch)
         total, count = total + float(loss_sum), count + float(n)
+        for name, value in (extra[0] if extra else {}).items():
+            sums[name] = sums.get(name, 0) + np.asarray(value)
     loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    return result if objective is None else {**result, **objective.finalize(sums, count)}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -459,7 +479,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str,
 def _log_model_and_data(config, mcfg: ModelConfig, data) -> None:
     """One line each: the model and data; the mesh's devices; a CPU speed hint where it helps."""
     logging.info("model: %s parameters, %.3g FLOPs/token; data: %d train / %d val tokens",
-                 f"{model_lib.num_params(mcfg):,}",
+                 f"{encoder_lib.num_params(mcfg):,}",
                  model_lib.flops_per_token(mcfg, config.data.seq_len),
                  data.train_tokens, data.val_tokens)
     kinds = collections.Counter(d.device_kind for d in jax.devices())
@@ -594,9 +614,10 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
     accum, per_call = config.optim.grad_accum, config.train.steps_per_call
     num_micro_steps = config.train.num_steps * accum
     batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
+    objective = objectives_lib.for_run(mcfg, data.tokenizer)
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
-                             skip_nonfinite=config.optim.skip_nonfinite)
-    eval_jit = jax.jit(functools.partial(eval_step, config=mcfg),
+                             skip_nonfinite=config.optim.skip_nonfinite, objective=objective)
+    eval_jit = jax.jit(functools.partial(eval_step, config=mcfg, objective=objective),
                        in_shardings=(state_sh.params, batch_sh))
     eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
     max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
@@ -637,7 +658,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
                 wait_for_device(in_flight, 0, check)  # never a checkpoint past a bad step
             if ((config.train.eval_every and step % config.train.eval_every == 0) or is_last
                     or (save_due and config.train.keep_best and not stop)):
-                result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval))
+                result = evaluate(eval_fn, state.params, data.val.eval_batches(max_eval),
+                                  objective)
                 log.log_eval(step, result)
             if save_due or stop:
                 log.write_losses()  # a checkpoint never covers a step missing from the log
@@ -710,7 +732,7 @@ class _PreemptionWatcher:
 
 def end_of_run_samples(config, params, mcfg: ModelConfig, tokenizer) -> list[str]:
     """`train.num_samples` samples from `train.sample_prompt`, as the run prints at its end."""
-    if config.train.num_samples <= 0:
+    if config.train.num_samples <= 0 or mcfg.architecture == "encoder":
         return []
     prompt_len = len(tokenizer.encode(config.train.sample_prompt))
     sampling = sample_lib.SamplingConfig(

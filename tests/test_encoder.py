@@ -1,0 +1,259 @@
+"""The BERT-style encoder against `transformers`' BERT: logits of random tiny models with
+padding masks and token types, folders in and out (safetensors and .bin), the WordPiece
+tokenizer against `transformers`' BertTokenizerFast, and config errors.
+
+Every Hugging Face model is a tiny randomly initialised `transformers` model saved with
+`save_pretrained` (nothing is downloaded), its weights re-drawn with a larger spread (norm
+scales around 1), so that a wrong conversion shows far above the 1e-4 tolerance.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from lmjax import encoder as encoder_lib
+from lmjax import hf_bert
+from lmjax import model as model_lib
+from lmjax import objectives
+from lmjax import tokenizers as tokenizers_lib
+from lmjax import wordpiece
+from lmjax.config import ModelConfig
+
+V = 96
+BERT = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=48, max_position_embeddings=24, type_vocab_size=2,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+CLASSES = {"lm": transformers.BertForMaskedLM, "classifier":
+           transformers.BertForSequenceClassification, "none": transformers.BertModel}
+# Three rows right-padded to 10 (lengths 10, 6, 3); the first two are sentence pairs.
+TOKENS = np.array([[2, 17, 50, 3, 64, 8, 90, 42, 11, 3],
+                   [2, 9, 33, 3, 88, 3, 0, 0, 0, 0],
+                   [2, 40, 3, 0, 0, 0, 0, 0, 0, 0]])
+TYPES = np.array([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 0, 0, 0, 0], [0] * 10])
+LENGTHS = [10, 6, 3]
+MASK = (np.arange(10)[None] < np.array(LENGTHS)[:, None]).astype(np.int64)
+
+
+def make_bert(head, **overrides):
+    config = transformers.BertConfig(**{**BERT, **overrides})
+    if head == "classifier":
+        config.num_labels = overrides.get("num_labels", 3)
+    torch.manual_seed(0)
+    model = CLASSES[head](config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.2 * noise if "LayerNorm.weight" in name else 0.15 * noise)
+    return model.eval()
+
+
+def torch_out(model, head):
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(TOKENS), attention_mask=torch.tensor(MASK),
+                    token_type_ids=torch.tensor(TYPES))
+    if head == "none":
+        return out.last_hidden_state.numpy(), out.pooler_output.numpy()
+    return out.logits.numpy()
+
+
+def lmjax_out(config, params):
+    apply = jax.jit(encoder_lib.Encoder(config).apply)
+    out = apply({"params": params}, jnp.asarray(TOKENS), attention_mask=jnp.asarray(MASK),
+                token_types_BxL=jnp.asarray(TYPES))
+    return jax.tree.map(np.asarray, out)
+
+
+def max_diff(a, b, head):
+    """Largest difference over the real tokens (padding's outputs are meaningless)."""
+    if head == "classifier":
+        return float(np.abs(a - b).max())
+    if head == "none":
+        return max(max_diff(a[0], b[0], "lm"), float(np.abs(a[1] - b[1]).max()))
+    return max(float(np.abs(a[r, :n] - b[r, :n]).max()) for r, n in enumerate(LENGTHS))
+
+
+@pytest.mark.parametrize("head,overrides,weights", [
+    ("lm", {}, "safetensors"), ("classifier", {}, "bin"), ("none", {"hidden_act": "gelu_new"},
+                                                           "safetensors"),
+    ("classifier", {"num_labels": 1}, "safetensors")])
+def test_imported_bert_matches_transformers(head, overrides, weights, tmp_path):
+    model = make_bert(head, **overrides)
+    model.save_pretrained(str(tmp_path), safe_serialization=weights == "safetensors")
+    assert (tmp_path / ("model.safetensors" if weights == "safetensors"
+                        else "pytorch_model.bin")).exists()
+    config, params, tokenizer, labels = hf_bert.load_hf_bert(str(tmp_path))
+    assert config.head == head and tokenizer is None
+    reference = torch_out(model, head)
+    assert max_diff(lmjax_out(config, params), reference, head) <= 1e-4
+    assert np.abs(jax.tree.leaves(reference)[0]).max() > 0.5  # not trivially small
+
+    # Out again: transformers loads lmjax's export and computes the same outputs.
+    hf_bert.save_hf_bert(str(tmp_path / "export"), config, params, label_names=labels)
+    reloaded = CLASSES[head].from_pretrained(str(tmp_path / "export")).eval()
+    assert max_diff(torch_out(reloaded, head), reference, head) <= 1e-5
+    if head == "classifier":
+        assert reloaded.config.id2label == model.config.id2label
+
+
+def random_params(config, seed=1):
+    shapes = encoder_lib.param_shapes(config)
+    rng = np.random.default_rng(seed)
+    return jax.tree_util.tree_map_with_path(lambda path, s: jnp.asarray(
+        ("scale" in jax.tree_util.keystr(path)) + 0.15 * rng.standard_normal(s.shape), s.dtype),
+        shapes)
+
+
+def test_lmjax_encoder_exports_to_transformers(tmp_path):
+    """A from-scratch lmjax encoder (untied MLM decoder, tanh GELU) in transformers."""
+    config = ModelConfig(vocab_size=V, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64,
+                         max_len=16, mlp="gelu", norm_eps=1e-12, tie_embeddings=False,
+                         architecture="encoder", norm_position="post", type_vocab_size=2)
+    params = random_params(config)
+    hf_bert.save_hf_bert(str(tmp_path), config, params)
+    reloaded = transformers.BertForMaskedLM.from_pretrained(str(tmp_path)).eval()
+    assert max_diff(lmjax_out(config, params), torch_out(reloaded, "lm"), "lm") <= 1e-4
+    config2, params2, _, _ = hf_bert.load_hf_bert(str(tmp_path))
+    assert config2 == config
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params2)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_bidirectional_attention_and_padding():
+    """The blocked CPU kernel and jax.nn.dot_product_attention agree without the causal triangle,
+    against a NumPy softmax over the keys of the query's own segment."""
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((2, 6, 4, 8)).astype(np.float32) for _ in range(3))
+    segments = np.array([[1, 1, 1, 1, 0, 0], [1, 1, 2, 2, 2, 2]])
+    scores = np.einsum("blhk,bshk->bhls", q, k) / np.sqrt(8)
+    same = segments[:, None, :, None] == segments[:, None, None, :]
+    scores = np.where(same, scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    reference = np.einsum("bhls,bshk->blhk", weights / weights.sum(-1, keepdims=True), v)
+    for blocked in (True, False):
+        out = model_lib.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                         jnp.asarray(segments), blocked=blocked, causal=False)
+        np.testing.assert_allclose(np.asarray(out), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(architecture="bidirectional"), "model.architecture='bidirectional' is not one of"),
+    (dict(head="classifier"), "model.head='classifier' is for model.architecture='encoder'"),
+    (dict(architecture="encoder", head="classifier"), "model.num_labels=0 must be an integer"),
+    (dict(architecture="encoder", num_labels=2), "needs model.head='classifier'"),
+    (dict(norm_position="middle"), "model.norm_position='middle' is not one of pre, post"),
+    (dict(architecture="encoder", type_vocab_size=-1), "model.type_vocab_size=-1"),
+])
+def test_config_errors(fields, message):
+    base = dict(vocab_size=V, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=8, max_len=8)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ModelConfig(**base, **fields)
+
+
+def test_export_errors(tmp_path):
+    config = ModelConfig(vocab_size=V, num_layers=1, num_heads=2, embed_dim=8, mlp_dim=8,
+                         max_len=8, architecture="encoder", norm_position="pre",
+                         mlp="swiglu")
+    with pytest.raises(ValueError, match="norm_position='pre' \\(BERT: 'post'\\).*mlp='swiglu'"):
+        hf_bert.save_hf_bert(str(tmp_path), config, encoder_lib.init_params(
+            config, jax.random.key(0)))
+
+
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "A stitch in time saves nine!",
+          "To be, or not to be: that is the question."] * 20
+
+
+@functools.lru_cache
+def trained_tokenizer():
+    return tokenizers_lib.WordPieceTokenizer.train(CORPUS, vocab_size=120)
+
+
+def test_wordpiece_matches_transformers(tmp_path):
+    """Trained here, saved, and read back by transformers' BertTokenizerFast and from vocab.txt:
+    the same ids, token types and special tokens, for single texts and pairs."""
+    tokenizer = trained_tokenizer()
+    assert [wordpiece.token_id(tokenizer, n) for n in ("pad", "unk", "cls", "sep", "mask")] == [
+        0, 1, 2, 3, 4]
+    assert wordpiece.special_ids(tokenizer) == [0, 1, 2, 3, 4] and tokenizer.pad_id == 0
+    tokenizer.save(str(tmp_path))
+    reference = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    vocab = sorted(reference.get_vocab().items(), key=lambda kv: kv[1])
+    (tmp_path / "vocab").mkdir()
+    (tmp_path / "vocab" / "vocab.txt").write_text("".join(t + "\n" for t, _ in vocab))
+    from_vocab = hf_bert.bert_tokenizer(str(tmp_path / "vocab"))
+    for text, pair in [("The lazy fox, in time!", None), ("To be or not", "that is Nine."),
+                       ("quick " * 30, "brown " * 5)]:
+        expected = reference(text, pair, truncation=True, max_length=16)
+        for tok in (tokenizer, from_vocab):
+            assert wordpiece.encode(tok, text, pair, max_len=16) == (
+                expected["input_ids"], expected["token_type_ids"])
+
+
+# ------------------------------------------------------------------------------ masked LM
+
+
+def test_masking_follows_bert():
+    """15% of the maskable tokens selected, of those 80% [MASK], 10% random, 10% kept; special
+    tokens and padding never; the same keys give the same masks (binomial bounds, 5 sigma)."""
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, V, (64, 512)).astype(np.int32)
+    tokens[:, 0] = 2  # [CLS]
+    maskable = (tokens != 2) & (np.arange(512)[None] < 480)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(3), r))(jnp.arange(64))
+    inputs, selected = jax.jit(functools.partial(objectives.mask_tokens, mask_id=4,
+                                                 vocab_size=V))(keys, tokens, maskable)
+    inputs, selected = np.asarray(inputs), np.asarray(selected)
+    n = maskable.sum()
+    assert not selected[~maskable].any() and (inputs[~selected] == tokens[~selected]).all()
+    assert abs(selected.sum() - 0.15 * n) < 5 * np.sqrt(n * 0.15 * 0.85)
+    k = selected.sum()
+    masked, kept = (inputs[selected] == 4).sum(), (inputs[selected] == tokens[selected]).sum()
+    random_other = k - masked - kept  # a random draw can equal the token: ~1/V of the 10%
+    for count, p in ((masked, 0.8), (kept, 0.1 + 0.1 / V), (random_other, 0.1 - 0.1 / V)):
+        assert abs(count - p * k) < 5 * np.sqrt(k * p * (1 - p))
+    again = objectives.mask_tokens(keys, tokens, maskable, 4, V)
+    np.testing.assert_array_equal(np.asarray(again[0]), inputs)
+
+
+def mlm_config(tmp_path, text, **train_fields):
+    from lmjax.config import default_config
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    config = default_config()
+    config.data.source, config.data.train_files = "files", str(corpus)
+    config.data.seq_len, config.data.batch_size = 32, 8
+    config.tokenizer.kind, config.tokenizer.vocab_size = "wordpiece", 60
+    config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=32,
+                        architecture="encoder", norm_position="post", type_vocab_size=2,
+                        mlp="gelu_exact", norm_eps=1e-12, dropout=0.1)
+    config.optim.update(warmup_steps=5, learning_rate=3e-3, decay_steps=40)
+    config.train.update(num_steps=40, log_every=10, eval_every=20, eval_batches=4,
+                        checkpoint_every=20, num_samples=0, progress_bar=False)
+    config.train.update(train_fields)
+    return config
+
+
+def test_mlm_pretraining_learns_and_resumes_bit_exactly(tmp_path, pigs_text):
+    """Masked-LM pretraining through train_and_evaluate lowers the MLM loss and reports masked
+    accuracy; a run stopped at step 20 and resumed gives the uninterrupted run's losses and
+    parameters bit for bit (masks and dropout are functions of (seed, step, row))."""
+    from lmjax import train
+    config = mlm_config(tmp_path, pigs_text)
+    full = train.train_and_evaluate(config, str(tmp_path / "full"))
+    losses = full["train_loss"]
+    assert len(losses) == 40 and np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.0
+    assert [e["step"] for e in full["eval"]] == [20, 40]
+    assert full["eval"][-1]["mlm_accuracy"] > full["eval"][0]["mlm_accuracy"] > 0.05
+    assert full["tokenizer"].kind == "wordpiece"
+
+    half = train.train_and_evaluate(mlm_config(tmp_path, pigs_text, num_steps=20),
+                                    str(tmp_path / "resumed"))
+    resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    np.testing.assert_array_equal(half["train_loss"], losses[:20])
+    np.testing.assert_array_equal(resumed["train_loss"], losses)
+    for a, b in zip(jax.tree.leaves(resumed["state"].params), jax.tree.leaves(full["state"].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -267,6 +267,10 @@ def default_config():
     c.data.val_fraction = 0.1
     c.data.jsonl_field = "text"  # jsonl: the field holding each line's document
     c.data.encoding_errors = "strict"  # bytes that are not UTF-8: strict (error) | replace | ignore
+    # Labelled data (model.head='classifier', lmjax/labelled.py): .tsv/.csv/.jsonl train_files
+    c.data.text_fields = "text"  # the text column, or two for sentence pairs: 'sentence1,sentence2'
+    c.data.label_field = "label"
+    c.data.class_weights = ""  # '' | comma-separated weight per label id (weighted cross-entropy)
     c.data.tfds_name = ""  # tfds: dataset name, e.g. 'lm1b'
     c.data.tfds_train_split = "train"
     c.data.tfds_val_split = "validation"

@@ -1,5 +1,8 @@
 """Training objectives of the encoder: masked LM (BERT) and sequence classification.
 
+    objective = for_run(model_config, tokenizer)     # None for a decoder (causal LM)
+    loss, metrics = objective.loss(params, batch, model_config, step_key, dropout_rng)
+
 Shape letters: B batch, L length, V vocab size, N num_labels.
 
 Causal LM stays in train.py (`loss_fn`, `eval_step`), untouched; `for_run(model_config,
@@ -22,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lmjax import encoder as encoder_lib
@@ -118,14 +122,85 @@ class MaskedLM:
         return {"mlm_accuracy": float(sums["correct"]) / max(count, 1.0)}
 
 
-def for_run(config: ModelConfig, tokenizer) -> MaskedLM | None:
+def confusion_metrics(confusion_NxN) -> dict:
+    """accuracy, macro-F1 (the unweighted mean of the per-class F1, 0 for a class never
+    predicted nor present, as scikit-learn's zero_division=0) and the confusion matrix (rows:
+    true labels, columns: predictions) as a list of lists."""
+    c = np.asarray(confusion_NxN, np.float64)
+    tp, predicted, actual = np.diag(c), c.sum(0), c.sum(1)
+    denominator = predicted + actual
+    f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
+    return {"accuracy": float(tp.sum() / max(c.sum(), 1.0)), "macro_f1": float(f1.mean()),
+            "confusion": c.astype(np.int64).tolist()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Classification:
+    """Sequence classification (head 'classifier') on `labelled.py` batches: cross-entropy
+    (optionally class-weighted, weighted mean as torch's CrossEntropyLoss(weight=...)); with
+    num_labels == 1, regression with the mean squared error (BertForSequenceClassification)."""
+
+    num_labels: int
+    class_weights: tuple[float, ...] = ()
+
+    def _losses(self, params, batch, config, dropout_rng):
+        logits_BxN = encoder_lib.Encoder(config).apply(
+            {"params": params}, batch["inputs"], attention_mask=batch["mask"] > 0,
+            token_types_BxL=batch["token_types"], deterministic=dropout_rng is None,
+            rngs=None if dropout_rng is None else {"dropout": dropout_rng})
+        weight_B, labels_B = batch["weight"][:, 0], batch["labels"][:, 0]
+        if self.num_labels == 1:
+            return (logits_BxN[:, 0] - labels_B) ** 2, weight_B, logits_BxN, labels_B
+        labels_B = labels_B.astype(jnp.int32)
+        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BxN, labels_B)
+        if self.class_weights:
+            weight_B = weight_B * jnp.asarray(self.class_weights, jnp.float32)[labels_B]
+        return losses_B, weight_B, logits_BxN, labels_B
+
+    def loss(self, params, batch, config: ModelConfig, step_key: jax.Array,
+             dropout_rng: jax.Array | None = None):
+        """(mean loss, {'accuracy'}) of a training batch."""
+        del step_key
+        losses_B, weight_B, logits_BxN, labels_B = self._losses(params, batch, config,
+                                                                dropout_rng)
+        loss = jnp.sum(losses_B * weight_B) / jnp.maximum(jnp.sum(weight_B), 1e-9)
+        if self.num_labels == 1:
+            return loss, {}
+        real_B = batch["weight"][:, 0]
+        correct = jnp.sum((jnp.argmax(logits_BxN, -1) == labels_B) * real_B)
+        return loss, {"accuracy": correct / jnp.maximum(jnp.sum(real_B), 1.0)}
+
+    def eval_sums(self, params, batch, config: ModelConfig):
+        """(loss sum, examples, {'confusion' [N, N]}) of a validation batch (unweighted)."""
+        losses_B, _, logits_BxN, labels_B = self._losses(params, batch, config, None)
+        real_B = batch["weight"][:, 0]
+        if self.num_labels == 1:
+            return jnp.sum(losses_B * real_B), jnp.sum(real_B), {}
+        N = self.num_labels
+        truth_BxN = jax.nn.one_hot(labels_B, N) * real_B[:, None]
+        confusion_NxN = truth_BxN.T @ jax.nn.one_hot(jnp.argmax(logits_BxN, -1), N)
+        return jnp.sum(losses_B * real_B), jnp.sum(real_B), {"confusion": confusion_NxN}
+
+    def finalize(self, sums: dict, count: float) -> dict:
+        if self.num_labels == 1:
+            return {}
+        return confusion_metrics(sums["confusion"])
+
+
+def for_run(config: ModelConfig, tokenizer, class_weights: tuple[float, ...] = ()):
     """The objective of a run: None (train.py's causal LM) for a decoder, `MaskedLM` for an
-    encoder with head 'lm' (its tokenizer must have a [MASK] token)."""
+    encoder with head 'lm' (its tokenizer must have a [MASK] token), `Classification` for
+    head 'classifier'."""
     if config.architecture != "encoder":
         return None
+    if config.head == "classifier":
+        if class_weights and len(class_weights) != config.num_labels:
+            raise ValueError(f"data.class_weights has {len(class_weights)} weights for "
+                             f"model.num_labels={config.num_labels}")
+        return Classification(config.num_labels, tuple(class_weights))
     if config.head != "lm":
         raise ValueError(f"model.head={config.head!r}: train_and_evaluate trains encoders with "
-                         "model.head='lm' (masked LM) here")
+                         "model.head='lm' (masked LM) or 'classifier'")
     from_config = getattr(tokenizer, "config", {}) or {}
     mask_token = from_config.get("mask_token", "[MASK]")
     if isinstance(mask_token, dict):

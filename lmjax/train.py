@@ -25,12 +25,15 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 from lmjax import checkpoint as checkpoint_lib
 from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import encoder as encoder_lib
 from lmjax import hf
+from lmjax import hf_bert
+from lmjax import labelled as labelled_lib
 from lmjax import lock as lock_lib
 from lmjax import metrics as metrics_lib
 from lmjax import model as model_lib
@@ -376,7 +379,10 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
                         preemption: "_PreemptionWatcher") -> dict[str, Any]:
     """`train_and_evaluate` once the workdir is locked and its Checkpointer open."""
     init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
-    data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
+    if config.model.head == "classifier":  # labelled examples (lmjax/labelled.py)
+        data = labelled_lib.build_data(config, workdir)
+    else:
+        data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
     check_sample_prompt(config, data.tokenizer)  # before compiling anything
     mcfg = model_config(config, data.tokenizer.vocab_size)
     _log_model_and_data(config, mcfg, data)
@@ -407,6 +413,15 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
     return result
 
 
+def class_weights(data_config) -> tuple[float, ...]:
+    """`data.class_weights` ('' or comma-separated numbers) as a tuple."""
+    try:
+        return tuple(float(w) for w in str(data_config.class_weights).split(",") if w.strip())
+    except ValueError:
+        raise ValueError(f"data.class_weights={data_config.class_weights!r} must be '' or "
+                         "comma-separated numbers, one per label id") from None
+
+
 def check_sample_prompt(config: ml_collections.ConfigDict, tokenizer) -> None:
     """The end-of-run samples' prompt must encode with the run's tokenizer (checked once the
     tokenizer exists, before anything is compiled)."""
@@ -426,9 +441,14 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     ValueError naming the field for a bad value, before anything is read or computed."""
     if config.init_from.startswith("hf:"):
         folder = config.init_from[len("hf:"):]
-        hf_model = dataclasses.asdict(hf.config_from_hf(hf.read_hf_config(folder)))
+        hf_cfg = hf.read_hf_config(folder)
+        encoder = hf_cfg.get("model_type") == "bert"
+        hf_model = dataclasses.asdict(hf_bert.config_from_hf_bert(hf_cfg) if encoder
+                                      else hf.config_from_hf(hf_cfg))
         config = config.copy_and_resolve_references()
-        keep = {"dropout", "dtype", "param_dtype", "remat"}
+        # An encoder keeps the configured head (e.g. a classifier on a BertForMaskedLM).
+        keep = {"dropout", "dtype", "param_dtype", "remat"} | (
+            {"head", "num_labels"} if encoder else set())
         config.model.update({k: v for k, v in hf_model.items() if k not in keep})
         config.tokenizer.kind, config.tokenizer.path = "hf", folder
     validate_config(config)
@@ -524,7 +544,12 @@ def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from
     """(params, source) of `config.init_from`: another run's checkpoint or `hf:FOLDER`."""
     if config.init_from.startswith("hf:"):  # its shape and tokenizer are in the config already
         source = config.init_from[len("hf:"):]
-        model_type = hf.read_hf_config(source)["model_type"]
+        hf_cfg = hf.read_hf_config(source)
+        if hf_cfg["model_type"] == "bert":
+            loaded = hf_bert.load_hf_bert_params(source, hf_bert.config_from_hf_bert(
+                hf_cfg, mcfg.param_dtype))
+            return _with_fresh_heads(loaded, config, mcfg, state_sh), source
+        model_type = hf_cfg["model_type"]
         return jax.device_put(hf.load_hf_params(source, mcfg, model_type), state_sh.params), source
     init_from = init_from or checkpoint_lib.read_checkpoint_info(config.init_from)
     errors = checkpoint_lib.model_differences(init_from["model_config"], mcfg,
@@ -532,8 +557,25 @@ def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from
     if errors:
         raise checkpoint_lib.IncompatibleCheckpointError(
             f"init_from={config.init_from!r} has parameters of another shape: " + "; ".join(errors))
+    if mcfg.architecture == "encoder":  # e.g. masked-LM params under a new classifier head
+        params, _, _ = checkpoint_lib.load_params(init_from["step_dir"])
+        return _with_fresh_heads(params, config, mcfg, state_sh), init_from["step_dir"]
     params, _, _ = checkpoint_lib.load_params(init_from["step_dir"], sharding=state_sh.params)
     return params, init_from["step_dir"]
+
+
+def _with_fresh_heads(loaded, config, mcfg: ModelConfig, state_sh: TrainState):
+    """An encoder's params: those of `loaded` where it has them (the embeddings and blocks),
+    fresh ones from `config.seed` for the rest (a new head: pooler, classifier), placed."""
+    init_rng, _ = jax.random.split(jax.random.key(config.seed))
+    fresh = jax.jit(functools.partial(encoder_lib.init_params, mcfg),
+                    out_shardings=state_sh.params)(init_rng)
+    flat = traverse_util.flatten_dict(loaded)
+    merged = {path: flat[path] if path in flat and flat[path].shape == value.shape else value
+              for path, value in traverse_util.flatten_dict(fresh).items()}
+    logging.info("init_from: fresh parameters for %s",
+                 sorted("/".join(p) for p in merged if p not in flat) or "none")
+    return jax.device_put(traverse_util.unflatten_dict(merged), state_sh.params)
 
 
 def write_run_configs(workdir: str, config: ml_collections.ConfigDict, mcfg: ModelConfig) -> None:
@@ -614,7 +656,7 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
     accum, per_call = config.optim.grad_accum, config.train.steps_per_call
     num_micro_steps = config.train.num_steps * accum
     batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
-    objective = objectives_lib.for_run(mcfg, data.tokenizer)
+    objective = objectives_lib.for_run(mcfg, data.tokenizer, class_weights(config.data))
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
                              skip_nonfinite=config.optim.skip_nonfinite, objective=objective)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg, objective=objective),

@@ -470,7 +470,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def _load_checked(directory: str, kind: str) -> Tokenizer:
     """Loads a saved tokenizer, insisting it is of the configured kind."""
     tokenizer = load_tokenizer(directory)
-    if tokenizer.kind != kind:
+    if tokenizer.kind != kind and not (kind == HF_KIND and isinstance(tokenizer, HFTokenizer)):
         raise ValueError(f"tokenizer.kind = {kind!r}, but {directory} holds a saved "
                          f"{tokenizer.kind!r} tokenizer.")
     return tokenizer

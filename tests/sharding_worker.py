@@ -25,6 +25,11 @@ def tiny_config(job):
     config.train.update(num_steps=job.get("num_steps", 10), log_every=1, eval_every=0,
                         eval_batches=2, checkpoint_every=job.get("checkpoint_every", 0),
                         keep_checkpoints=5, num_samples=0, progress_bar=False)
+    if job.get("encoder"):  # BERT-style masked LM, WordPiece vocabulary of 64
+        config.tokenizer.kind, config.tokenizer.vocab_size = "wordpiece", 64
+        config.model.update(architecture="encoder", norm_position="post", type_vocab_size=2,
+                            position="learned", norm="layernorm", mlp="gelu_exact", bias=True,
+                            tie_embeddings=True, vocab_size=64)
     for axis, size in job.get("mesh", {}).items():
         config.mesh[axis] = size
     return config

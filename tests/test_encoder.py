@@ -7,6 +7,10 @@ Every Hugging Face model is a tiny randomly initialised `transformers` model sav
 scales around 1), so that a wrong conversion shows far above the 1e-4 tolerance.
 """
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -257,3 +261,140 @@ def test_mlm_pretraining_learns_and_resumes_bit_exactly(tmp_path, pigs_text):
     np.testing.assert_array_equal(resumed["train_loss"], losses)
     for a, b in zip(jax.tree.leaves(resumed["state"].params), jax.tree.leaves(full["state"].params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_encoder_trains_alike_on_8_devices_and_one(tmp_path, pigs_text):
+    """Masked-LM training on data x8 and on data x2 / fsdp x2 / tensor x2 meshes of 8 simulated
+    devices gives one device's losses (fresh processes: tests/sharding_worker.py)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(pigs_text)
+    job = {"kind": "train", "encoder": True, "corpus": str(corpus), "num_steps": 6}
+    single = run_worker(dict(job, workdir=str(tmp_path / "one")), devices=1)["runs"][0]
+    meshes = [{"data": 8}, {"data": 2, "fsdp": 2, "tensor": 2}]
+    multi = run_worker(dict(job, workdir=str(tmp_path / "eight"), meshes=meshes), devices=8)
+    assert single["losses"][-1] < single["losses"][0]
+    for run in multi["runs"]:
+        np.testing.assert_allclose(run["losses"], single["losses"], rtol=1e-5, atol=0)
+    split = multi["runs"][1]["shards"]["['blocks_0']['attn']['query']['kernel']"]
+    assert split[2] != split[1]  # [spec, shape, shard shape]: the heads are split
+
+
+WORKER = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
+
+
+def run_worker(job: dict, devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, WORKER, json.dumps(job)], env=env, timeout=600,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-5000:]
+    line = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+# ------------------------------------------------------------------------- classification
+
+
+def test_confusion_metrics_match_sklearn():
+    from sklearn import metrics as sk
+    rng = np.random.default_rng(0)
+    truth, predicted = rng.integers(0, 4, 200), rng.integers(0, 3, 200)  # class 3 never predicted
+    confusion = sk.confusion_matrix(truth, predicted, labels=range(4))
+    out = objectives.confusion_metrics(confusion)
+    assert out["confusion"] == confusion.tolist()
+    assert out["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted))
+    assert out["macro_f1"] == pytest.approx(sk.f1_score(truth, predicted, average="macro",
+                                                        labels=range(4), zero_division=0))
+
+
+ANIMALS = {"pigs": "little pigs went to market", "cows": "big cows stayed at home",
+           "hens": "old hens sat on the fence"}
+
+
+def write_labelled(folder, name, n, offset=0):
+    """A .tsv of `n` rows: the text names an animal (the label) among filler words."""
+    rows = ["sentence\tlabel"]
+    for i in range(offset, offset + n):
+        label = list(ANIMALS)[i % 3]
+        rows.append(f"{i} {ANIMALS[label]} on day {i * 7 % 13}\t{label}")
+    path = folder / name
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def classify_config(tmp_path, **model_fields):
+    config = mlm_config(tmp_path, "", num_steps=30, eval_every=30, checkpoint_every=0)
+    config.data.train_files = write_labelled(tmp_path, "train.tsv", 120)
+    config.data.val_files = write_labelled(tmp_path, "val.tsv", 30, offset=500)
+    config.data.text_fields, config.data.batch_size, config.data.seq_len = "sentence", 8, 32
+    config.model.update(head="classifier", num_labels=3, **model_fields)
+    config.optim.update(learning_rate=2e-3, decay_steps=0)
+    return config
+
+
+def test_fine_tuning_from_masked_lm_then_predict(tmp_path, pigs_text):
+    """A masked-LM workdir fine-tuned as a classifier (init_from) through train_and_evaluate:
+    accuracy, macro-F1 and the confusion matrix at eval, label names saved, `predict` labels
+    texts; exported as BertForSequenceClassification, transformers gives the same
+    probabilities."""
+    from lmjax import classify, labelled, train
+    mlm = mlm_config(tmp_path, pigs_text + "".join(v + ".\n" for v in ANIMALS.values()) * 3,
+                     num_steps=10, eval_every=0, checkpoint_every=0)
+    train.train_and_evaluate(mlm, str(tmp_path / "mlm"))
+    config = classify_config(tmp_path)
+    config.init_from = str(tmp_path / "mlm")
+    result = train.train_and_evaluate(config, str(tmp_path / "cls"))
+    final = result["eval"][-1]
+    assert final["accuracy"] == 1.0 and final["macro_f1"] == 1.0  # the animal gives it away
+    assert final["confusion"] == [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
+    assert labelled.load_label_names(str(tmp_path / "cls")) == ["cows", "hens", "pigs"]
+
+    classifier = classify.load_classifier(workdir=str(tmp_path / "cls"))
+    texts = ["3 old hens sat on the fence on day 2", "9 big cows stayed at home"]
+    predictions = classify.predict(classifier, texts)
+    assert [p["label"] for p in predictions] == ["hens", "cows"]
+    hf_bert.save_hf_bert(str(tmp_path / "hf"), classifier.config, classifier.params,
+                         classifier.tokenizer, classifier.label_names)
+    model = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "hf"))
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    with torch.no_grad():
+        probs = torch.softmax(model(**hf_tokenizer(texts, padding=True, return_tensors="pt"))
+                              .logits, -1).numpy()
+    assert model.config.id2label == {0: "cows", 1: "hens", 2: "pigs"}
+    np.testing.assert_allclose([list(p["probabilities"].values()) for p in predictions], probs,
+                               atol=1e-5)
+    again = classify.predict(classify.load_classifier(hf_folder=str(tmp_path / "hf")), texts)
+    assert [p["label"] for p in again] == ["hens", "cows"]
+
+
+def test_fine_tuning_from_an_hf_bert_folder(tmp_path):
+    """init_from='hf:FOLDER' of a BertForMaskedLM with its tokenizer: the encoder's weights are
+    the folder's, the classifier head is fresh, and training runs on the folder's tokenizer."""
+    from lmjax import train
+    tokenizer = tokenizers_lib.WordPieceTokenizer.train(
+        [v for v in ANIMALS.values()] * 5 + [f"{i} on day" for i in range(600)], 60)
+    tokenizer.save(str(tmp_path / "bert"))
+    model = make_bert("lm", vocab_size=tokenizer.vocab_size, max_position_embeddings=32)
+    model.save_pretrained(str(tmp_path / "bert"))
+    config = classify_config(tmp_path, dropout=0.0)
+    config.init_from = "hf:" + str(tmp_path / "bert")
+    config.optim.learning_rate = 0.0  # the params stay the imported ones
+    config.optim.min_learning_rate = 0.0
+    result = train.train_and_evaluate(config, str(tmp_path / "cls"))
+    params = result["state"].params
+    np.testing.assert_array_equal(
+        np.asarray(params["embed"]["embedding"]),
+        model.bert.embeddings.word_embeddings.weight.detach().numpy())
+    assert set(params) >= {"pooler", "classifier"} and "mlm_bias" not in params
+    assert result["tokenizer"].vocab_size == tokenizer.vocab_size
+
+
+def test_labelled_data_errors(tmp_path):
+    from lmjax import train
+    config = classify_config(tmp_path)
+    config.data.label_field = "class"
+    with pytest.raises(ValueError, match="row 1 has no field 'class'"):
+        train.train_and_evaluate(config, str(tmp_path / "a"))
+    config = classify_config(tmp_path, num_labels=2)
+    with pytest.raises(ValueError, match="model.num_labels=2, but the training data has 3"):
+        train.train_and_evaluate(config, str(tmp_path / "b"))

@@ -4,6 +4,7 @@
     lmjax sample --workdir=workdirs/demo --prompt="ROMEO."
     lmjax prepare --config=shakespeare_char         # tokenize the data once (training does too)
     lmjax eval   --workdir=workdirs/demo --task=perplexity --data=val
+    lmjax classify --workdir=workdirs/genre --text="O Romeo, Romeo!"   # encoder classifiers
     lmjax configs                                   # the shipped configs
 
 Only the chosen subcommand's module is imported, so each defines its own absl flags.
@@ -21,6 +22,7 @@ commands:
   prepare  tokenize a config's data once into its token store: lmjax prepare --config=NAME
   sample   sample from a run or a Hugging Face folder: lmjax sample --workdir=DIR --prompt=...
   eval     evaluate a run or a Hugging Face folder: lmjax eval --workdir=DIR --task=... --data=...
+  classify label texts with a fine-tuned encoder: lmjax classify --workdir=DIR --text=...
   configs  list the shipped configs (named in --config=NAME[:ARG])
   version  print lmjax's version
 """
@@ -43,6 +45,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "eval":
         from lmjax.commands import evaluate
         evaluate.run(rest)
+    elif command == "classify":
+        from lmjax.commands import classify
+        classify.run(rest)
     elif command == "configs":
         from lmjax import configs
         for name, doc in configs.describe().items():

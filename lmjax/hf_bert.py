@@ -100,8 +100,11 @@ def hf_bert_config(config: ModelConfig, tokenizer=None,
     return out
 
 
-def _tensor_rules(config: ModelConfig, prefix: str) -> list[hf._Rule]:
-    """Every tensor of a BERT checkpoint for `config` ('bert.' prefix for the heads' models)."""
+def _tensor_rules(config: ModelConfig, prefix: str,
+                  mlm_bias: tuple[str, ...] = ("cls.predictions.bias",)) -> list[hf._Rule]:
+    """Every tensor of a BERT checkpoint for `config` ('bert.' prefix for the heads' models);
+    `mlm_bias`: the names of the MLM output bias (transformers ties the decoder's bias to
+    cls.predictions.bias; an export writes both, an import reads whichever the file has)."""
     cfg, rules = config, []
 
     def add(name, *paths, in_dims=1, transpose=False):
@@ -133,7 +136,8 @@ def _tensor_rules(config: ModelConfig, prefix: str) -> list[hf._Rule]:
     if cfg.head == "lm":
         dense("cls.predictions.transform.dense", "mlm_transform")
         norm("cls.predictions.transform.LayerNorm", "mlm_norm")
-        add("cls.predictions.bias", "mlm_bias", in_dims=0)
+        for name in mlm_bias:
+            add(name, "mlm_bias", in_dims=0)
         if not cfg.tie_embeddings:
             add("cls.predictions.decoder.weight", "lm_head/kernel", transpose=True)
     else:
@@ -154,10 +158,12 @@ def load_hf_bert_params(folder: str, config: ModelConfig) -> dict:
     names = checkpoint.names()
     prefix = "" if "embeddings.word_embeddings.weight" in names else "bert."
     tied = config.tie_embeddings or config.head != "lm"
+    bias = ("cls.predictions.bias" if "cls.predictions.bias" in names or config.head != "lm"
+            else "cls.predictions.decoder.bias",)
 
     def ignore(name):
         return bool(_IGNORED.search(name)) or (tied and name == "cls.predictions.decoder.weight")
-    return hf.read_tensors(checkpoint, _tensor_rules(config, prefix), _shapes(config),
+    return hf.read_tensors(checkpoint, _tensor_rules(config, prefix, bias), _shapes(config),
                            config.param_dtype, ignore=ignore, what=f"BERT head {config.head!r}")
 
 
@@ -202,7 +208,8 @@ def save_hf_bert(folder: str, config: ModelConfig, params: dict, tokenizer=None,
         raise ValueError(f"params do not match model_config: check parameter {'/'.join(bad[0])}")
     if not config.type_vocab_size:  # BERT always has a token-type table: one row of zeros
         shapes[("type_embed",)] = (1, config.embed_dim)
-    rules = _tensor_rules(config, "" if config.head == "none" else "bert.")
+    rules = _tensor_rules(config, "" if config.head == "none" else "bert.",
+                          ("cls.predictions.bias", "cls.predictions.decoder.bias"))
     hf.write_tensors(folder, rules, shapes, flat, config.param_dtype)
     with open(os.path.join(folder, hf.CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(hf_cfg, f, indent=2, sort_keys=True)

@@ -8,6 +8,7 @@ the text column, or two columns for sentence pairs ('sentence1,sentence2'); `dat
 the label. Labels are mapped to ids in sorted order of their names (numbers sort numerically),
 saved as `labels.json` in the workdir; model.num_labels=1 reads them as numbers (regression).
 Without data.val_files, the last data.val_fraction of the training examples validate.
+data.source='shakespeare' is the genre task of the embedded corpus (`shakespeare_genre`).
 
 Each example is encoded once as [CLS] text [SEP] (pair [SEP]) with token types, cut to
 data.seq_len tokens. A batch is padded to the smallest bucket (16, 32, 64, ... data.seq_len)
@@ -32,6 +33,47 @@ from lmjax import wordpiece
 
 LABELS_FILE = "labels.json"
 FORMATS = (".tsv", ".csv", ".jsonl")
+
+# The genre task (data.source='shakespeare' with model.head='classifier'): passages of the
+# embedded corpus's plays labelled with the First Folio's genre (its three sections); the poems
+# and Pericles (not in the Folio) are left out. Whole plays are held out, so no play is in two
+# splits: two of each genre validate, two others test (benchmarks/encoder_quality.py).
+GENRES = {
+    "comedy": ("tempest", "two_gentlemen_of_verona", "merry_wives_of_windsor",
+               "measure_for_measure", "comedy_of_errors", "much_ado_about_nothing",
+               "loves_labours_lost", "midsummer_nights_dream", "merchant_of_venice",
+               "as_you_like_it", "taming_of_the_shrew", "alls_well_that_ends_well",
+               "twelfth_night", "winters_tale"),
+    "history": ("john", "richard_ii", "henry_iv_part_1", "henry_iv_part_2", "henry_v",
+                "henry_vi_part_1", "henry_vi_part_2", "henry_vi_part_3", "richard_iii",
+                "henry_viii"),
+    "tragedy": ("troilus_and_cressida", "coriolanus", "tragedy_of_titus_andronicus",
+                "romeo_and_juliet", "timon_of_athens", "julius_caesar", "macbeth", "hamlet",
+                "lear", "othello", "antony_and_cleopatra", "cymbeline"),
+}
+GENRE_SPLITS = {"val": ("twelfth_night", "merchant_of_venice", "henry_v", "john", "macbeth",
+                        "lear"),
+                "test": ("tempest", "as_you_like_it", "richard_ii", "henry_viii", "hamlet",
+                         "othello")}
+PASSAGE_LINES = 8  # non-empty lines per genre-task passage
+
+
+def shakespeare_genre(split: str, passage_lines: int = PASSAGE_LINES
+                      ) -> list[tuple[tuple[str], str]]:
+    """[((passage,), genre)] of the genre task's 'train', 'val' or 'test' plays: each play cut
+    into passages of `passage_lines` non-empty lines, in order."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split={split!r} is not one of train, val, test")
+    works = sources.shakespeare_works()
+    held_out = {w for plays in GENRE_SPLITS.values() for w in plays}
+    examples = []
+    for genre, plays in GENRES.items():
+        for play in plays:
+            if (play in GENRE_SPLITS.get(split, ())) if split != "train" else play not in held_out:
+                lines = [line.strip() for line in works[play].splitlines() if line.strip()]
+                examples += [((" ".join(lines[i:i + passage_lines]),), genre)
+                             for i in range(0, len(lines) - passage_lines + 1, passage_lines)]
+    return examples
 
 
 def read_examples(path: str, text_fields: Sequence[str], label_field: str
@@ -181,10 +223,16 @@ def build_data(config, workdir: str | None = None) -> LabelledData:
     keeps its ids), else from the training labels (saved there)."""
     num_labels = config.model.num_labels
     data_config = config.data
-    train = _examples(data_config, "train_files")
-    if data_config.val_files:
-        val = _examples(data_config, "val_files")
+    if data_config.source == "shakespeare":
+        train, val = shakespeare_genre("train"), shakespeare_genre("val")
+    elif data_config.source not in ("files", "jsonl"):
+        raise ValueError(f"data.source={data_config.source!r}: classification reads "
+                         ".tsv/.csv/.jsonl data.train_files (source files or jsonl) or the "
+                         "Shakespeare genre task (source shakespeare)")
+    elif data_config.val_files:
+        train, val = _examples(data_config, "train_files"), _examples(data_config, "val_files")
     else:
+        train = _examples(data_config, "train_files")
         n = int(len(train) * (1 - data_config.val_fraction))
         train, val = train[:n], train[n:]
     if not train or not val:

@@ -89,8 +89,20 @@ class Encoder(nn.Module):
         if cfg.norm_position == "pre":
             x_BxLxD = _norm(cfg, "final_norm")(x_BxLxD)
 
-        if cfg.head == "lm":
-            return self.mlm_logits(x_BxLxD, embed)
+        if cfg.head == "lm":  # BERT's MLM head: dense -> GELU -> norm -> decoder + bias
+            h_BxLxD = Projection((cfg.embed_dim,), (cfg.embed_dim,), ("embed", None), True, cfg,
+                                 name="mlm_transform")(x_BxLxD)
+            h_BxLxD = _norm(cfg, "mlm_norm")(_activation(cfg, h_BxLxD))
+            if cfg.tie_embeddings:  # the word embeddings, transposed
+                logits_BxLxV = model_lib.matmul("bld,vd->blv", h_BxLxD, embed.embedding,
+                                                cfg.dtype)
+            else:
+                logits_BxLxV = Projection((cfg.embed_dim,), (cfg.vocab_size,),
+                                          ("embed", "vocab"), False, cfg, name="lm_head")(h_BxLxD)
+            bias_V = self.param("mlm_bias", _partitioned(nn.initializers.zeros, ("vocab",)),
+                                (cfg.vocab_size,), cfg.param_dtype)
+            logits_BxLxV = logits_BxLxV.astype(jnp.float32) + bias_V.astype(jnp.float32)
+            return nn.with_logical_constraint(logits_BxLxV, _ACT_BLV)
         # The pooler: tanh(dense(hidden of the first, [CLS], token)).
         pooled_BxD = jnp.tanh(Projection((cfg.embed_dim,), (cfg.embed_dim,), ("embed", None),
                                          True, cfg, name="pooler")(x_BxLxD[:, 0]))
@@ -99,23 +111,6 @@ class Encoder(nn.Module):
         logits_BxN = Projection((cfg.embed_dim,), (cfg.num_labels,), ("embed", None), True, cfg,
                                 name="classifier")(dropout(pooled_BxD))
         return logits_BxN.astype(jnp.float32)
-
-    def mlm_logits(self, x_BxLxD, embed: nn.Embed):
-        """BERT's masked-LM head: dense -> GELU -> norm -> decoder (the word embeddings
-        transposed unless untied) + a bias per token."""
-        cfg = self.config
-        h_BxLxD = Projection((cfg.embed_dim,), (cfg.embed_dim,), ("embed", None), True, cfg,
-                             name="mlm_transform")(x_BxLxD)
-        h_BxLxD = _norm(cfg, "mlm_norm")(_activation(cfg, h_BxLxD))
-        if cfg.tie_embeddings:
-            logits_BxLxV = model_lib.matmul("bld,vd->blv", h_BxLxD, embed.embedding, cfg.dtype)
-        else:
-            logits_BxLxV = Projection((cfg.embed_dim,), (cfg.vocab_size,), ("embed", "vocab"),
-                                      False, cfg, name="lm_head")(h_BxLxD)
-        bias_V = self.param("mlm_bias", _partitioned(nn.initializers.zeros, ("vocab",)),
-                            (cfg.vocab_size,), cfg.param_dtype)
-        logits_BxLxV = logits_BxLxV.astype(jnp.float32) + bias_V.astype(jnp.float32)
-        return nn.with_logical_constraint(logits_BxLxV, _ACT_BLV)
 
 
 def network(config: ModelConfig) -> nn.Module:

@@ -8,7 +8,9 @@ the text column, or two columns for sentence pairs ('sentence1,sentence2'); `dat
 the label. Labels are mapped to ids in sorted order of their names (numbers sort numerically),
 saved as `labels.json` in the workdir; model.num_labels=1 reads them as numbers (regression).
 Without data.val_files, the last data.val_fraction of the training examples validate.
-data.source='shakespeare' is the genre task of the embedded corpus (`shakespeare_genre`).
+data.source='shakespeare' is the genre task of the embedded corpus (`shakespeare_genre`);
+data.source='tfds' reads data.tfds_name (e.g. 'glue/sst2': text_fields 'sentence'), its
+ClassLabel names becoming the label names.
 
 Each example is encoded once as [CLS] text [SEP] (pair [SEP]) with token types, cut to
 data.seq_len tokens. A batch is padded to the smallest bucket (16, 32, 64, ... data.seq_len)
@@ -207,6 +209,34 @@ class LabelledData:
     val_tokens: int
 
 
+def tfds_examples(data_config, split: str) -> tuple[list, list[str] | None]:
+    """([((text, [pair]), label)], the label feature's class names or None) of a TFDS split
+    (`data.tfds_name`, e.g. 'glue/sst2', prepared in `data.tfds_data_dir` or downloaded by
+    TFDS), read with random access from its ArrayRecord files. A ClassLabel label is named by
+    its class name; examples with label -1 (GLUE's unlabelled test splits) are an error."""
+    tfds = sources._open_tfds()
+    builder = sources._tfds_builder(tfds, {"name": data_config.tfds_name,
+                                           "data_dir": data_config.tfds_data_dir})
+    text_fields = [f.strip() for f in data_config.text_fields.split(",") if f.strip()]
+    features = builder.info.features
+    for field in (*text_fields, data_config.label_field):
+        if field not in features:
+            raise ValueError(f"data.tfds_name={data_config.tfds_name!r} has no feature "
+                             f"{field!r} (data.text_fields / data.label_field); its features "
+                             f"are {sorted(features)}")
+    label = features[data_config.label_field]
+    names = list(label.names) if isinstance(label, tfds.features.ClassLabel) else None
+    examples = []
+    for record in builder.as_data_source(split=split):
+        value = int(record[data_config.label_field]) if names else record[data_config.label_field]
+        if names and value < 0:
+            raise ValueError(f"{data_config.tfds_name} split {split!r} has unlabelled examples "
+                             "(label -1): use a labelled split")
+        examples.append((tuple(sources._to_str(record[f]) for f in text_fields),
+                         names[value] if names else str(sources._to_str(value))))
+    return examples, names
+
+
 def _examples(data_config, field: str):
     text_fields = [f.strip() for f in data_config.text_fields.split(",") if f.strip()]
     if not 1 <= len(text_fields) <= 2:
@@ -223,12 +253,23 @@ def build_data(config, workdir: str | None = None) -> LabelledData:
     keeps its ids), else from the training labels (saved there)."""
     num_labels = config.model.num_labels
     data_config = config.data
+    if config.train.steps_per_call != 1:
+        raise ValueError(f"train.steps_per_call={config.train.steps_per_call}: classification "
+                         "needs 1 (its batches are padded to different bucket lengths)")
+    names = None
     if data_config.source == "shakespeare":
         train, val = shakespeare_genre("train"), shakespeare_genre("val")
+    elif data_config.source == "tfds":
+        train, names = tfds_examples(data_config, data_config.tfds_train_split)
+        if data_config.tfds_val_split:
+            val, _ = tfds_examples(data_config, data_config.tfds_val_split)
+        else:
+            n = int(len(train) * (1 - data_config.val_fraction))
+            train, val = train[:n], train[n:]
     elif data_config.source not in ("files", "jsonl"):
         raise ValueError(f"data.source={data_config.source!r}: classification reads "
-                         ".tsv/.csv/.jsonl data.train_files (source files or jsonl) or the "
-                         "Shakespeare genre task (source shakespeare)")
+                         ".tsv/.csv/.jsonl data.train_files (source files or jsonl), TFDS "
+                         "(source tfds) or the Shakespeare genre task (source shakespeare)")
     elif data_config.val_files:
         train, val = _examples(data_config, "train_files"), _examples(data_config, "val_files")
     else:
@@ -238,7 +279,7 @@ def build_data(config, workdir: str | None = None) -> LabelledData:
     if not train or not val:
         raise ValueError(f"labelled data: {len(train)} training and {len(val)} validation "
                          "examples; both need at least one")
-    names = (load_label_names(workdir) if workdir else None) or (
+    names = (load_label_names(workdir) if workdir else None) or names or (
         [] if num_labels == 1 else label_names([label for _, label in train]))
     if num_labels > 1 and len(names) != num_labels:
         raise ValueError(f"model.num_labels={num_labels}, but the training data has "

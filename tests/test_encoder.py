@@ -398,3 +398,41 @@ def test_labelled_data_errors(tmp_path):
     config = classify_config(tmp_path, num_labels=2)
     with pytest.raises(ValueError, match="model.num_labels=2, but the training data has 3"):
         train.train_and_evaluate(config, str(tmp_path / "b"))
+
+
+def test_tfds_labelled_data_by_name(tmp_path):
+    """data.source='tfds' reads a TFDS dataset by name with the real loading code (a dataset
+    this test builds locally, shaped like glue/sst2): texts, ClassLabel names, both splits."""
+    tfds = pytest.importorskip("tensorflow_datasets", exc_type=ModuleNotFoundError,
+                               reason='pip install -e ".[tfds]"')
+    from lmjax import labelled
+    rows = {"train": [("a gripping film", 1), ("dull and slow", 0), ("lovely", 1)],
+            "validation": [("not good", 0)]}
+
+    class LmjaxTinySst(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "sentence": tfds.features.Text(),
+                "label": tfds.features.ClassLabel(names=["negative", "positive"])}))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(r) for split, r in rows.items()}
+
+        def _generate_examples(self, split_rows):
+            for i, (text, label) in enumerate(split_rows):
+                yield i, {"sentence": text, "label": label}
+
+    data_dir = str(tmp_path / "tfds")
+    LmjaxTinySst(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    config = classify_config(tmp_path, num_labels=2)
+    config.data.update(source="tfds", tfds_name="lmjax_tiny_sst", tfds_data_dir=data_dir,
+                       text_fields="sentence")
+    config.tokenizer.vocab_size = 40
+    data = labelled.build_data(config, str(tmp_path))
+    assert data.label_names == ["negative", "positive"]
+    examples, _ = labelled.tfds_examples(config.data, "train")
+    assert sorted(examples) == sorted(((t,), ["negative", "positive"][y])
+                                      for t, y in rows["train"])
+    assert data.val.labels.tolist() == [0.0] and len(data.train.ids) == 3

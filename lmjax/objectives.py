@@ -109,7 +109,8 @@ class MaskedLM:
         each row's tokens (the same masks at every evaluation)."""
         tokens_BxL = batch["inputs"]
         weights_L = jnp.arange(1, tokens_BxL.shape[1] + 1, dtype=jnp.uint32)
-        digest_B = jnp.sum(tokens_BxL.astype(jnp.uint32) * weights_L * 2654435761, axis=1)
+        digest_B = jnp.sum(tokens_BxL.astype(jnp.uint32) * weights_L * jnp.uint32(2654435761),
+                           axis=1)
         keys_B = jax.vmap(lambda d: jax.random.fold_in(jax.random.key(MASK_STREAM), d))(digest_B)
         tokens, inputs, selected = self._masked(batch, keys_B, config)
         loss_sum, count, correct = self._sums(params, config, tokens, inputs, selected, batch,

@@ -408,7 +408,11 @@ class WordPieceTokenizer(HFTokenizer):
         tokenizer.train_from_iterator(list(texts), vocab_size=vocab_size,
                                       min_frequency=min_frequency,
                                       special_tokens=list(WORDPIECE_SPECIALS), show_progress=False)
-        return cls.from_backend(tokenizer._tokenizer, lowercase)
+        from tokenizers.processors import BertProcessing  # [CLS] A [SEP] (B [SEP]), as BERT's
+        backend = tokenizer._tokenizer
+        backend.post_processor = BertProcessing(("[SEP]", backend.token_to_id("[SEP]")),
+                                                ("[CLS]", backend.token_to_id("[CLS]")))
+        return cls.from_backend(backend, lowercase)
 
 
 # ----------------------------------------------------------------------------------------------

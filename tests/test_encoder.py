@@ -237,7 +237,7 @@ def mlm_config(tmp_path, text, **train_fields):
     config.tokenizer.kind, config.tokenizer.vocab_size = "wordpiece", 60
     config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=32,
                         architecture="encoder", norm_position="post", type_vocab_size=2,
-                        mlp="gelu_exact", norm_eps=1e-12, dropout=0.1)
+                        mlp="gelu_exact", norm_eps=1e-12, dropout=0.1, init_std=0.1, bias=True)
     config.optim.update(warmup_steps=5, learning_rate=3e-3, decay_steps=24)
     config.train.update(num_steps=40, log_every=10, eval_every=20, eval_batches=4,
                         checkpoint_every=20, num_samples=0, progress_bar=False)
@@ -330,12 +330,12 @@ def write_labelled(folder, name, n, offset=0):
 
 
 def classify_config(tmp_path, **model_fields):
-    config = mlm_config(tmp_path, "", num_steps=30, eval_every=30, checkpoint_every=0)
+    config = mlm_config(tmp_path, "", num_steps=40, eval_every=40, checkpoint_every=0)
     config.data.train_files = write_labelled(tmp_path, "train.tsv", 120)
     config.data.val_files = write_labelled(tmp_path, "val.tsv", 30, offset=500)
     config.data.text_fields, config.data.batch_size, config.data.seq_len = "sentence", 8, 32
-    config.model.update(head="classifier", num_labels=3, **model_fields)
-    config.optim.update(learning_rate=2e-3, decay_steps=0)
+    config.model.update(**{"head": "classifier", "num_labels": 3, "dropout": 0.0, **model_fields})
+    config.optim.update(learning_rate=3e-3, decay_steps=0)
     return config
 
 
@@ -352,26 +352,34 @@ def test_fine_tuning_from_masked_lm_then_predict(tmp_path, pigs_text):
     config.init_from = str(tmp_path / "mlm")
     result = train.train_and_evaluate(config, str(tmp_path / "cls"))
     final = result["eval"][-1]
-    assert final["accuracy"] == 1.0 and final["macro_f1"] == 1.0  # the animal gives it away
-    assert final["confusion"] == [[10, 0, 0], [0, 10, 0], [0, 0, 10]]
-    assert labelled.load_label_names(str(tmp_path / "cls")) == ["cows", "hens", "pigs"]
+    assert final["accuracy"] > 0.8  # chance is 1/3: the animal gives it away
+    names = labelled.load_label_names(str(tmp_path / "cls"))
+    assert names == ["cows", "hens", "pigs"]
 
+    # predict() on the validation texts: scikit-learn's metrics of its labels are the run's.
+    from sklearn import metrics as sk
     classifier = classify.load_classifier(workdir=str(tmp_path / "cls"))
-    texts = ["3 old hens sat on the fence on day 2", "9 big cows stayed at home"]
-    predictions = classify.predict(classifier, texts)
-    assert [p["label"] for p in predictions] == ["hens", "cows"]
+    val = labelled.read_examples(config.data.val_files, ["sentence"], "label")
+    texts, truth = [t[0] for t, _ in val], [y for _, y in val]
+    predictions = classify.predict(classifier, texts, batch_size=8)
+    predicted = [p["label"] for p in predictions]
+    assert final["confusion"] == sk.confusion_matrix(truth, predicted, labels=names).tolist()
+    assert final["macro_f1"] == pytest.approx(sk.f1_score(truth, predicted, average="macro"))
+    assert final["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted))
+    texts, predictions = texts[:4], predictions[:4]
     hf_bert.save_hf_bert(str(tmp_path / "hf"), classifier.config, classifier.params,
                          classifier.tokenizer, classifier.label_names)
     model = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "hf"))
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     with torch.no_grad():
-        probs = torch.softmax(model(**hf_tokenizer(texts, padding=True, return_tensors="pt"))
+        probs = torch.softmax(model(**hf_tokenizer(texts, padding=True, truncation=True,
+                                                   max_length=32, return_tensors="pt"))
                               .logits, -1).numpy()
     assert model.config.id2label == {0: "cows", 1: "hens", 2: "pigs"}
     np.testing.assert_allclose([list(p["probabilities"].values()) for p in predictions], probs,
                                atol=1e-5)
     again = classify.predict(classify.load_classifier(hf_folder=str(tmp_path / "hf")), texts)
-    assert [p["label"] for p in again] == ["hens", "cows"]
+    assert [p["label"] for p in again] == [p["label"] for p in predictions]
 
 
 def test_fine_tuning_from_an_hf_bert_folder(tmp_path):
@@ -383,7 +391,7 @@ def test_fine_tuning_from_an_hf_bert_folder(tmp_path):
     tokenizer.save(str(tmp_path / "bert"))
     model = make_bert("lm", vocab_size=tokenizer.vocab_size, max_position_embeddings=32)
     model.save_pretrained(str(tmp_path / "bert"))
-    config = classify_config(tmp_path, dropout=0.0)
+    config = classify_config(tmp_path)
     config.init_from = "hf:" + str(tmp_path / "bert")
     config.optim.learning_rate = 0.0  # the params stay the imported ones
     config.optim.min_learning_rate = 0.0

@@ -47,6 +47,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from lmjax import encoder as encoder_lib
 from lmjax import integrity
 from lmjax import model as model_lib
 from lmjax import tokenizers
@@ -154,7 +155,8 @@ def _sharded(tree, sharding):
 def abstract_params(model_config: ModelConfig, sharding=None):
     """Shapes/dtypes/shardings of a model's parameters (no memory, no compute); a LoRA model's
     adapters alone (what a LoRA run saves: lmjax/lora.py)."""
-    shapes = jax.eval_shape(lambda rng: model_lib.init_params(model_config, rng), jax.random.key(0))
+    shapes = jax.eval_shape(lambda rng: encoder_lib.init_params(model_config, rng),
+                            jax.random.key(0))
     if model_config.lora_rank:
         shapes = model_lib.split_adapters(shapes)[1]
     return _sharded(shapes, sharding)
@@ -240,11 +242,12 @@ def model_differences(saved: dict, current: ModelConfig,
     current_dict = dataclasses.asdict(current)
     if fields is None:
         fields = tuple(k for k in current_dict if k not in SAFE_MODEL_FIELDS)
-    # A field that an older checkpoint does not record has its default there.
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    saved = {k: saved.get(k, defaults.get(k)) for k in fields}
-    return [f"model.{k}: checkpoint {saved[k]!r}, config {current_dict[k]!r}"
-            for k in fields if saved[k] != current_dict[k]]
+    # A field newer than the checkpoint (e.g. `architecture`) has its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                if f.default is not dataclasses.MISSING}
+    saved = {**defaults, **saved}
+    return [f"model.{k}: checkpoint {saved.get(k)!r}, config {current_dict[k]!r}"
+            for k in fields if saved.get(k) != current_dict[k]]
 
 
 def check_resume_config(saved_config: dict, saved_model: dict,

@@ -20,6 +20,9 @@ _CHOICES = {
     "remat": ("none", "full", "dots"),
     "quantization": ("none", "int8"),
     "kv_cache_dtype": ("auto", "int8"),
+    "architecture": ("decoder", "encoder"),
+    "norm_position": ("pre", "post"),
+    "head": ("lm", "classifier", "none"),
 }
 
 
@@ -71,6 +74,14 @@ class ModelConfig:
     # as int8 with float32 scales per output channel (per vocabulary row for the embedding).
     quantization: str = "none"  # none | int8
     kv_cache_dtype: str = "auto"  # auto (= dtype) | int8: int8 keys/values, a scale per token/head
+    # Encoders (BERT, lmjax/encoder.py): bidirectional attention with a padding mask.
+    architecture: str = "decoder"  # decoder (causal LM, model.Transformer) | encoder (BERT)
+    norm_position: str = "pre"  # pre: x + f(norm(x)) (GPT-2, LLaMA) | post: norm(x + f(x)) (BERT)
+    type_vocab_size: int = 0  # encoder: token-type (sentence A/B) embeddings; 0 = none
+    # encoder: lm (masked-LM head, BertForMaskedLM) | classifier (pooler + classifier,
+    # BertForSequenceClassification) | none (pooler only: hidden states and pooled, BertModel)
+    head: str = "lm"
+    num_labels: int = 0  # head='classifier': classes (1 = regression); 0 otherwise
 
     def __post_init__(self):
         self.validate()
@@ -132,6 +143,7 @@ class ModelConfig:
                     and math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(
                     f"model.{name}={getattr(self, name)!r} must be a finite number > 0")
+        self._validate_encoder()
         if not (math.isfinite(self.init_std) and self.init_std >= 0):
             raise ValueError(f"model.init_std={self.init_std!r} must be a finite number >= 0")
         self._validate_lora()
@@ -152,6 +164,24 @@ class ModelConfig:
         if not targets or any(t not in allowed for t in targets):
             raise ValueError(f"lora.targets={self.lora_targets!r} must be comma-separated names "
                              f"of {', '.join(allowed)} (model.mlp={self.mlp!r})")
+
+    def _validate_encoder(self) -> None:
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ValueError(f"model.type_vocab_size={self.type_vocab_size!r} must be an integer "
+                             ">= 0 (0 = no token-type embeddings)")
+        if self.architecture == "decoder":
+            for name, default in (("head", "lm"), ("type_vocab_size", 0), ("num_labels", 0)):
+                if getattr(self, name) != default:
+                    raise ValueError(f"model.{name}={getattr(self, name)!r} is for "
+                                     f"model.architecture='encoder'; a decoder has {name}="
+                                     f"{default!r}")
+        if self.head == "classifier" and not (isinstance(self.num_labels, int)
+                                              and self.num_labels >= 1):
+            raise ValueError(f"model.num_labels={self.num_labels!r} must be an integer >= 1 with "
+                             "model.head='classifier' (1 = regression)")
+        if self.head != "classifier" and self.num_labels != 0:
+            raise ValueError(f"model.num_labels={self.num_labels!r} needs model.head="
+                             f"'classifier' (model.head={self.head!r} has num_labels=0)")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -271,8 +301,9 @@ def default_config():
     c.model = ml_collections.ConfigDict(preset_fields("nanogpt_baby", vocab_size=0))
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "char"  # char | byte | sentencepiece | hf (a Hugging Face model folder)
-    c.tokenizer.vocab_size = 8000  # sentencepiece only
+    # char | byte | sentencepiece | wordpiece (BERT's, trained) | hf (a Hugging Face model folder)
+    c.tokenizer.kind = "char"
+    c.tokenizer.vocab_size = 8000  # sentencepiece and wordpiece only
     c.tokenizer.model_type = "bpe"  # sentencepiece only: bpe | unigram
     c.tokenizer.path = ""  # existing SentencePiece .model or saved tokenizer folder ('' = train)
     # (kind hf: the folder with tokenizer.json or tokenizer.model, e.g. a Hugging Face model)
@@ -284,6 +315,10 @@ def default_config():
     c.data.val_fraction = 0.1
     c.data.jsonl_field = "text"  # jsonl: the field holding each line's document
     c.data.encoding_errors = "strict"  # bytes that are not UTF-8: strict (error) | replace | ignore
+    # Labelled data (model.head='classifier', lmjax/labelled.py): .tsv/.csv/.jsonl train_files
+    c.data.text_fields = "text"  # the text column, or two for sentence pairs: 'sentence1,sentence2'
+    c.data.label_field = "label"
+    c.data.class_weights = ""  # '' | comma-separated weight per label id (weighted cross-entropy)
     c.data.tfds_name = ""  # tfds: dataset name, e.g. 'lm1b'
     c.data.tfds_train_split = "train"
     c.data.tfds_val_split = "validation"

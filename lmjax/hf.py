@@ -423,6 +423,8 @@ class _Checkpoint:
     """The tensors of a folder's weight files, read one file (shard) at a time."""
 
     def __init__(self, folder: str):
+        self.folder = folder
+
         def files_of(index):
             weight_map = _read_json(os.path.join(folder, index))["weight_map"]
             return {name: os.path.join(folder, file) for name, file in weight_map.items()}
@@ -499,22 +501,32 @@ def load_hf_params(folder: str, config: ModelConfig, model_type: str) -> dict:
     tensors that this architecture does not have.
     """
     checkpoint = _Checkpoint(folder)
-    names = checkpoint.names()
-    rules = _tensor_rules(config, model_type, _detect_prefix(model_type, names))
-    shapes = _param_shapes(config)
+    rules = _tensor_rules(config, model_type, _detect_prefix(model_type, checkpoint.names()))
+    return read_tensors(checkpoint, rules, _param_shapes(config), config.param_dtype,
+                        ignore=lambda name: bool(_BUFFERS.search(name)) or (
+                            name == "lm_head.weight" and config.tie_embeddings),
+                        what=f"{model_type} with this config.json")
+
+
+def read_tensors(checkpoint: "_Checkpoint", rules: list[_Rule], shapes: dict[Path, tuple],
+                 param_dtype: str, ignore=lambda name: False, what: str = "") -> dict:
+    """The parameter tree that `rules` read from `checkpoint` (any architecture's rules), one
+    tensor at a time, in `param_dtype`. Tensors for which `ignore(name)` is true may be in the
+    checkpoint without a rule; any other extra, missing or misshapen tensor is a ValueError
+    naming it."""
+    folder, names = checkpoint.folder, checkpoint.names()
     expected = {rule.name: rule.hf_shape(shapes) for rule in rules}
     missing = [name for name in expected if name not in names]
     if missing:
         raise ValueError(
             f"missing tensor {missing[0]!r} (expected shape {expected[missing[0]]}) in {folder}"
             + (f", and {len(missing) - 1} more: {missing[1:6]}" if len(missing) > 1 else ""))
-    unexpected = sorted(name for name in names - set(expected) if not _BUFFERS.search(name)
-                        and not (name == "lm_head.weight" and config.tie_embeddings))
+    unexpected = sorted(name for name in names - set(expected) if not ignore(name))
     if unexpected:
-        raise ValueError(f"unexpected tensors in {folder} for {model_type} with this config.json: "
+        raise ValueError(f"unexpected tensors in {folder} for {what}: "
                          f"{unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
 
-    dtype = _DTYPES[config.param_dtype]
+    dtype = _DTYPES[param_dtype]
     rule_of = {rule.name: rule for rule in rules}
     flat = {}
     for name, tensor in checkpoint.read(expected):
@@ -553,32 +565,15 @@ def load_hf_tokenizer(folder: str) -> tokenizers_lib.Tokenizer | None:
 # ------------------------------------------------------------------------------------- writing
 
 
-def save_hf(folder: str, model_config: ModelConfig, params: dict,
-            tokenizer: tokenizers_lib.Tokenizer | None = None, model_type: str | None = None,
-            max_shard_bytes: int = 5 * 2 ** 30) -> None:
-    """Exports lmjax params as a Hugging Face folder that `transformers` `from_pretrained` loads.
-
-    Writes config.json and model.safetensors (or shards of at most `max_shard_bytes` and
-    model.safetensors.index.json), in the params' dtype. `model_type` defaults to
-    `default_model_type(model_config)`; ValueError if the config cannot be expressed in it.
-    With a tokenizer, its files are written too (Hugging Face ones for an `HFTokenizer`; other
-    lmjax tokenizers in lmjax's own format, which `load_hf` reads but `transformers` does not).
-    """
+def write_tensors(folder: str, rules: list[_Rule], shapes: dict[Path, tuple], flat: dict,
+                  param_dtype: str, max_shard_bytes: int = 5 * 2 ** 30) -> None:
+    """Writes the tensors of `rules` (any architecture's) built from the flat parameter dict
+    `flat` as model.safetensors, or shards of at most `max_shard_bytes` and
+    model.safetensors.index.json, in `param_dtype`; a parameter missing from `flat` is
+    written as zeros of its shape in `shapes`."""
     from safetensors.numpy import save_file
 
-    params, model_config = quantize.dequantize(params, model_config)  # int8: float32 out
-    hf = hf_config(model_config, model_type, tokenizer)
-    model_type = hf["model_type"]
-    # The HF side's config may have more biases than lmjax's (exported as zeros).
-    hf_side = config_from_hf(hf, model_config.param_dtype)
-    rules = _tensor_rules(hf_side, model_type)
-    shapes = _param_shapes(hf_side)
-    flat = traverse_util.flatten_dict(params)
-    own = _param_shapes(model_config)
-    if set(own) != set(flat) or any(tuple(flat[p].shape) != own[p] for p in own):
-        bad = sorted(set(own) ^ set(flat)) or [p for p in own if tuple(flat[p].shape) != own[p]]
-        raise ValueError(f"params do not match model_config: check parameter {'/'.join(bad[0])}")
-    dtype = _DTYPES[model_config.param_dtype]
+    dtype = _DTYPES[param_dtype]
 
     def hf_tensor(rule: _Rule) -> np.ndarray:
         arrays = [np.asarray(flat[p]).astype(dtype) if p in flat else np.zeros(shapes[p], dtype)
@@ -608,6 +603,32 @@ def save_hf(folder: str, model_config: ModelConfig, params: dict,
         total = sum(math.prod(r.hf_shape(shapes)) * itemsize for r in rules)
         with open(os.path.join(folder, SAFETENSORS_INDEX), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+
+
+def save_hf(folder: str, model_config: ModelConfig, params: dict,
+            tokenizer: tokenizers_lib.Tokenizer | None = None, model_type: str | None = None,
+            max_shard_bytes: int = 5 * 2 ** 30) -> None:
+    """Exports lmjax params as a Hugging Face folder that `transformers` `from_pretrained` loads.
+
+    Writes config.json and model.safetensors (or shards of at most `max_shard_bytes` and
+    model.safetensors.index.json), in the params' dtype. `model_type` defaults to
+    `default_model_type(model_config)`; ValueError if the config cannot be expressed in it.
+    With a tokenizer, its files are written too (Hugging Face ones for an `HFTokenizer`; other
+    lmjax tokenizers in lmjax's own format, which `load_hf` reads but `transformers` does not).
+    """
+    params, model_config = quantize.dequantize(params, model_config)  # int8: float32 out
+    hf = hf_config(model_config, model_type, tokenizer)
+    model_type = hf["model_type"]
+    # The HF side's config may have more biases than lmjax's (exported as zeros).
+    hf_side = config_from_hf(hf, model_config.param_dtype)
+    rules = _tensor_rules(hf_side, model_type)
+    shapes = _param_shapes(hf_side)
+    flat = traverse_util.flatten_dict(params)
+    own = _param_shapes(model_config)
+    if set(own) != set(flat) or any(tuple(flat[p].shape) != own[p] for p in own):
+        bad = sorted(set(own) ^ set(flat)) or [p for p in own if tuple(flat[p].shape) != own[p]]
+        raise ValueError(f"params do not match model_config: check parameter {'/'.join(bad[0])}")
+    write_tensors(folder, rules, shapes, flat, model_config.param_dtype, max_shard_bytes)
     with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
     if tokenizer is not None:

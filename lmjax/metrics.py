@@ -94,9 +94,13 @@ class MetricsLog:
         self.history["eval"].append({"step": step, **result})
         self._file.write(json.dumps({"step": step, **{
             f"eval_{name}": value for name, value in result.items()}}) + "\n")
-        self._scalars(step, {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]})
+        self._scalars(step, {f"eval/{name}": value for name, value in result.items()
+                             if name != "tokens" and isinstance(value, float)})
+        extra = "".join(f", {name} {value:.4f}" for name, value in result.items()
+                        if name not in ("loss", "perplexity", "tokens")
+                        and isinstance(value, float))  # an encoder's accuracy, macro-F1
         self._bar.write(f"step {step}: eval loss {result['loss']:.4f}, "
-                        f"perplexity {result['perplexity']:.2f}")
+                        f"perplexity {result['perplexity']:.2f}{extra}")
 
     def write_losses(self) -> None:
         """Every recorded micro-step's loss into metrics.jsonl (fetching what is unfinished)."""

@@ -251,13 +251,15 @@ def positions_from_segments(segment_ids_BxL: jax.Array) -> jax.Array:
 
 def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.Array,
                      segment_ids_BxL: jax.Array | None = None,
-                     blocked: bool | None = None) -> jax.Array:
+                     blocked: bool | None = None, causal: bool = True) -> jax.Array:
     """Causal softmax attention (training and full forward passes), grouped-query.
 
     segment_ids_BxL: with packed rows, a query attends only to the keys of its own segment
     (equal ids); None: the whole row is one sequence (no mask is built at all).
     blocked: None picks the blocked CPU kernel on a CPU and `jax.nn.dot_product_attention`
     elsewhere (it picks cuDNN's fused kernel on GPUs); True/False force one (tests).
+    causal: False is bidirectional (encoders): every query sees every key of its segment (a
+    padding mask is segment ids 1 for tokens, 0 for padding).
 
     On a CPU, queries go in blocks of ATTENTION_BLOCK and each block attends only to the keys
     up to its own end, skipping the masked upper triangle. Heads come first, with the R query
@@ -272,7 +274,7 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.
     if not blocked:
         mask = None if segment_ids_BxL is None else segment_mask(segment_ids_BxL)[:, None]
         return jax.nn.dot_product_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, mask=mask,
-                                            is_causal=True)
+                                            is_causal=causal)
     B, L, H, K = q_BxLxHxK.shape
     G = k_BxLxGxK.shape[2]
     R = H // G
@@ -286,14 +288,15 @@ def causal_attention(q_BxLxHxK: jax.Array, k_BxLxGxK: jax.Array, v_BxLxGxK: jax.
     outs = []
     for start in range(0, L, block):  # the block's queries start .. end - 1, keys 0 .. end - 1
         end = start + block
+        keys = end if causal else L  # bidirectional: every key
         q_CxQxK = q_CxLxRxK[:, start:end].reshape(B * G, block * R, K)  # Q = block * R
         query_pos_Q = start + jnp.arange(block * R) // R
-        mask_QxS = query_pos_Q[:, None] >= jnp.arange(end)[None, :]
+        mask_QxS = query_pos_Q[:, None] >= jnp.arange(end)[None, :] if causal else True
         mask = mask_QxS
         if segment_ids_BxL is not None:  # query q * R + r is the block's token q
             query_seg_CxQ = jnp.repeat(segments_CxL[:, start:end], R, axis=1)
-            mask = mask_QxS & (query_seg_CxQ[:, :, None] == segments_CxL[:, None, :end])  # CxQxS
-        outs.append(_attend(q_CxQxK, k_CxLxK[:, :end], v_CxLxK[:, :end], mask))
+            mask = mask_QxS & (query_seg_CxQ[:, :, None] == segments_CxL[:, None, :keys])  # CxQxS
+        outs.append(_attend(q_CxQxK, k_CxLxK[:, :keys], v_CxLxK[:, :keys], mask))
     out_BxGxLxRxK = jnp.concatenate(outs, axis=1).reshape(B, G, L, R, K)
     return out_BxGxLxRxK.transpose(0, 2, 1, 3, 4).reshape(B, L, H, K)
 
@@ -405,7 +408,8 @@ class Int8Embed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads, RoPE and an optional KV cache."""
+    """Causal self-attention with grouped-query heads, RoPE and an optional KV cache
+    (bidirectional, without a cache, for `config.architecture == 'encoder'`)."""
 
     config: ModelConfig
     cache_groups: int = 1  # KV-head groups of the cache rows (see KVCache)
@@ -429,7 +433,8 @@ class Attention(nn.Module):
             k_BxLxGxK = apply_rope(k_BxLxGxK, positions_BxL, inv_freq_K2)
 
         if kv_cache is None:
-            out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL)
+            out_BxLxHxK = causal_attention(q_BxLxHxK, k_BxLxGxK, v_BxLxGxK, segment_ids_BxL,
+                                           causal=cfg.architecture == "decoder")
         else:
             # Cached: write this call's keys/values at cache_index, then each query (slot s,
             # position p) attends to its row's slots s - p .. s.
@@ -485,7 +490,8 @@ def _norm(config: ModelConfig, name: str) -> nn.Module:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)); with
+    `config.norm_position == 'post'` (BERT): norm(x + attn(x)), then norm(x + mlp(x))."""
 
     config: ModelConfig
     deterministic: bool = True
@@ -496,6 +502,12 @@ class Block(nn.Module):
                  segment_ids_BxL=None):
         cfg = self.config
         dropout = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        if cfg.norm_position == "post":
+            h_BxLxD, kv_cache = Attention(cfg, self.cache_groups, name="attn")(
+                x_BxLxD, positions_BxL, kv_cache, cache_index, segment_ids_BxL)
+            x_BxLxD = _norm(cfg, "attn_norm")(x_BxLxD + dropout(h_BxLxD))
+            x_BxLxD = _norm(cfg, "mlp_norm")(x_BxLxD + dropout(Mlp(cfg, name="mlp")(x_BxLxD)))
+            return nn.with_logical_constraint(x_BxLxD, _ACT_BLD), kv_cache
         h_BxLxD, kv_cache = Attention(cfg, self.cache_groups, name="attn")(
             _norm(cfg, "attn_norm")(x_BxLxD), positions_BxL, kv_cache, cache_index,
             segment_ids_BxL)

@@ -88,7 +88,7 @@ def tokenizer_fingerprint(tokenizer: tokenizers.Tokenizer) -> str:
 def tokenizer_spec(tokenizer_config) -> dict:
     """The part of `config.tokenizer` that decides the ids (paths made absolute)."""
     spec = {k: tokenizer_config.get(k) for k in ("kind", "vocab_size", "model_type", "path")}
-    if spec["kind"] not in ("sentencepiece",) or spec["path"]:
+    if spec["kind"] not in ("sentencepiece", "wordpiece") or spec["path"]:
         spec.pop("vocab_size"), spec.pop("model_type")  # only SentencePiece training uses them
     spec["path"] = os.path.abspath(spec["path"]) if spec["path"] else ""
     return spec
@@ -186,7 +186,7 @@ def _build_tokenizer(tokenizer_config, splits: dict[str, list[dict]]) -> tokeniz
     if kind == "char" and not path:
         return tokenizers.CharTokenizer(_char_vocab([u for us in splits.values() for u in us]))
     sample: list[str] = []
-    if kind == "sentencepiece" and not path:
+    if kind in ("sentencepiece", "wordpiece") and not path:
         size = 0
         for unit in splits["train"]:
             for doc in sources.read_unit(unit):

@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 import sentencepiece as spm
 
-TOKENIZER_KINDS = ("char", "byte", "sentencepiece")  # built or trained by lmjax
+TOKENIZER_KINDS = ("char", "byte", "sentencepiece", "wordpiece")  # built or trained by lmjax
 HF_KIND = "hf"  # loaded from a Hugging Face folder (tokenizer.path)
 SENTENCEPIECE_MODEL_TYPES = ("bpe", "unigram")
 CONFIG_FILE = "lmjax_tokenizer.json"
@@ -365,7 +365,7 @@ class HFTokenizer:
             "eos_id": self.eos_id, "pad_id": self.pad_id})})
 
     @classmethod
-    def load(cls, directory: str, saved: dict) -> "HFTokenizer":
+    def load(cls, directory: str, saved: dict):
         """Reads what `save` wrote (`saved` is its lmjax_tokenizer.json)."""
         files = {}
         for name in saved["files"]:
@@ -375,6 +375,44 @@ class HFTokenizer:
         for name in ("bos", "eos", "pad"):  # the ids as saved, None included
             setattr(tokenizer, f"{name}_id", saved[f"{name}_id"])
         return tokenizer
+
+
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 when trained
+
+
+class WordPieceTokenizer(HFTokenizer):
+    """BERT's WordPiece tokenizer trained by lmjax (`tokenizers`' BertWordPieceTokenizer:
+    BERT's normaliser, pre-tokeniser and [CLS] A [SEP] B [SEP] post-processor); saved as
+    tokenizer.json + tokenizer_config.json, which `transformers`' BertTokenizerFast reads.
+    lmjax/wordpiece.py encodes sentence pairs with it."""
+
+    kind = "wordpiece"
+
+    @classmethod
+    def from_backend(cls, backend, lowercase: bool = True) -> "WordPieceTokenizer":
+        """Wraps a `tokenizers.Tokenizer` with BERT's special tokens."""
+        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": lowercase,
+                  "pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
+                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
+        return cls({HF_TOKENIZER_FILE: backend.to_str().encode("utf-8"),
+                    "tokenizer_config.json": _json(config)})
+
+    @classmethod
+    def train(cls, texts: Sequence[str], vocab_size: int, lowercase: bool = True,
+              min_frequency: int = 2) -> "WordPieceTokenizer":
+        """A vocabulary of `vocab_size` WordPieces learned from `texts` by `tokenizers`'
+        WordPiece trainer, with [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4."""
+        from tokenizers import BertWordPieceTokenizer
+
+        tokenizer = BertWordPieceTokenizer(lowercase=lowercase)
+        tokenizer.train_from_iterator(list(texts), vocab_size=vocab_size,
+                                      min_frequency=min_frequency,
+                                      special_tokens=list(WORDPIECE_SPECIALS), show_progress=False)
+        from tokenizers.processors import BertProcessing  # [CLS] A [SEP] (B [SEP]), as BERT's
+        backend = tokenizer._tokenizer
+        backend.post_processor = BertProcessing(("[SEP]", backend.token_to_id("[SEP]")),
+                                                ("[CLS]", backend.token_to_id("[CLS]")))
+        return cls.from_backend(backend, lowercase)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,8 +436,9 @@ def load_tokenizer(directory: str) -> Tokenizer:
         return ByteTokenizer()
     if saved["kind"] == "sentencepiece":
         return SentencePieceTokenizer.from_file(os.path.join(directory, saved["model_file"]))
-    if saved["kind"] == HF_KIND:
-        return HFTokenizer.load(directory, saved)
+    if saved["kind"] in (HF_KIND, WordPieceTokenizer.kind):
+        return (HFTokenizer if saved["kind"] == HF_KIND else WordPieceTokenizer).load(directory,
+                                                                                 saved)
     raise ValueError(f"{path}: unknown tokenizer kind {saved['kind']!r}, "
                      f"expected one of {TOKENIZER_KINDS + (HF_KIND,)}.")
 
@@ -416,6 +455,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
             HFTokenizer.in_folder(path) or has_saved_tokenizer(path))):
         raise ValueError(f"tokenizer.kind = {HF_KIND!r} needs tokenizer.path = a folder with "
                          f"{HF_TOKENIZER_FILE} or {SENTENCEPIECE_FILE}, got {path!r}.")
+    if config.kind == "wordpiece" and not path and not (
+            isinstance(config.vocab_size, int) and config.vocab_size > len(WORDPIECE_SPECIALS)):
+        raise ValueError(f"tokenizer.vocab_size must be an int > {len(WORDPIECE_SPECIALS)} for "
+                         f"WordPiece, got {config.vocab_size!r}.")
     if config.kind == "sentencepiece" and not path:
         model_type = config.get("model_type", "bpe")
         if model_type not in SENTENCEPIECE_MODEL_TYPES:
@@ -431,7 +474,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def _load_checked(directory: str, kind: str) -> Tokenizer:
     """Loads a saved tokenizer, insisting it is of the configured kind."""
     tokenizer = load_tokenizer(directory)
-    if tokenizer.kind != kind:
+    if tokenizer.kind != kind and not (kind == HF_KIND and isinstance(tokenizer, HFTokenizer)):
         raise ValueError(f"tokenizer.kind = {kind!r}, but {directory} holds a saved "
                          f"{tokenizer.kind!r} tokenizer.")
     return tokenizer
@@ -469,6 +512,8 @@ def build_tokenizer(config: ml_collections.ConfigDict, train_text: str | Sequenc
         tokenizer = CharTokenizer.train(texts)
     elif config.kind == "byte":
         tokenizer = ByteTokenizer()
+    elif config.kind == "wordpiece":
+        tokenizer = WordPieceTokenizer.train(texts, config.vocab_size)
     else:
         tokenizer = SentencePieceTokenizer.train(texts, config.vocab_size,
                                                  config.get("model_type", "bpe"))

@@ -26,15 +26,20 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 from lmjax import checkpoint as checkpoint_lib
 from lmjax import config as config_lib
 from lmjax import data as data_lib
+from lmjax import encoder as encoder_lib
 from lmjax import hf
+from lmjax import hf_bert
+from lmjax import labelled as labelled_lib
 from lmjax import lock as lock_lib
 from lmjax import lora as lora_lib
 from lmjax import metrics as metrics_lib
 from lmjax import model as model_lib
+from lmjax import objectives as objectives_lib
 from lmjax import sample as sample_lib
 from lmjax import sharding as sharding_lib
 from lmjax import sources
@@ -181,7 +186,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
 def _boxed_train_state(config: ModelConfig, tx: optax.GradientTransformation,
                        rng: jax.Array) -> TrainState:
     init_rng, train_rng = jax.random.split(rng)
-    params = model_lib.init_boxed_params(config, init_rng)  # leaves carry logical axis names
+    params = encoder_lib.init_boxed_params(config, init_rng)  # leaves carry logical axis names
     frozen = None
     if config.lora_rank:  # LoRA: the optimizer sees the adapters only
         frozen, params = model_lib.split_adapters(params)
@@ -239,9 +244,12 @@ def loss_fn(params, batch: Batch, config: ModelConfig, dropout_rng: jax.Array | 
 
 
 def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
-               tx: optax.GradientTransformation,
-               skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               tx: optax.GradientTransformation, skip_nonfinite: bool = False,
+               objective=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """One (micro-)step: gradients of the mean loss, then the optimizer update.
+
+    objective: None is the causal LM (`loss_fn`); an encoder's (`objectives.for_run`) gives
+    the loss and more metrics (its random masks from fold_in(state.rng, state.step)).
 
     skip_nonfinite (`optim.skip_nonfinite`): where the loss or the gradient norm is NaN or
     infinite, params and optimizer state stay as they were (the batch is passed over) and
@@ -251,11 +259,19 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
     use_dropout = config.dropout > 0 or (config.lora_rank and config.lora_dropout > 0)
     dropout_rng = jax.random.fold_in(state.rng, state.step) if use_dropout else None
     # A LoRA run differentiates its adapters only (state.params), the base frozen beside them.
-    trainable_loss = lambda p, *args: loss_fn(lora_lib.combine(state.frozen, p), *args)
-    loss, grads = jax.value_and_grad(trainable_loss)(state.params, batch, config, dropout_rng)
+    full = lambda trainable: lora_lib.combine(state.frozen, trainable)
+    extra = {}
+    if objective is None:
+        loss, grads = jax.value_and_grad(lambda p: loss_fn(full(p), batch, config, dropout_rng))(
+            state.params)
+    else:
+        objective_rng = jax.random.fold_in(state.rng, state.step)
+        (loss, extra), grads = jax.value_and_grad(
+            lambda p: objective.loss(full(p), batch, config, objective_rng, dropout_rng),
+            has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extra}
     if skip_nonfinite:
         ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
         params, opt_state = jax.tree.map(lambda new, old: jnp.where(ok, new, old),
@@ -265,16 +281,18 @@ def train_step(state: TrainState, batch: Batch, *, config: ModelConfig,
 
 
 def train_steps(state: TrainState, batches: Batch, *, config: ModelConfig,
-                tx: optax.GradientTransformation,
-                skip_nonfinite: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+                tx: optax.GradientTransformation, skip_nonfinite: bool = False,
+                objective=None) -> tuple[TrainState, dict[str, jax.Array]]:
     """`n` micro-steps in one call: `train_step` under `lax.scan` over batches stacked `[n, B, L]`
     (`train.steps_per_call`: fewer dispatches for small models). Metrics come back stacked `[n]`."""
     return jax.lax.scan(functools.partial(train_step, config=config, tx=tx,
-                                          skip_nonfinite=skip_nonfinite), state, batches)
+                                          skip_nonfinite=skip_nonfinite, objective=objective),
+                        state, batches)
 
 
 def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_sh: TrainState,
-                   batch_sh, steps_per_call: int = 1, skip_nonfinite: bool = False):
+                   batch_sh, steps_per_call: int = 1, skip_nonfinite: bool = False,
+                   objective=None):
     """The training call as `train_and_evaluate` jits it (shardings, donated state).
 
     steps_per_call 1: `(state, batch) -> (state, metrics)`; above 1: `train_steps`, whose batches
@@ -284,7 +302,8 @@ def jit_train_step(config: ModelConfig, tx: optax.GradientTransformation, state_
         fn, in_batch_sh = train_step, batch_sh
     else:
         fn, in_batch_sh = train_steps, stacked_batch_sharding(batch_sh)
-    return jax.jit(functools.partial(fn, config=config, tx=tx, skip_nonfinite=skip_nonfinite),
+    return jax.jit(functools.partial(fn, config=config, tx=tx, skip_nonfinite=skip_nonfinite,
+                                     objective=objective),
                    in_shardings=(state_sh, in_batch_sh), out_shardings=(state_sh, None),
                    donate_argnums=0)
 
@@ -303,8 +322,11 @@ def put_batches(batches: list[Batch],
     return sharding_lib.put_batch(stacked, stacked_batch_sharding(batch_sh), batch_axis=1)
 
 
-def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """Summed loss and token count of a validation batch (no dropout)."""
+def eval_step(params, batch: Batch, *, config: ModelConfig, objective=None):
+    """Summed loss and token count of a validation batch (no dropout); an encoder's objective
+    adds a dict of sums for its metrics."""
+    if objective is not None:
+        return objective.eval_sums(params, batch, config)
     logits_BxLxV = model_lib.Transformer(config).apply({"params": params}, batch["inputs"],
                                                        **packed_inputs(batch))
     return cross_entropy(logits_BxLxV, batch["targets"], batch["mask"])
@@ -313,21 +335,25 @@ def eval_step(params, batch: Batch, *, config: ModelConfig) -> tuple[jax.Array, 
 EVAL_AHEAD = 8  # evaluation batches dispatched before the oldest one's sums are fetched
 
 
-def evaluate(eval_fn, params, batches: Iterable[Batch]) -> dict[str, float]:
-    """Token-weighted validation loss and perplexity over `batches`."""
+def evaluate(eval_fn, params, batches: Iterable[Batch], objective=None) -> dict[str, float]:
+    """Token-weighted validation loss and perplexity over `batches` (+ the objective's metrics
+    from the sums its eval_fn returns)."""
     # Up to EVAL_AHEAD batches in flight: fetching each batch's sums at once kept the host from
     # preparing the next batch while the device computed. The sums are the same floats.
-    in_flight, sums = collections.deque(), []
+    in_flight, outputs = collections.deque(), []
     for batch in batches:
         in_flight.append(eval_fn(params, batch))
         if len(in_flight) > EVAL_AHEAD:
-            sums.append(jax.device_get(in_flight.popleft()))
-    sums.extend(jax.device_get(list(in_flight)))
-    total, count = 0.0, 0.0
-    for loss_sum, n in sums:
+            outputs.append(jax.device_get(in_flight.popleft()))
+    outputs.extend(jax.device_get(list(in_flight)))
+    total, count, sums = 0.0, 0.0, {}
+    for loss_sum, n, *extra in outputs:
         total, count = total + float(loss_sum), count + float(n)
+        for name, value in (extra[0] if extra else {}).items():
+            sums[name] = sums.get(name, 0) + np.asarray(value)
     loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    return result if objective is None else {**result, **objective.finalize(sums, count)}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -385,7 +411,10 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
     """`train_and_evaluate` once the workdir is locked and its Checkpointer open."""
     start = time.perf_counter()
     init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
-    data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
+    if config.model.head == "classifier":  # labelled examples (lmjax/labelled.py)
+        data = labelled_lib.build_data(config, workdir)
+    else:
+        data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
     check_sample_prompt(config, data.tokenizer)  # before compiling anything
     mcfg = model_config(config, data.tokenizer.vocab_size)
     if mcfg.lora_rank:  # every checkpoint names the exact base its adapters belong to
@@ -428,6 +457,13 @@ def _account_time(seconds: dict[str, float], total: float) -> None:
     seconds.update(total=total, other=max(total - sum(seconds.values()), 0.0))
     logging.info("time: %s", ", ".join(f"{name} {value:.1f} s" for name, value in
                                        seconds.items()))
+def class_weights(data_config) -> tuple[float, ...]:
+    """`data.class_weights` ('' or comma-separated numbers) as a tuple."""
+    try:
+        return tuple(float(w) for w in str(data_config.class_weights).split(",") if w.strip())
+    except ValueError:
+        raise ValueError(f"data.class_weights={data_config.class_weights!r} must be '' or "
+                         "comma-separated numbers, one per label id") from None
 
 
 def check_sample_prompt(config: ml_collections.ConfigDict, tokenizer) -> None:
@@ -449,9 +485,14 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     ValueError naming the field for a bad value, before anything is read or computed."""
     if config.init_from.startswith("hf:"):
         folder = config.init_from[len("hf:"):]
-        hf_model = dataclasses.asdict(hf.config_from_hf(hf.read_hf_config(folder)))
+        hf_cfg = hf.read_hf_config(folder)
+        encoder = hf_cfg.get("model_type") == "bert"
+        hf_model = dataclasses.asdict(hf_bert.config_from_hf_bert(hf_cfg) if encoder
+                                      else hf.config_from_hf(hf_cfg))
         config = config.copy_and_resolve_references()
-        keep = {"dropout", "dtype", "param_dtype", "remat"}
+        # An encoder keeps the configured head (e.g. a classifier on a BertForMaskedLM).
+        keep = {"dropout", "dtype", "param_dtype", "remat"} | (
+            {"head", "num_labels"} if encoder else set())
         config.model.update({k: v for k, v in hf_model.items()
                              if k not in keep and not k.startswith("lora_")})
         config.tokenizer.kind, config.tokenizer.path = "hf", folder
@@ -503,7 +544,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str,
 def _log_model_and_data(config, mcfg: ModelConfig, data) -> None:
     """One line each: the model and data; the mesh's devices; a CPU speed hint where it helps."""
     logging.info("model: %s parameters, %.3g FLOPs/token; data: %d train / %d val tokens",
-                 f"{model_lib.num_params(mcfg):,}",
+                 f"{encoder_lib.num_params(mcfg):,}",
                  model_lib.flops_per_token(mcfg, config.data.seq_len),
                  data.train_tokens, data.val_tokens)
     kinds = collections.Counter(d.device_kind for d in jax.devices())
@@ -572,7 +613,12 @@ def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from
     """(params, source) of `config.init_from`: another run's checkpoint or `hf:FOLDER`."""
     if config.init_from.startswith("hf:"):  # its shape and tokenizer are in the config already
         source = config.init_from[len("hf:"):]
-        model_type = hf.read_hf_config(source)["model_type"]
+        hf_cfg = hf.read_hf_config(source)
+        if hf_cfg["model_type"] == "bert":
+            loaded = hf_bert.load_hf_bert_params(source, hf_bert.config_from_hf_bert(
+                hf_cfg, mcfg.param_dtype))
+            return _with_fresh_heads(loaded, config, mcfg, state_sh), source
+        model_type = hf_cfg["model_type"]
         return jax.device_put(hf.load_hf_params(source, mcfg, model_type), state_sh.params), source
     init_from = init_from or checkpoint_lib.read_checkpoint_info(config.init_from)
     errors = checkpoint_lib.model_differences(init_from["model_config"], mcfg,
@@ -580,8 +626,25 @@ def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from
     if errors:
         raise checkpoint_lib.IncompatibleCheckpointError(
             f"init_from={config.init_from!r} has parameters of another shape: " + "; ".join(errors))
+    if mcfg.architecture == "encoder":  # e.g. masked-LM params under a new classifier head
+        params, _, _ = checkpoint_lib.load_params(init_from["step_dir"])
+        return _with_fresh_heads(params, config, mcfg, state_sh), init_from["step_dir"]
     params, _, _ = checkpoint_lib.load_params(init_from["step_dir"], sharding=state_sh.params)
     return params, init_from["step_dir"]
+
+
+def _with_fresh_heads(loaded, config, mcfg: ModelConfig, state_sh: TrainState):
+    """An encoder's params: those of `loaded` where it has them (the embeddings and blocks),
+    fresh ones from `config.seed` for the rest (a new head: pooler, classifier), placed."""
+    init_rng, _ = jax.random.split(jax.random.key(config.seed))
+    fresh = jax.jit(functools.partial(encoder_lib.init_params, mcfg),
+                    out_shardings=state_sh.params)(init_rng)
+    flat = traverse_util.flatten_dict(loaded)
+    merged = {path: flat[path] if path in flat and flat[path].shape == value.shape else value
+              for path, value in traverse_util.flatten_dict(fresh).items()}
+    logging.info("init_from: fresh parameters for %s",
+                 sorted("/".join(p) for p in merged if p not in flat) or "none")
+    return jax.device_put(traverse_util.unflatten_dict(merged), state_sh.params)
 
 
 def write_run_configs(workdir: str, config: ml_collections.ConfigDict, mcfg: ModelConfig) -> None:
@@ -662,9 +725,10 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
     accum, per_call = config.optim.grad_accum, config.train.steps_per_call
     num_micro_steps = config.train.num_steps * accum
     batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
+    objective = objectives_lib.for_run(mcfg, data.tokenizer, class_weights(config.data))
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
-                             skip_nonfinite=config.optim.skip_nonfinite)
-    eval_jit = jax.jit(functools.partial(eval_step, config=mcfg),
+                             skip_nonfinite=config.optim.skip_nonfinite, objective=objective)
+    eval_jit = jax.jit(functools.partial(eval_step, config=mcfg, objective=objective),
                        in_shardings=(lora_lib.combine(state_sh.frozen, state_sh.params), batch_sh))
     eval_fn = lambda params, batch: eval_jit(params, sharding_lib.put_batch(batch, batch_sh))
     max_eval = None if config.train.eval_batches < 0 else config.train.eval_batches
@@ -716,7 +780,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
             if eval_due:
                 eval_start = time.perf_counter()
                 result = evaluate(eval_fn, lora_lib.combine(state.frozen, state.params),
-                                  data.val.eval_batches(max_final_eval if is_last else max_eval))
+                                  data.val.eval_batches(max_final_eval if is_last else max_eval),
+                                  objective)
                 log.log_eval(step, result)
                 seconds["eval"] += time.perf_counter() - eval_start
             if save_due or stop:
@@ -793,7 +858,7 @@ class _PreemptionWatcher:
 
 def end_of_run_samples(config, params, mcfg: ModelConfig, tokenizer) -> list[str]:
     """`train.num_samples` samples from `train.sample_prompt`, as the run prints at its end."""
-    if config.train.num_samples <= 0:
+    if config.train.num_samples <= 0 or mcfg.architecture == "encoder":
         return []
     prompt_len = len(tokenizer.encode(config.train.sample_prompt))
     sampling = sample_lib.SamplingConfig(

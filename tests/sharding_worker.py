@@ -27,6 +27,11 @@ def tiny_config(job):
                         keep_checkpoints=5, num_samples=0, progress_bar=False)
     config.lora.rank = job.get("lora_rank", 0)  # tests/test_lora.py: adapters on every projection
     config.lora.targets = "query,key,value,out,gate,up,down"
+    if job.get("encoder"):  # BERT-style masked LM, WordPiece vocabulary of 64
+        config.tokenizer.kind, config.tokenizer.vocab_size = "wordpiece", 64
+        config.model.update(architecture="encoder", norm_position="post", type_vocab_size=2,
+                            position="learned", norm="layernorm", mlp="gelu_exact", bias=True,
+                            tie_embeddings=True, vocab_size=64)
     for axis, size in job.get("mesh", {}).items():
         config.mesh[axis] = size
     return config

@@ -6,6 +6,7 @@
     lmjax eval   --workdir=workdirs/demo --task=perplexity --data=val
     lmjax serve  --workdir=workdirs/demo --port=8000   # OpenAI-compatible HTTP (lmjax-serve)
     lmjax quantize --workdir=workdirs/demo --output=workdirs/demo_int8   # int8 weights
+    lmjax classify --workdir=workdirs/genre --text="O Romeo, Romeo!"   # encoder classifiers
     lmjax configs                                   # the shipped configs
 
 Only the chosen subcommand's module is imported, so each defines its own absl flags.
@@ -25,6 +26,7 @@ commands:
   eval     evaluate a run or a Hugging Face folder: lmjax eval --workdir=DIR --task=... --data=...
   serve    an OpenAI-compatible HTTP server: lmjax serve --workdir=DIR --port=8000 (lmjax-serve)
   quantize int8 / bfloat16 weights of a run or HF folder: lmjax quantize --workdir=DIR --output=DIR
+  classify label texts with a fine-tuned encoder: lmjax classify --workdir=DIR --text=...
   configs  list the shipped configs (named in --config=NAME[:ARG])
   version  print lmjax's version
 """
@@ -53,6 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "quantize":
         from lmjax.commands import quantize
         quantize.run(rest)
+    elif command == "classify":
+        from lmjax.commands import classify
+        classify.run(rest)
     elif command == "configs":
         from lmjax import configs
         for name, doc in configs.describe().items():

@@ -1,0 +1,187 @@
+"""Genre classification of Shakespeare passages: lmjax encoders against TF-IDF and transformers.
+
+  python benchmarks/encoder_quality.py [--steps 300] [--mlm_steps 300] [--seeds 0,1,2]
+
+The task (lmjax/labelled.py): passages of 8 lines of the embedded corpus's plays, labelled with
+the First Folio genre of their play (comedy / history / tragedy; poems left out); whole plays
+are held out, 6 for validation and 6 for test, so no play is in two splits. Rows, each scored
+on the test plays (accuracy, macro-F1; mean and spread over the seeds):
+  1. scikit-learn TF-IDF (word 1-2 grams) + logistic regression on the training passages;
+  2. the lmjax encoder of shakespeare_genre (small settings) fine-tuned from scratch;
+  3. the same, first pretrained with masked LM on the training plays' text only;
+  4. transformers' BertForSequenceClassification with the same architecture, the same initial
+     weights (lmjax's, exported), the same batches, AdamW schedule, clipping and weight decay,
+     in a plain PyTorch loop (the peer), from scratch.
+Prints one JSON object per run and a Markdown table (wall time, ms per training step).
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import numpy as np
+
+import _env  # benchmarks/_env.py: versions and machine
+from lmjax import classify, configs, hf_bert, labelled, train
+
+
+def small_config(steps: int, seed: int):
+    config = configs.get("shakespeare_genre:demo")
+    config.seed = config.data.seed = seed
+    config.train.update(num_steps=steps, eval_every=0, eval_batches=-1, checkpoint_every=0,
+                        progress_bar=False)
+    config.optim.update(learning_rate=5e-4, warmup_steps=max(steps // 10, 1))
+    return config
+
+
+def scores(truth, predicted) -> dict:
+    from sklearn import metrics
+    return {"accuracy": metrics.accuracy_score(truth, predicted),
+            "macro_f1": metrics.f1_score(truth, predicted, average="macro")}
+
+
+def tfidf_row(train_examples, test_examples) -> dict:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    start = time.perf_counter()
+    vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)
+    x = vectorizer.fit_transform([t[0] for t, _ in train_examples])
+    model = LogisticRegression(max_iter=2000, C=10.0).fit(x, [y for _, y in train_examples])
+    predicted = model.predict(vectorizer.transform([t[0] for t, _ in test_examples]))
+    return {"run": "TF-IDF + logistic regression", "seed": 0,
+            **scores([y for _, y in test_examples], predicted),
+            "wall_s": time.perf_counter() - start, "step_ms": None}
+
+
+def lmjax_row(name, config, workdir, test_examples) -> dict:
+    start = time.perf_counter()
+    result = train.train_and_evaluate(config, workdir)
+    wall = time.perf_counter() - start
+    classifier = classify.load_classifier(workdir=workdir)
+    predicted = [p["label"] for p in classify.predict(classifier, [t[0] for t, _ in
+                                                                   test_examples])]
+    # ms/step here is the whole run's wall time over its steps: compiles and the final eval
+    # included (an upper bound on lmjax's step time; the peer's loop times its steps only).
+    return {"run": name, "seed": config.seed, **scores([y for _, y in test_examples], predicted),
+            "wall_s": wall, "step_ms": 1000 * wall / config.train.num_steps,
+            "val_accuracy": result["eval"][-1]["accuracy"]}
+
+
+def mlm_workdir(steps: int, seed: int, folder: str) -> str:
+    """Masked-LM pretraining on the genre task's training plays only (never the test plays)."""
+    texts = folder + "/train_plays.txt"
+    with open(texts, "w", encoding="utf-8") as f:
+        f.write("\n".join(t[0] for t, _ in labelled.shakespeare_genre("train")))
+    config = configs.get("shakespeare_mlm:demo")
+    config.seed = config.data.seed = seed
+    config.data.source, config.data.train_files = "files", texts
+    config.train.update(num_steps=steps, eval_every=0, eval_batches=4, checkpoint_every=0,
+                        progress_bar=False)
+    workdir = folder + "/mlm"
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def peer_row(config, workdir, test_examples) -> dict:
+    """transformers' BertForSequenceClassification, lmjax's initial weights and batches."""
+    import torch
+    import transformers
+    from lmjax import encoder as encoder_lib
+    import jax
+    torch.manual_seed(config.seed)
+    data = labelled.build_data(config, workdir)
+    mcfg = train.model_config(config, data.tokenizer.vocab_size)
+    params = encoder_lib.init_params(mcfg, jax.random.split(jax.random.key(config.seed))[0])
+    hf_bert.save_hf_bert(workdir + "/hf", mcfg, params, data.tokenizer, data.label_names)
+    model = transformers.BertForSequenceClassification.from_pretrained(workdir + "/hf")
+    steps, optim = config.train.num_steps, config.optim
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=optim.learning_rate,
+                            betas=(optim.b1, optim.b2), eps=optim.eps)
+
+    def lr(step):  # optax.warmup_cosine_decay_schedule, as a factor of the peak
+        if step < optim.warmup_steps:
+            return step / optim.warmup_steps
+        t = (step - optim.warmup_steps) / max(steps - optim.warmup_steps, 1)
+        floor = optim.min_learning_rate / optim.learning_rate
+        return floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi * min(t, 1.0)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr)
+    model.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = data.train.batch(step)
+        out = model(input_ids=torch.tensor(batch["inputs"], dtype=torch.long),
+                    attention_mask=torch.tensor(batch["mask"], dtype=torch.long),
+                    token_type_ids=torch.tensor(batch["token_types"], dtype=torch.long),
+                    labels=torch.tensor(batch["labels"][:, 0], dtype=torch.long))
+        opt.zero_grad()
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        opt.step()
+        sched.step()
+    wall = time.perf_counter() - start
+    model.eval()
+    ids, types = labelled.encode_examples(data.tokenizer, [t for t, _ in test_examples],
+                                          config.data.seq_len)
+    predicted = []
+    with torch.no_grad():
+        for i in range(0, len(ids), 64):
+            b = labelled.pad_batch(ids[i:i + 64], types[i:i + 64], config.data.seq_len, 0)
+            logits = model(input_ids=torch.tensor(b["inputs"], dtype=torch.long),
+                           attention_mask=torch.tensor(b["mask"], dtype=torch.long),
+                           token_type_ids=torch.tensor(b["token_types"], dtype=torch.long)).logits
+            predicted += [data.label_names[k] for k in logits.argmax(-1).tolist()]
+    return {"run": "transformers BertForSequenceClassification (PyTorch loop)",
+            "seed": config.seed, **scores([y for _, y in test_examples], predicted),
+            "wall_s": wall, "step_ms": 1000 * wall / steps}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--mlm_steps", type=int, default=300)
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    env = _env.environment(peers=("torch", "transformers", "scikit-learn"))
+    print(json.dumps({"environment": env, "steps": args.steps, "mlm_steps": args.mlm_steps,
+                      "seeds": seeds}), flush=True)
+    train_examples, test_examples = labelled.shakespeare_genre("train"), \
+        labelled.shakespeare_genre("test")
+    rows = [tfidf_row(train_examples, test_examples)]
+    print(json.dumps(rows[-1]), flush=True)
+    for seed in seeds:
+        with tempfile.TemporaryDirectory() as folder:
+            rows.append(lmjax_row("lmjax encoder from scratch", small_config(args.steps, seed),
+                                  folder + "/scratch", test_examples))
+            print(json.dumps(rows[-1]), flush=True)
+            config = small_config(args.steps, seed)
+            config.init_from = mlm_workdir(args.mlm_steps, seed, folder)
+            rows.append(lmjax_row("lmjax encoder, masked-LM pretrained", config,
+                                  folder + "/pretrained", test_examples))
+            print(json.dumps(rows[-1]), flush=True)
+            rows.append(peer_row(small_config(args.steps, seed), folder + "/peer",
+                                 test_examples))
+            print(json.dumps(rows[-1]), flush=True)
+    print(_env.measured_with(env))
+    print("\n| run | seeds | test accuracy | test macro-F1 | wall s | ms/step |")
+    print("|---|---|---|---|---|---|")
+    for name in dict.fromkeys(r["run"] for r in rows):
+        group = [r for r in rows if r["run"] == name]
+
+        def stat(key, digits=3):
+            values = [r[key] for r in group if r[key] is not None]
+            if not values:
+                return "-"
+            spread = statistics.pstdev(values) if len(values) > 1 else 0.0
+            return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+        print(f"| {name} | {len(group)} | {stat('accuracy')} | {stat('macro_f1')} | "
+              f"{stat('wall_s', 1)} | {stat('step_ms', 1)} |")
+
+
+if __name__ == "__main__":
+    main()

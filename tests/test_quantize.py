@@ -12,7 +12,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from lmjax import checkpoint, hf, quantize, sample
+from lmjax import hf, quantize, sample
 from lmjax import model as model_lib
 from lmjax.commands import common
 from lmjax.config import ModelConfig
@@ -231,13 +231,12 @@ def test_quantized_checkpoint_loads_without_float_weights_and_exports_to_hf(tmp_
     config = dataclasses.replace(LLAMA, vocab_size=259, embed_dim=64, mlp_dim=192)
     params = random_params(config)
     tokenizer = tokenizers.ByteTokenizer()
-    checkpoint.export_params(str(tmp_path / "f32"), params, config, tokenizer)
     quantize.export_quantized(str(tmp_path / "int8"), params, config, tokenizer)
-
-    def disk(folder):
-        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(folder) for f in fs)
-    ratio = disk(tmp_path / "f32") / disk(tmp_path / "int8")
-    assert ratio > 2.5, ratio  # 2.97 here (Orbax metadata and float norms weigh at this size)
+    disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tmp_path / "int8")
+               for f in files)
+    # The float32 arrays alone weigh 3.1x the whole int8 folder (Orbax metadata, the tokenizer
+    # and float norms weigh at this size; lmjax quantize on GPT-2 124M: see README).
+    assert quantize.weight_bytes(params) / disk > 2.8, quantize.weight_bytes(params) / disk
     qparams, qconfig, _ = common.load_model(str(tmp_path / "int8"), None, "float32")
     assert qconfig.quantization == "int8"
     assert qparams["blocks_1"]["mlp"]["up"]["kernel"].dtype == jnp.int8

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 
+import ml_collections
 from absl import app, flags
 
 from lmjax import checkpoint, quantize
@@ -45,7 +46,15 @@ def main(argv):
         common.fail("lmjax quantize", e, 1)
     before = quantize.weight_bytes(params)
     params, model_config = quantize.convert(params, model_config, _WEIGHTS_DTYPE.value)
-    checkpoint.export_params(_OUTPUT.value, params, model_config, tokenizer)
+    # A run's experiment config goes along (so that `lmjax eval --data=val` finds its data).
+    config = None
+    if _WORKDIR.value:
+        try:
+            config = checkpoint.read_checkpoint_info(_WORKDIR.value, _STEP.value).get("config")
+        except checkpoint.CheckpointError:  # a params export without one
+            config = None
+    checkpoint.export_params(_OUTPUT.value, params, model_config, tokenizer,
+                             ml_collections.ConfigDict(config) if config else None)
     print(json.dumps({"output": os.path.abspath(_OUTPUT.value), "weights_dtype":
                       _WEIGHTS_DTYPE.value, "weight_bytes_before": before,
                       "weight_bytes_after": quantize.weight_bytes(params),

@@ -52,7 +52,7 @@ setuptools.setup(
         "tensorboard": ["tensorboard"],
         "eval": [LM_EVAL],  # the `lmjax` model of lm-evaluation-harness (lmjax/lm_eval_model.py)
         "test": ["pytest>=8", "pytest-xdist", "setuptools>=70.1", "transformers>=4.45", TORCH, "nbclient",
-                 "nbformat", "ipykernel", "matplotlib", "scipy", LM_EVAL,
+                 "nbformat", "ipykernel", "matplotlib", "scipy", "scikit-learn", LM_EVAL,
                  "accelerate"],  # lm_eval's `hf` model, the reference of tests/test_lm_eval.py
     },
     entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main"]},

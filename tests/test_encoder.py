@@ -396,6 +396,8 @@ def test_fine_tuning_from_an_hf_bert_folder(tmp_path):
     config.init_from = "hf:" + str(tmp_path / "bert")
     config.optim.learning_rate = 0.0  # the params stay the imported ones
     config.optim.min_learning_rate = 0.0
+    config.optim.warmup_steps = 1
+    config.train.update(num_steps=2, eval_every=2, eval_batches=1)
     result = train.train_and_evaluate(config, str(tmp_path / "cls"))
     params = result["state"].params
     np.testing.assert_array_equal(

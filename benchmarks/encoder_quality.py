@@ -78,6 +78,7 @@ def mlm_workdir(steps: int, seed: int, folder: str) -> str:
     config.data.source, config.data.train_files = "files", texts
     config.train.update(num_steps=steps, eval_every=0, eval_batches=4, checkpoint_every=0,
                         progress_bar=False)
+    config.optim.warmup_steps = max(steps // 10, 1)
     workdir = folder + "/mlm"
     train.train_and_evaluate(config, workdir)
     return workdir

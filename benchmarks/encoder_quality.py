@@ -16,6 +16,7 @@ Prints one JSON object per run and a Markdown table (wall time, ms per training 
 """
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -91,6 +92,7 @@ def peer_row(config, workdir, test_examples) -> dict:
     from lmjax import encoder as encoder_lib
     import jax
     torch.manual_seed(config.seed)
+    os.makedirs(workdir, exist_ok=True)
     data = labelled.build_data(config, workdir)
     mcfg = train.model_config(config, data.tokenizer.vocab_size)
     params = encoder_lib.init_params(mcfg, jax.random.split(jax.random.key(config.seed))[0])

@@ -55,7 +55,7 @@ setuptools.setup(
         "serve": SERVE,  # lmjax-serve: the OpenAI-compatible HTTP server (lmjax/serve_http.py)
         "eval": [LM_EVAL],  # the `lmjax` model of lm-evaluation-harness (lmjax/lm_eval_model.py)
         "test": ["pytest>=8", "pytest-xdist", "setuptools>=70.1", "transformers>=4.45", TORCH, "nbclient",
-                 "nbformat", "ipykernel", "matplotlib", "scipy", LM_EVAL,
+                 "nbformat", "ipykernel", "matplotlib", "scipy", "scikit-learn", LM_EVAL,
                  "accelerate",  # lm_eval's `hf` model, the reference of tests/test_lm_eval.py
                  "peft>=0.21",  # Hugging Face PEFT: the reference of tests/test_lora.py
                  "openai>=1.0", "httpx>=0.27"] + SERVE,  # the clients of tests/test_serve.py

@@ -16,6 +16,7 @@ Prints one JSON object per run and a Markdown table (wall time, ms per training 
 """
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -78,6 +79,7 @@ def mlm_workdir(steps: int, seed: int, folder: str) -> str:
     config.data.source, config.data.train_files = "files", texts
     config.train.update(num_steps=steps, eval_every=0, eval_batches=4, checkpoint_every=0,
                         progress_bar=False)
+    config.optim.warmup_steps = max(steps // 10, 1)
     workdir = folder + "/mlm"
     train.train_and_evaluate(config, workdir)
     return workdir
@@ -90,6 +92,7 @@ def peer_row(config, workdir, test_examples) -> dict:
     from lmjax import encoder as encoder_lib
     import jax
     torch.manual_seed(config.seed)
+    os.makedirs(workdir, exist_ok=True)
     data = labelled.build_data(config, workdir)
     mcfg = train.model_config(config, data.tokenizer.vocab_size)
     params = encoder_lib.init_params(mcfg, jax.random.split(jax.random.key(config.seed))[0])

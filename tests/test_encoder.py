@@ -268,12 +268,13 @@ def test_mlm_pretraining_learns_and_resumes_bit_exactly(tmp_path, pigs_text):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow  # ~1 minute on 2 quiet cores (8 simulated devices); 4 on a loaded machine
 def test_encoder_trains_alike_on_8_devices_and_one(tmp_path, pigs_text):
     """Masked-LM training on data x8 and on data x2 / fsdp x2 / tensor x2 meshes of 8 simulated
-    devices gives one device's losses (fresh processes: tests/sharding_worker.py)."""
+    devices gives one device's losses (a fresh process: tests/sharding_worker.py)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(pigs_text)
-    job = {"kind": "train", "encoder": True, "corpus": str(corpus), "num_steps": 6}
+    job = {"kind": "train", "encoder": True, "corpus": str(corpus), "num_steps": 4}
     import sharding_worker  # tests/ is on sys.path: this process has one CPU device
     assert jax.device_count() == 1
     single = sharding_worker.train(dict(job, workdir=str(tmp_path / "one")))["runs"][0]
@@ -395,6 +396,8 @@ def test_fine_tuning_from_an_hf_bert_folder(tmp_path):
     config.init_from = "hf:" + str(tmp_path / "bert")
     config.optim.learning_rate = 0.0  # the params stay the imported ones
     config.optim.min_learning_rate = 0.0
+    config.optim.warmup_steps = 1
+    config.train.update(num_steps=2, eval_every=2, eval_batches=1)
     result = train.train_and_evaluate(config, str(tmp_path / "cls"))
     params = result["state"].params
     np.testing.assert_array_equal(

@@ -148,8 +148,10 @@ def test_workdir_tokenizer_is_reused_on_resume(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, error, match", [
-    (dict(kind="wordpiece"), ValueError, r"tokenizer.kind must be one of \('char', 'byte', "
-                                         r"'sentencepiece'\), got 'wordpiece'"),
+    (dict(kind="unigram"), ValueError, r"tokenizer.kind must be one of \('char', 'byte', "
+                                       r"'sentencepiece', 'wordpiece'\), got 'unigram'"),
+    (dict(kind="wordpiece", vocab_size=3), ValueError, r"tokenizer.vocab_size must be an int > 5 "
+                                                       "for WordPiece"),
     (dict(model_type="wordpiece"), ValueError, r"tokenizer.model_type must be one of "
                                                r"\('bpe', 'unigram'\)"),
     (dict(vocab_size=100), ValueError, r"tokenizer.vocab_size must be an int >= 262"),

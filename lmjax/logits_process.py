@@ -368,9 +368,16 @@ def warp_rows(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Arra
     result is not used)."""
     logits_BxV = logits_BxV.astype(jnp.float32) / temperature_B[:, None]
     V = logits_BxV.shape[-1]
+    k_on_B = (top_k_B > 0) & (top_k_B < V)
+    # Without top-k or top-p in any row, skip the sort over V (lax.cond runs one branch).
+    return lax.cond(jnp.any(k_on_B | (top_p_B < 1.0)), _top_k_top_p_rows, lambda x, *_: x,
+                    logits_BxV, k_on_B, top_k_B, top_p_B)
+
+
+def _top_k_top_p_rows(logits_BxV, k_on_B, top_k_B, top_p_B):
+    V = logits_BxV.shape[-1]
     sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
     # top-k: the k-th largest (the value lax.top_k gives) is the threshold; ties kept.
-    k_on_B = (top_k_B > 0) & (top_k_B < V)
     kth_Bx1 = jnp.take_along_axis(sorted_BxV, jnp.clip(top_k_B - 1, 0, V - 1)[:, None], axis=-1)
     kth_Bx1 = jnp.where(k_on_B[:, None], kth_Bx1, -jnp.inf)
     logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
@@ -389,9 +396,14 @@ def sample_rows(logits_BxV: jax.Array, keys_B: jax.Array, temperature_B: jax.Arr
     """`sample_logits` with each row's own settings: argmax where temperature is 0, else a draw
     from `warp_rows` with the row's key."""
     greedy_B = temperature_B == 0
-    warped_BxV = warp_rows(logits_BxV, jnp.where(greedy_B, 1.0, temperature_B), top_k_B, top_p_B)
-    drawn_B = jax.vmap(jax.random.categorical)(keys_B, warped_BxV)
-    return jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), drawn_B).astype(jnp.int32)
+    argmax_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+    def draw():
+        warped_BxV = warp_rows(logits_BxV, jnp.where(greedy_B, 1.0, temperature_B), top_k_B,
+                               top_p_B)
+        drawn_B = jax.vmap(jax.random.categorical)(keys_B, warped_BxV).astype(jnp.int32)
+        return jnp.where(greedy_B, argmax_B, drawn_B)
+    return lax.cond(jnp.all(greedy_B), lambda: argmax_B, draw)
 
 
 def row_keys(rng: jax.Array, batch: int) -> jax.Array:

@@ -234,9 +234,9 @@ def test_quantized_checkpoint_loads_without_float_weights_and_exports_to_hf(tmp_
     quantize.export_quantized(str(tmp_path / "int8"), params, config, tokenizer)
     disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(tmp_path / "int8")
                for f in files)
-    # The float32 arrays alone weigh 3.1x the whole int8 folder (Orbax metadata, the tokenizer
-    # and float norms weigh at this size; lmjax quantize on GPT-2 124M: see README).
-    assert quantize.weight_bytes(params) / disk > 2.8, quantize.weight_bytes(params) / disk
+    # The float32 arrays alone weigh 2.76x the whole int8 folder (Orbax metadata, the configs,
+    # the tokenizer and float norms weigh at this size; lmjax quantize on GPT-2 124M: README).
+    assert quantize.weight_bytes(params) / disk > 2.6, quantize.weight_bytes(params) / disk
     qparams, qconfig, _ = common.load_model(str(tmp_path / "int8"), None, "float32")
     assert qconfig.quantization == "int8"
     assert qparams["blocks_1"]["mlp"]["up"]["kernel"].dtype == jnp.int8

@@ -314,6 +314,11 @@ class Engine:
         """Holds the decode loop before its next step (queued sequences wait): a test hook."""
         with self._lock:
             self._paused = True
+            self._lock.notify_all()  # wait_until predicates may look at `paused`
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def resume(self) -> None:
         with self._lock:

@@ -11,7 +11,6 @@ drains (no new connections; requests in flight finish for up to --drain_seconds)
 """
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 import sys
@@ -25,9 +24,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder o
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
-_WEIGHTS_DTYPE = flags.DEFINE_string("weights_dtype", None, "Weights as float32, bfloat16 "
-                                     "(or what lmjax's quantization offers).")
-_ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter folder to apply.")
+_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", None, ["float32", "bfloat16", "int8"],
+                                   "Serve with the weights in this dtype (int8: lmjax.quantize); "
+                                   "default: as stored.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder or "
+                               "a LoRA run's workdir (merged into the weights).")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port (0: any free one, printed).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Name in /v1/models (default: the "
@@ -48,31 +49,9 @@ PROGRAM = "lmjax-serve"
 
 
 def load_model():
-    """(params, model_config, tokenizer): common.load_model, with --weights_dtype and --adapter.
-
-    Where load_model has no `weights_dtype` yet, float32 / bfloat16 weights are a cast of the
-    loaded params."""
-    kwargs = {}
-    accepted = inspect.signature(common.load_model).parameters
-    if _ADAPTER.value:
-        if "adapter" not in accepted:
-            raise ValueError("--adapter needs lmjax's LoRA support (load_model(adapter=...))")
-        kwargs["adapter"] = _ADAPTER.value
-    cast = None
-    if _WEIGHTS_DTYPE.value:
-        if "weights_dtype" in accepted:
-            kwargs["weights_dtype"] = _WEIGHTS_DTYPE.value
-        elif _WEIGHTS_DTYPE.value in ("float32", "bfloat16"):
-            cast = _WEIGHTS_DTYPE.value
-        else:
-            raise ValueError(f"--weights_dtype={_WEIGHTS_DTYPE.value!r} must be float32 or "
-                             "bfloat16")
-    params, model_config, tokenizer = common.load_model(_WORKDIR.value, _HF_MODEL.value,
-                                                        _DTYPE.value, _STEP.value, **kwargs)
-    if cast is not None:
-        import jax
-        params = jax.tree.map(lambda x: x.astype(cast), params)
-    return params, model_config, tokenizer
+    """(params, model_config, tokenizer): common.load_model, with --weights_dtype and --adapter."""
+    return common.load_model(_WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value,
+                             _ADAPTER.value, weights_dtype=_WEIGHTS_DTYPE.value)
 
 
 def main(argv):

@@ -29,6 +29,7 @@ import _env  # benchmarks/_env.py: versions and machine
 from lmjax import checkpoint as ckpt_lib
 from lmjax import integrity
 from lmjax import model as model_lib
+from lmjax import run_config
 from lmjax import train as train_lib
 from lmjax.config import default_config, preset_fields
 from lmjax.tokenizers import ByteTokenizer
@@ -70,7 +71,7 @@ def main():
     config.model.update(preset_fields("gpt2_124m", max_len=args.seq_len, dtype="float32",
                                       param_dtype="float32"))
     config.data.seq_len, config.data.batch_size = args.seq_len, args.batch_size
-    mcfg = train_lib.model_config(config, vocab_size=config.model.vocab_size)
+    mcfg = run_config.model_config(config, vocab_size=config.model.vocab_size)
     tx, _ = train_lib.make_optimizer(config.optim, 1000)
     state = jax.jit(lambda key: train_lib.create_train_state(mcfg, tx, key))(jax.random.key(0))
     step_fn = jax.jit(lambda s, b: train_lib.train_step(s, b, config=mcfg, tx=tx),

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 import _env  # benchmarks/_env.py: versions and machine
-from lmjax import classify, configs, hf_bert, labelled, train
+from lmjax import classify, configs, hf_bert, labelled, run_config, train
 
 
 def small_config(steps: int, seed: int):
@@ -94,7 +94,7 @@ def peer_row(config, workdir, test_examples) -> dict:
     torch.manual_seed(config.seed)
     os.makedirs(workdir, exist_ok=True)
     data = labelled.build_data(config, workdir)
-    mcfg = train.model_config(config, data.tokenizer.vocab_size)
+    mcfg = run_config.model_config(config, data.tokenizer.vocab_size)
     params = encoder_lib.init_params(mcfg, jax.random.split(jax.random.key(config.seed))[0])
     hf_bert.save_hf_bert(workdir + "/hf", mcfg, params, data.tokenizer, data.label_names)
     model = transformers.BertForSequenceClassification.from_pretrained(workdir + "/hf")

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 import _env  # benchmarks/_env.py: versions and machine
-from lmjax import sharding, train
+from lmjax import run_config, sharding, train
 from lmjax.config import default_config, preset_fields
 
 MESHES = {
@@ -39,7 +39,7 @@ def measure(name: str, mesh_sizes: dict, seq_len: int, batch: int, steps: int) -
     config.model.update(preset_fields("gpt2_124m"))
     config.data.seq_len, config.data.batch_size = seq_len, batch
     config.mesh.update(mesh_sizes)
-    mcfg = train.model_config(config, vocab_size=config.model.vocab_size)
+    mcfg = run_config.model_config(config, vocab_size=config.model.vocab_size)
     tx, _ = train.make_optimizer(config.optim, 100)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules(config.mesh, mcfg, mesh.shape)

@@ -136,11 +136,11 @@ class LmjaxRunner:
         import jax
         import numpy as np
 
-        from lmjax import sharding, train
+        from lmjax import run_config, safety, sharding, train
         self.jax, self.np, self.sharding = jax, np, sharding
         config = experiment_config(shape, remat, steps_per_call, dtype)
-        train.validate_config(config)
-        self.mcfg = train.model_config(config, config.model.vocab_size)
+        run_config.validate_config(config)
+        self.mcfg = run_config.model_config(config, config.model.vocab_size)
         self.batch_size, self.seq_len = config.data.batch_size, config.data.seq_len
         mesh = sharding.make_mesh(config.mesh)
         rules = sharding.rules(config.mesh, self.mcfg, mesh.shape)
@@ -157,8 +157,8 @@ class LmjaxRunner:
         self.rng = np.random.default_rng(0)
         # As the training loop: call k is dispatched once call k-2 has finished (0: unbounded).
         ahead = int(os.environ.get("LMJAX_BENCH_DISPATCH_AHEAD", "-1"))
-        self.ahead = train.MAX_CALLS_AHEAD if ahead < 0 else ahead
-        self.wait_for_device = train.wait_for_device
+        self.ahead = safety.MAX_CALLS_AHEAD if ahead < 0 else ahead
+        self.wait_for_device = safety.wait_for_device
 
     def _batch(self):
         """Fresh host batches put on the device, as the training loop does each call."""
@@ -361,7 +361,7 @@ def matmul_peak(n: int = 4096, repeats: int = 5, torch_too: bool = True,
 
 def flops_per_token(shape: str) -> float:  # the same in every dtype
     from lmjax import model
-    from lmjax.train import model_config
+    from lmjax.run_config import model_config
     config = experiment_config(shape)
     return model.flops_per_token(model_config(config, config.model.vocab_size),
                                  config.data.seq_len)
@@ -495,7 +495,7 @@ def main():
                         help="model.remat of the memory check")
     parser.add_argument("--dispatch_ahead", type=int, default=-1,
                         help="lmjax calls dispatched ahead of the device: -1 the training loop's "
-                             "bound (train.MAX_CALLS_AHEAD), 0 unbounded")
+                             "bound (safety.MAX_CALLS_AHEAD), 0 unbounded")
     parser.add_argument("--worker", choices=("lmjax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

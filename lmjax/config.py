@@ -414,7 +414,7 @@ def validate(config, num_devices: int | None = None) -> None:
 
     `num_devices`: the devices the mesh spans (None: the mesh sizes are checked for sign only).
     Files, the tokenizer and the model's shape are checked by their modules (see
-    `lmjax.train.validate_config`, which calls this first).
+    `lmjax.run_config.validate_config`, which calls this first).
     """
     optim, train, data, mesh = config.optim, config.train, config.data, config.mesh
     _check(isinstance(config.seed, int) and config.seed >= 0, "seed", config.seed,

@@ -8,12 +8,9 @@ notebook can call them one by one; `train_and_evaluate(config, workdir)` strings
 from __future__ import annotations
 
 import collections
-import dataclasses
-import difflib
 import functools
 import math
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable, Iterable
@@ -29,7 +26,6 @@ from absl import logging
 from flax import traverse_util
 
 from lmjax import checkpoint as checkpoint_lib
-from lmjax import config as config_lib
 from lmjax import data as data_lib
 from lmjax import encoder as encoder_lib
 from lmjax import hf
@@ -40,11 +36,12 @@ from lmjax import lora as lora_lib
 from lmjax import metrics as metrics_lib
 from lmjax import model as model_lib
 from lmjax import objectives as objectives_lib
+from lmjax import run_config
+from lmjax import safety
 from lmjax import sample as sample_lib
 from lmjax import sharding as sharding_lib
-from lmjax import sources
 from lmjax import tokenizers as tokenizers_lib
-from lmjax.config import ModelConfig, default_config
+from lmjax.config import ModelConfig
 
 # inputs int32[B, L], targets int32[B, L], mask float32[B, L]; packed documents (data.packing)
 # also segment_ids, positions int32[B, L]
@@ -62,88 +59,6 @@ class TrainState:
     # LoRA (lmjax/lora.py): the frozen base, with `params` the adapters alone (so gradients,
     # optimizer state and checkpoints cover only them); None when every weight trains.
     frozen: Any = None
-
-
-# ----------------------------------------------------------------------------- config checks
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError (FileNotFoundError for a missing file) naming the field and what is
-    allowed, for unknown keys or bad values of any field, before anything is read or computed:
-    ranges (`config.validate`), the model, the mesh over this run's devices, the tokenizer, the
-    data files and the end-of-run sampling settings."""
-    default = default_config()
-
-    def check_keys(section, reference, prefix):
-        unknown = sorted(set(section.keys()) - set(reference.keys()))
-        if unknown:
-            close = difflib.get_close_matches(unknown[0], list(reference.keys()), n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-            raise ValueError(f"unknown config keys {[prefix + k for k in unknown]}{hint}; "
-                             f"allowed: {sorted(prefix + k for k in reference.keys())}")
-        for key, value in reference.items():
-            if isinstance(value, ml_collections.ConfigDict) and key not in ("model", "rules"):
-                check_keys(section[key], value, f"{prefix}{key}.")
-
-    check_keys(config, default, "")
-    config_lib.validate(config, jax.device_count())
-    mcfg = model_config(config, vocab_size=max(config.model.vocab_size, 1))  # named-field errors
-    mesh_shape = sharding_lib.mesh_shape(config.mesh, jax.device_count())
-    sharding_lib.check_divisibility(mcfg, mesh_shape, config.data.batch_size,
-                                    sharding_lib.rules(config.mesh))
-    if config.model.dtype == "float16":
-        raise ValueError(
-            "model.dtype='float16' is for inference only: training in float16 needs loss scaling, "
-            "which lmjax does not do (gradients underflow). Train with model.dtype='bfloat16' "
-            "(same memory, float32's range) or 'float32'")
-    if config.model.quantization != "none":
-        raise ValueError(f"model.quantization={config.model.quantization!r} is for inference "
-                         "only (int8 weights have no gradient): train with 'none', then load "
-                         "with --weights_dtype=int8 (lmjax.quantize)")
-    tokenizers_lib.check_config(config.tokenizer)
-    check_data_files(config.data)
-    if config.train.num_samples > 0:
-        try:
-            sample_lib.SamplingConfig(max_new_tokens=config.train.sample_len,
-                                      temperature=config.train.sample_temperature,
-                                      top_k=config.train.sample_top_k)
-        except ValueError as e:  # name the train.* field the sampling field comes from
-            raise ValueError(str(e).replace("sampling.max_new_tokens", "train.sample_len")
-                             .replace("sampling.temperature", "train.sample_temperature")
-                             .replace("sampling.top_k", "train.sample_top_k")) from e
-
-
-def check_data_files(data_config: ml_collections.ConfigDict) -> None:
-    """data.source is known; for source='files' every file named by data.train_files /
-    data.val_files exists, is a regular file, can be read and is not empty."""
-    if data_config.source not in sources.SOURCE_KINDS:
-        raise ValueError(f"data.source={data_config.source!r} is not one of "
-                         f"{', '.join(sources.SOURCE_KINDS)}")
-    if data_config.source not in ("files", "jsonl"):
-        return
-    for field in ("train_files", "val_files"):
-        if field == "val_files" and not data_config.val_files:
-            continue
-        for path in sources.expand_globs(data_config[field], field):
-            if not os.path.isfile(path):
-                raise ValueError(f"data.{field}: {path} is not a file")
-            if not os.access(path, os.R_OK):
-                raise ValueError(f"data.{field}: {path} cannot be read (permissions)")
-            if os.path.getsize(path) == 0:
-                raise ValueError(f"data.{field}: {path} is empty (0 bytes)")
-
-
-def model_config(config: ml_collections.ConfigDict, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of an experiment; `model.vocab_size=0` takes the tokenizer's vocab size;
-    the lora_* fields come from the `lora` section."""
-    fields = {k: v for k, v in config.model.to_dict().items() if not k.startswith("lora_")}
-    fields.update(config_lib.lora_fields(config))
-    if not fields.get("vocab_size"):
-        fields["vocab_size"] = vocab_size
-    elif fields["vocab_size"] < vocab_size:
-        raise ValueError(f"model.vocab_size={fields['vocab_size']} is smaller than the "
-                         f"tokenizer's vocabulary ({vocab_size})")
-    return ModelConfig.from_dict(fields)
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -367,11 +282,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     dropout on fold_in(rng, step)). `config.init_from` starts from another run's params with a
     fresh optimizer. Every micro-step's loss goes to `workdir/metrics.jsonl`.
 
-    On SIGTERM the loop finishes the steps in flight (the host is at most MAX_CALLS_AHEAD calls
-    ahead of the device), saves a checkpoint at that step, waits for it, prints where to resume
-    and returns normally (`result['preempted'] = True`; the launcher then exits with code 0).
-    A NaN/inf loss or gradient norm raises NonFiniteLossError naming the step and the last good
-    checkpoint (`optim.skip_nonfinite=True`: such steps are passed over and counted instead).
+    On SIGTERM the loop finishes the steps in flight (the host is at most
+    `safety.MAX_CALLS_AHEAD` calls ahead of the device), saves a checkpoint at that step, waits
+    for it, prints where to resume and returns normally (`result['preempted'] = True`; the
+    launcher then exits with code 0). A NaN/inf loss or gradient norm raises
+    `safety.NonFiniteLossError` naming the step and the last good checkpoint
+    (`optim.skip_nonfinite=True`: such steps are passed over and counted instead).
     The workdir is locked for the run (`lmjax.lock`): a second run on it fails at once.
 
     Returns the final state and metrics: {'state', 'train_loss', 'eval', 'samples', 'seconds',
@@ -379,12 +295,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     eval, save (checkpoints' synchronous part), other (data, initialisation, samples), total.
     Each step below is a public function a notebook can call on its own.
     """
-    config = prepare_config(config)
+    config = run_config.prepare_config(config)
     checkpoint_lib.check_writable(workdir)  # before any compute: a clear error
     # One writer per workdir, taken before the Checkpointer (which cleans up Orbax's temporary
     # folders: another run's save in flight). Process 0 holds it for a multi-host run.
     workdir_lock = lock_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0).acquire()
-    preemption = _PreemptionWatcher()  # from the start: an early SIGTERM is not lost
+    preemption = safety.PreemptionWatcher()  # from the start: an early SIGTERM is not lost
     ckpt, finished = None, False
     try:
         ckpt = checkpoint_lib.Checkpointer(
@@ -407,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
-                        preemption: "_PreemptionWatcher") -> dict[str, Any]:
+                        preemption: "safety.PreemptionWatcher") -> dict[str, Any]:
     """`train_and_evaluate` once the workdir is locked and its Checkpointer open."""
     start = time.perf_counter()
     init_from = check_workdir(config, workdir, ckpt)  # before any compute, too
@@ -415,8 +331,8 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
         data = labelled_lib.build_data(config, workdir)
     else:
         data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
-    check_sample_prompt(config, data.tokenizer)  # before compiling anything
-    mcfg = model_config(config, data.tokenizer.vocab_size)
+    run_config.check_sample_prompt(config, data.tokenizer)  # before compiling anything
+    mcfg = run_config.model_config(config, data.tokenizer.vocab_size)
     if mcfg.lora_rank:  # every checkpoint names the exact base its adapters belong to
         config = config.copy_and_resolve_references()
         config.init_from = lora_base_reference(config, ckpt, init_from)
@@ -457,47 +373,6 @@ def _account_time(seconds: dict[str, float], total: float) -> None:
     seconds.update(total=total, other=max(total - sum(seconds.values()), 0.0))
     logging.info("time: %s", ", ".join(f"{name} {value:.1f} s" for name, value in
                                        seconds.items()))
-def class_weights(data_config) -> tuple[float, ...]:
-    """`data.class_weights` ('' or comma-separated numbers) as a tuple."""
-    try:
-        return tuple(float(w) for w in str(data_config.class_weights).split(",") if w.strip())
-    except ValueError:
-        raise ValueError(f"data.class_weights={data_config.class_weights!r} must be '' or "
-                         "comma-separated numbers, one per label id") from None
-
-
-def check_sample_prompt(config: ml_collections.ConfigDict, tokenizer) -> None:
-    """The end-of-run samples' prompt must encode with the run's tokenizer (checked once the
-    tokenizer exists, before anything is compiled)."""
-    if config.train.num_samples <= 0:
-        return
-    try:
-        tokenizer.encode(config.train.sample_prompt)
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"train.sample_prompt={config.train.sample_prompt!r} cannot be encoded "
-                         f"by the {tokenizer.kind} tokenizer: {e}. Use characters of the "
-                         "training text, or train.num_samples=0") from e
-
-
-def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The config a run trains with, checked: for `init_from='hf:FOLDER'` the model shape and
-    tokenizer become the folder's (dropout, dtypes and remat stay as configured). Raises
-    ValueError naming the field for a bad value, before anything is read or computed."""
-    if config.init_from.startswith("hf:"):
-        folder = config.init_from[len("hf:"):]
-        hf_cfg = hf.read_hf_config(folder)
-        encoder = hf_cfg.get("model_type") == "bert"
-        hf_model = dataclasses.asdict(hf_bert.config_from_hf_bert(hf_cfg) if encoder
-                                      else hf.config_from_hf(hf_cfg))
-        config = config.copy_and_resolve_references()
-        # An encoder keeps the configured head (e.g. a classifier on a BertForMaskedLM).
-        keep = {"dropout", "dtype", "param_dtype", "remat"} | (
-            {"head", "num_labels"} if encoder else set())
-        config.model.update({k: v for k, v in hf_model.items()
-                             if k not in keep and not k.startswith("lora_")})
-        config.tokenizer.kind, config.tokenizer.path = "hf", folder
-    validate_config(config)
-    return config
 
 
 def _resume_check(config: ml_collections.ConfigDict) -> Callable[[dict], None]:
@@ -666,66 +541,20 @@ def _call_end(config, micro_step: int, num_micro_steps: int) -> int:
     return min(ends)
 
 
-class NonFiniteLossError(RuntimeError):
-    """A step's loss or gradient norm is NaN or infinite (and optim.skip_nonfinite is off)."""
-
-
-# Calls dispatched ahead of the device at most: before call k is dispatched, call k-2 has
-# finished. The device always has the next call queued (no bubble), and a SIGTERM or a
-# non-finite loss is acted on within about two steps, however long a step takes (unbounded, the
-# host ran ~35 steps of 20 s ahead and a preemption save waited 12 minutes for them).
-MAX_CALLS_AHEAD = 2
-
-
-def wait_for_device(in_flight: collections.deque, ahead: int, check=None) -> None:
-    """Blocks until at most `ahead` of the dispatched calls in `in_flight` (deque of
-    [(micro_step, metrics)] lists, oldest first) are unfinished; `check(micro_step, metrics)`
-    runs on each finished one."""
-    while len(in_flight) > ahead:
-        for k, metrics in in_flight.popleft():
-            jax.block_until_ready(metrics["loss"])
-            if check is not None:
-                check(k, metrics)
-
-
-def nonfinite_check(config, ckpt: checkpoint_lib.Checkpointer):
-    """`check(micro_step, metrics)`: NonFiniteLossError naming the step, the values and the last
-    good checkpoint for a NaN/inf loss or gradient norm (unless optim.skip_nonfinite)."""
-    accum = config.optim.grad_accum
-
-    def check(k, metrics):
-        if config.optim.skip_nonfinite:
-            return
-        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-        if math.isfinite(loss) and math.isfinite(grad_norm):
-            return
-        try:
-            ckpt.wait()
-        except checkpoint_lib.CheckpointError as e:
-            logging.error("%s", e)
-        where = f"micro-step {k} of " if accum > 1 else ""
-        raise NonFiniteLossError(
-            f"{where}step {k // accum + 1}: loss={loss} grad_norm={grad_norm} is not finite; the "
-            f"run stopped. Last good checkpoint: {ckpt.last_saved()} (a re-run resumes there). "
-            "Lower optim.learning_rate or raise optim.warmup_steps, check the data, or set "
-            "optim.skip_nonfinite=True to pass over such steps")
-    return check
-
-
 def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mcfg: ModelConfig,
                tx: optax.GradientTransformation, schedule, state: TrainState,
-               state_sh: TrainState, preemption: "_PreemptionWatcher | None" = None,
+               state_sh: TrainState, preemption: "safety.PreemptionWatcher | None" = None,
                ) -> tuple[TrainState, dict[str, list], int | None]:
     """Steps from `state.step` to the end, with evaluation, checkpoints and preemption.
 
-    The host stays at most MAX_CALLS_AHEAD calls ahead of the device; every finished step's
-    loss and gradient norm are checked (`nonfinite_check`) before the next save.
+    The host stays at most `safety.MAX_CALLS_AHEAD` calls ahead of the device; every finished
+    step's loss and gradient norm are checked (`safety.nonfinite_check`) before the next save.
     Returns (state, history {'train_loss', 'eval'}, the step a SIGTERM stopped at or None).
     """
     accum, per_call = config.optim.grad_accum, config.train.steps_per_call
     num_micro_steps = config.train.num_steps * accum
     batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
-    objective = objectives_lib.for_run(mcfg, data.tokenizer, class_weights(config.data))
+    objective = objectives_lib.for_run(mcfg, data.tokenizer, run_config.class_weights(config.data))
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
                              skip_nonfinite=config.optim.skip_nonfinite, objective=objective)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg, objective=objective),
@@ -741,8 +570,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
         tokens_per_micro_step=config.data.batch_size * config.data.seq_len,
         progress_bar=config.train.progress_bar, is_main=jax.process_index() == 0)
     own_watcher = preemption is None
-    preemption, preempted_at = preemption or _PreemptionWatcher(), None
-    check, in_flight = nonfinite_check(config, ckpt), collections.deque()
+    preemption, preempted_at = preemption or safety.PreemptionWatcher(), None
+    check, in_flight = safety.nonfinite_check(config, ckpt), collections.deque()
     # Where the loop's time goes: the first call (the compile), evaluations, checkpoint saves
     # (their synchronous part) and the rest, the training steps.
     seconds, loop_start = {"compile": 0.0, "eval": 0.0, "save": 0.0}, time.perf_counter()
@@ -763,7 +592,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
             in_flight.append(list(enumerate(call_metrics, micro_step)))
             for k, metrics in in_flight[-1]:
                 log.record(k, metrics)
-            wait_for_device(in_flight, MAX_CALLS_AHEAD - 1, check)  # call k-2 before call k
+            # call k-2 has finished before call k is dispatched
+            safety.wait_for_device(in_flight, safety.MAX_CALLS_AHEAD - 1, check)
             micro_step = end
             if micro_step % accum:
                 continue
@@ -776,7 +606,7 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
             eval_due = ((config.train.eval_every and step % config.train.eval_every == 0)
                         or is_last or (save_due and config.train.keep_best and not stop))
             if save_due or stop or eval_due:
-                wait_for_device(in_flight, 0, check)  # never a checkpoint past a bad step
+                safety.wait_for_device(in_flight, 0, check)  # never a checkpoint past a bad step
             if eval_due:
                 eval_start = time.perf_counter()
                 result = evaluate(eval_fn, lora_lib.combine(state.frozen, state.params),
@@ -797,9 +627,9 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
                 break
             if result is not None or save_due:
                 log.restart_clock()  # eval and save time is not training time
-        wait_for_device(in_flight, 0, check)
+        safety.wait_for_device(in_flight, 0, check)
         seconds["train"] = time.perf_counter() - loop_start - sum(seconds.values())
-    except NonFiniteLossError:
+    except safety.NonFiniteLossError:
         log.write_losses()  # the bad step's loss is in metrics.jsonl too
         raise
     finally:
@@ -807,53 +637,6 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
             preemption.uninstall()
         log.close()
     return state, {**log.history, "seconds": seconds}, preempted_at
-
-
-class _PreemptionWatcher:
-    """SIGTERM -> stop after the step in flight (single process); multi-process runs use JAX's
-    preemption sync point so that every process stops (and saves) at the same step."""
-
-    def __init__(self):
-        self.signalled = False
-        self._previous = None
-        self._multiprocess = jax.process_count() > 1
-        if not self._multiprocess:
-            try:
-                self._previous = signal.signal(signal.SIGTERM, self._handler)
-            except ValueError:  # not the main thread: no handler, no preemption saves
-                logging.warning("not in the main thread: SIGTERM will not trigger a checkpoint")
-
-    def _handler(self, signum, frame):
-        del frame
-        self.signalled = True
-        logging.warning("signal %d received: saving a checkpoint after the current step", signum)
-
-    def requested(self, step: int) -> bool:
-        if self._multiprocess:
-            from jax.experimental import multihost_utils
-            try:
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except Exception as e:  # noqa: BLE001 - no preemption service (no distributed init)
-                logging.log_first_n(logging.WARNING, "no preemption sync point: %s", 1, e)
-                return False
-        return self.signalled
-
-    def pause_for_test(self, step: int) -> None:
-        """Tests that kill a run at a known step: with LMJAX_TEST_PAUSE_AT_STEP=k set, the loop
-        stops after optimizer step k (its losses logged; its eval, save and SIGTERM check not yet
-        done), prints
-        `LMJAX_TEST_PAUSED step=k` and waits for a signal: SIGKILL ends it there, SIGTERM makes it
-        save at step k and return, as a preemption would."""
-        if os.environ.get("LMJAX_TEST_PAUSE_AT_STEP") != str(step):
-            return
-        print(f"LMJAX_TEST_PAUSED step={step}", flush=True)
-        while not self.signalled:
-            signal.pause()  # returns after a signal's handler ran
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
 
 
 def end_of_run_samples(config, params, mcfg: ModelConfig, tokenizer) -> list[str]:

@@ -56,12 +56,12 @@ def sample(job):
     of job['meshes'] (the decoders `generate` runs, compiled for the mesh), with where each mesh
     keeps the KV cache."""
     import flax.linen as nn
-    from lmjax import model as model_lib, sample as sample_lib, sharding, train as train_lib
+    from lmjax import model as model_lib, run_config, sample as sample_lib, sharding
     config = tiny_config(job)
     # One grouped-query layer (16 heads, 8 KV heads), with room for a decode whose cache grows
     # (64 -> 76 slots).
     config.model.update(num_layers=1, num_heads=16, max_len=128)
-    mcfg = train_lib.model_config(config, vocab_size=259)
+    mcfg = run_config.model_config(config, vocab_size=259)
     params = model_lib.init_params(mcfg, jax.random.key(0))
     if job.get("quantize"):  # int8 weights and KV cache (lmjax.quantize), greedy only
         from lmjax import quantize

@@ -21,6 +21,7 @@ from lmjax import data as data_lib
 from lmjax import lock as lock_lib
 from lmjax import model as model_lib
 from lmjax import sample as sample_lib
+from lmjax import run_config
 from lmjax import train as train_lib
 from lmjax.config import default_config
 
@@ -452,7 +453,7 @@ def test_unwritable_workdir_is_a_clear_error_at_start(text_file, tmp_path, monke
 
 def _tiny_state():
     config = tiny_config("unused")
-    mcfg = train_lib.model_config(config, vocab_size=20)
+    mcfg = run_config.model_config(config, vocab_size=20)
     tx, _ = train_lib.make_optimizer(config.optim, 10)
     return config, mcfg, tx, train_lib.create_train_state(mcfg, tx, jax.random.key(0))
 

@@ -15,6 +15,7 @@ import pytest
 
 from lmjax import checkpoint as ckpt_lib
 from lmjax import integrity
+from lmjax import run_config
 from lmjax import train as train_lib
 from lmjax.config import default_config
 from lmjax.tokenizers import ByteTokenizer
@@ -25,7 +26,7 @@ STEPS = (1, 2, 3)
 def _state(seed=0):
     config = default_config()
     config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
-    mcfg = train_lib.model_config(config, vocab_size=20)
+    mcfg = run_config.model_config(config, vocab_size=20)
     tx, _ = train_lib.make_optimizer(config.optim, 10)
     create = jax.jit(functools.partial(train_lib.create_train_state, mcfg, tx))
     return config, mcfg, tx, create(jax.random.key(seed))

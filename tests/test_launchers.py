@@ -8,6 +8,7 @@ import pytest
 
 from conftest import write_random_gpt2
 from lmjax import data as data_lib
+from lmjax import run_config
 from lmjax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,7 @@ def test_finetune_from_hf_folder_starts_from_its_weights(tmp_path, gpt2_folder, 
     assert result["model_config"].num_layers == 2 and result["tokenizer"].kind == "hf"
     # The first step's loss is the loss of the imported weights on batch 0: recompute it in
     # PyTorch on the same batch.
-    batch = data_lib.build_data(train.prepare_config(config)).train.batch(0)
+    batch = data_lib.build_data(run_config.prepare_config(config)).train.batch(0)
     with torch.no_grad():
         logits = hf_model(torch.from_numpy(batch["inputs"]).long()).logits
         losses = torch.nn.functional.cross_entropy(

@@ -6,6 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmjax import run_config
+from lmjax import safety
 from lmjax import train
 from lmjax.config import default_config
 
@@ -25,7 +27,7 @@ def test_cross_entropy_matches_numpy():
 
 def test_loss_fn_ignores_masked_positions(tiny_config):
     config = tiny_config()
-    mcfg = train.model_config(config, vocab_size=40)
+    mcfg = run_config.model_config(config, vocab_size=40)
     params = train.model_lib.init_params(mcfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(0, 40, (2, 8)), "targets": rng.integers(0, 40, (2, 8)),
@@ -121,7 +123,7 @@ def test_train_steps_scan_matches_train_step(tiny_config):
     config = tiny_config()
     config.model.dropout = 0.1
     config.optim.update(grad_accum=2, warmup_steps=0)  # the first update at the peak rate
-    mcfg = train.model_config(config, vocab_size=40)
+    mcfg = run_config.model_config(config, vocab_size=40)
     tx, _ = train.make_optimizer(config.optim, num_steps=10)
     rng = np.random.default_rng(0)
     batches = [{"inputs": rng.integers(0, 40, (4, 16)).astype(np.int32),
@@ -238,7 +240,7 @@ def test_exploding_learning_rate_stops_the_run(tmp_path, tiny_config):
     config = tiny_config(num_steps=6, checkpoint_every=1, eval_every=0, log_every=1)
     config.optim.update(learning_rate=1e38, min_learning_rate=0.0, warmup_steps=0,
                         weight_decay=0.0, grad_clip=0.0)
-    with pytest.raises(train.NonFiniteLossError) as e:
+    with pytest.raises(safety.NonFiniteLossError) as e:
         train.train_and_evaluate(config, str(tmp_path / "w"))
     message = str(e.value)
     assert message.startswith("step 2: loss=") and "is not finite" in message
@@ -250,7 +252,7 @@ def test_exploding_learning_rate_stops_the_run(tmp_path, tiny_config):
 def test_nan_batch_stops_or_is_skipped(tmp_path, tiny_config, monkeypatch):
     _nan_batch_at(monkeypatch, 7)
     config = tiny_config(num_steps=12, checkpoint_every=4, eval_every=0, log_every=12)
-    with pytest.raises(train.NonFiniteLossError, match=r"^step 8: loss=nan .* Last good "
+    with pytest.raises(safety.NonFiniteLossError, match=r"^step 8: loss=nan .* Last good "
                                                        r"checkpoint: step 4 in "):
         train.train_and_evaluate(config, str(tmp_path / "stop"))
     assert _saved_steps(tmp_path / "stop") == [4]  # step 8's save never happened
@@ -267,7 +269,7 @@ def test_nan_batch_stops_or_is_skipped(tmp_path, tiny_config, monkeypatch):
 
 def test_skip_nonfinite_step_leaves_state_unchanged(tiny_config):
     config = tiny_config()
-    mcfg = train.model_config(config, vocab_size=40)
+    mcfg = run_config.model_config(config, vocab_size=40)
     tx, _ = train.make_optimizer(config.optim, num_steps=10)
     step = jax.jit(functools.partial(train.train_step, config=mcfg, tx=tx, skip_nonfinite=True))
     state = jax.jit(functools.partial(train.create_train_state, mcfg, tx))(jax.random.key(0))

@@ -8,6 +8,7 @@ import sys
 import jax
 import pytest
 
+from lmjax import run_config
 from lmjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,7 @@ def test_bad_setting_is_named_with_what_is_allowed(tiny_config, assignment, allo
     config = tiny_config(num_samples=2)
     field = _set(config, assignment)
     with pytest.raises((ValueError, FileNotFoundError)) as e:
-        train.prepare_config(config)
+        run_config.prepare_config(config)
     message = str(e.value)
     name = field.rsplit(".", 1)[-1]
     assert name in message and allowed in message, message
@@ -115,7 +116,7 @@ def test_mesh_error_lists_divisors(tiny_config):
     config = tiny_config()
     config.mesh.data = NUM_DEVICES * 3
     with pytest.raises(ValueError) as e:
-        train.prepare_config(config)
+        run_config.prepare_config(config)
     divisors = [d for d in range(1, NUM_DEVICES + 1) if NUM_DEVICES % d == 0]
     assert f"divisor of the {NUM_DEVICES} devices: {', '.join(map(str, divisors))}" in str(e.value)
 
@@ -124,7 +125,7 @@ def test_unknown_key_suggests_the_closest(tiny_config):
     config = tiny_config()
     config.train["eval_evry"] = 3
     with pytest.raises(ValueError, match=r"train.eval_evry.*did you mean train.eval_every"):
-        train.prepare_config(config)
+        run_config.prepare_config(config)
 
 
 # ----------------------------------------------------------------------------- the launcher
@@ -157,9 +158,9 @@ def test_non_utf8_file_is_named_with_the_byte(tiny_config, tmp_path):
     config.data.train_files = str(path)
     with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text: byte 33 .*"
                                          r"data.encoding_errors='replace'"):
-        data_lib.build_data(train.prepare_config(config))
+        data_lib.build_data(run_config.prepare_config(config))
     config.data.encoding_errors = "replace"
-    tokenizer = data_lib.build_data(train.prepare_config(config)).tokenizer
+    tokenizer = data_lib.build_data(run_config.prepare_config(config)).tokenizer
     assert len(tokenizer.encode("caf\ufffd")) == 4  # the replacement character is in the vocabulary
 
 @pytest.mark.parametrize("override, field", [

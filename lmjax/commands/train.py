@@ -19,7 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from lmjax import checkpoint, lock, sharding, train
+from lmjax import checkpoint, lock, run_config, safety, sharding, train
 from lmjax.commands import common
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,12 +43,12 @@ def main(argv):
                                         _PROCESS_ID.value)
     program = "lmjax train"
     try:  # a bad value is a usage error naming the field, before anything is computed
-        config = train.prepare_config(_CONFIG.value)
+        config = run_config.prepare_config(_CONFIG.value)
         result = train.train_and_evaluate(config, _WORKDIR.value)
     except (ValueError, FileNotFoundError) as e:  # a setting or an input file: exit code 2
         common.fail(program, e, 2)
     except (checkpoint.CheckpointError, lock.WorkdirLockedError,
-            train.NonFiniteLossError) as e:  # the run cannot go on: exit code 1
+            safety.NonFiniteLossError) as e:  # the run cannot go on: exit code 1
         common.fail(program, e, 1)
     if result.get("preempted"):
         logging.info("preempted at step %d; re-run the same command to resume", result["step"])

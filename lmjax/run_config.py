@@ -71,11 +71,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_data_files(data_config: ml_collections.ConfigDict) -> None:
-    """data.source is known; for source='files' every file named by data.train_files /
-    data.val_files exists, is a regular file, can be read and is not empty."""
-    if data_config.source not in sources.SOURCE_KINDS:
-        raise ValueError(f"data.source={data_config.source!r} is not one of "
-                         f"{', '.join(sources.SOURCE_KINDS)}")
+    """The source is well formed (`sources.source_spec`, the one check of data.source and its
+    fields); for source='files'/'jsonl' every file named by data.train_files / data.val_files
+    exists, is a regular file, can be read and is not empty."""
+    sources.source_spec(data_config)
     if data_config.source not in ("files", "jsonl"):
         return
     for field in ("train_files", "val_files"):

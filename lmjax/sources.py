@@ -124,7 +124,7 @@ def source_splits(spec: dict) -> dict[str, list[dict]]:
                            "text_key": spec["text_key"]}
                           for i in range(0, count, per_unit)]
         return out
-    raise ValueError(f"data.source must be one of {SOURCE_KINDS}, got {kind!r}.")
+    raise ValueError(f"data.source={kind!r} is not one of {', '.join(SOURCE_KINDS)}")
 
 
 def _file_units(entries: list[tuple[str, int]], chunk: int, errors: str) -> list[dict]:
@@ -250,7 +250,7 @@ def source_spec(data_config) -> dict:
     Raises naming the field for a bad value, before anything is read."""
     kind = data_config.source
     if kind not in SOURCE_KINDS:
-        raise ValueError(f"data.source must be one of {SOURCE_KINDS}, got {kind!r}.")
+        raise ValueError(f"data.source={kind!r} is not one of {', '.join(SOURCE_KINDS)}")
     shard_mb = data_config.get("shard_mb", 64)
     if not isinstance(shard_mb, (int, float)) or shard_mb <= 0:
         raise ValueError(f"data.shard_mb must be a positive number, got {shard_mb!r}.")

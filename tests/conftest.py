@@ -11,6 +11,20 @@ TINY_SHAKESPEARE = os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                 "tinyshakespeare.txt")
 
 
+# The longest tests, started first: `make test` runs on 2 xdist workers, and one of these
+# started late (pytest collects test_readme.py near the end) is the whole run's tail.
+LONGEST_FIRST = ("tests/test_readme.py", "tests/test_notebooks.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest tests first (a stable sort: the order within each group is kept)."""
+    del config
+    def rank(item):
+        return next((i for i, name in enumerate(LONGEST_FIRST) if item.nodeid.startswith(name)),
+                    len(LONGEST_FIRST))
+    items.sort(key=rank)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def token_stores(tmp_path_factory) -> str:
     """Token stores (lmjax/token_store.py) of the session go to a temporary folder, not the

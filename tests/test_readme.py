@@ -2,8 +2,9 @@
 
 The commands run in order in a scratch copy of the checkout's layout (`experiments/` and
 `../shared` linked in), after the command `make demo` runs (read from the Makefile). `lmjax train`
-lines get overrides that make them a few steps long (and GPT-2 124M a one-layer model of the
-same config), and nothing else: every other flag is README's. Lines that cannot run here are
+lines get overrides that make them a few steps long (and GPT-2 124M and nanoGPT's
+shakespeare_char model, when trained from scratch, one-layer models of the same config), and
+nothing else: every other flag is README's. Lines that cannot run here are
 listed in NOT_RUN with the reason; any other kind of line fails the test until it is classified.
 """
 import os
@@ -29,7 +30,7 @@ NOT_RUN = {
 SHORT_RUN = ["--config.train.num_steps=2", "--config.optim.warmup_steps=1",
              "--config.train.eval_batches=1", "--config.train.final_eval_batches=0",
              "--config.train.num_samples=0"]
-SMALL_GPT2 = ["--config.model.num_layers=1", "--config.model.embed_dim=64",
+SMALL_MODEL = ["--config.model.num_layers=1", "--config.model.embed_dim=64",
               "--config.model.num_heads=4", "--config.model.mlp_dim=128",
               "--config.data.seq_len=64"]
 
@@ -68,7 +69,9 @@ def argv(words: list[str]) -> list[str]:
 
 def run(words, cwd, **env):
     if words[:2] == ["lmjax", "train"] or words[:2] == ["python", "experiments/train.py"]:
-        words = words + SHORT_RUN + (SMALL_GPT2 if "--config=gpt2_124m" in words else [])
+        from_scratch = not any(w.startswith("--config.init_from=") for w in words)
+        large = "--config=gpt2_124m" in words or "--config=shakespeare_char" in words
+        words = words + SHORT_RUN + (SMALL_MODEL if large and from_scratch else [])
     done = subprocess.run(argv(words), cwd=cwd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "JAX_PLATFORMS": "cpu", **env})
     assert done.returncode == 0, f"{' '.join(words)}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"

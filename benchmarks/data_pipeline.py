@@ -2,6 +2,7 @@ r"""The data pipeline: prepare throughput, store size, training start-up, loader
 
     python benchmarks/data_pipeline.py [--sizes_mb=100,1000] [--workers=1,2]
         [--tokenizers=byte,char,sentencepiece,hf] [--startup_sizes_mb=...] [--workdir=DIR]
+        [--grain] [--loader_only]
 
 Generates JSONL corpora of the given sizes (shuffled lines of the embedded Shakespeare with
 random word swaps and character edits, cut into documents of 1-20 KB, so tokenizers have real
@@ -9,7 +10,8 @@ work) and measures, per corpus size and tokenizer:
   * `lmjax.token_store.prepare` with 1 and 2 worker processes: MB/s of text, tokens/s, store size;
   * nanoGPT's recipe side by side: one process, `encode` each document + eot, `np.memmap` uint16;
   * the loader: `Batches.batch(k)` rows/s and batches/s of GPT-2 124M's micro-batch (12 x 1024),
-    packed documents, straight from the memory-mapped store;
+    packed documents, straight from the memory-mapped store; with --grain, the same batches
+    through grain beside it (`grain_loader_speed`);
   * training start-up (launch to the end of step 1, the store already prepared) and the peak RSS
     of that process, for each corpus size (`LMJAX_TEST_PAUSE_AT_STEP=1`, then SIGKILL).
 SentencePiece (BPE, 8k) and the Hugging Face `tokenizers` byte-level BPE (8k) are trained once on
@@ -124,6 +126,52 @@ def loader_speed(store: token_store.TokenStore, steps: int = 200) -> dict:
     return {"batches_per_s": steps / seconds, "rows_per_s": steps * 12 / seconds}
 
 
+def grain_loader_speed(store: token_store.TokenStore, folder: str, steps: int = 200) -> dict:
+    """The same 12 x 1024 batches through grain (`pip install grain`), the loader MaxText and
+    nanodo use, two ways:
+      * windows: grain's MapDataset over the same rows (shuffle -> `Batches.row`, the same
+        tokens, mask, segment ids and positions -> batch): grain's own cost on lmjax's rows;
+      * documents: MaxText's recipe: the documents as ArrayRecord records (written here, timed,
+        a second copy of the corpus), shuffled, packed by `FirstFitPackIterDataset` with segment
+        ids and positions, batched.
+    Returns batches/s of each and the ArrayRecord copy's seconds and MB."""
+    import grain
+    from array_record.python import array_record_module
+
+    split, length = store.split("train"), 1025
+    batches = data.Batches(split, batch_size=12, seq_len=1024, seed=0, packing=True)
+    by_window = iter(grain.MapDataset.range(batches.num_rows).shuffle(seed=0).map(batches.row)
+                     .repeat().batch(12))
+    next(by_window)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(by_window)
+    window_s = time.perf_counter() - start
+
+    path, start = os.path.join(folder, "documents.array_record"), time.perf_counter()
+    writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
+    docs = split.doc_ids(0, split.num_tokens)
+    bounds = np.flatnonzero(np.diff(docs)) + 1
+    for a, b in zip(np.r_[0, bounds], np.r_[bounds, split.num_tokens]):
+        writer.write(split.read(int(a), int(b)).astype(store.dtype).tobytes())
+    writer.close()
+    write_s = time.perf_counter() - start
+    dtype = store.dtype
+    packed = grain.experimental.FirstFitPackIterDataset(
+        grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path])).shuffle(seed=0)
+        .map(lambda record: {"inputs": np.frombuffer(record, dtype)[:length].astype(np.int32)})
+        .repeat().to_iter_dataset(), length_struct={"inputs": length}, num_packing_bins=12)
+    by_document = iter(packed.batch(12))
+    next(by_document)
+    start = time.perf_counter()
+    for _ in range(steps):
+        next(by_document)
+    document_s = time.perf_counter() - start
+    return {"grain_windows_batches_per_s": steps / window_s,
+            "grain_documents_batches_per_s": steps / document_s,
+            "array_record_write_s": write_s, "array_record_mb": os.path.getsize(path) / 1e6}
+
+
 def startup(corpus: str, store_dir: str, workdir: str) -> dict:
     """Launch to the end of step 1 of a tiny model on the corpus's store, and peak RSS."""
     command = [sys.executable, "-m", "lmjax", "train", "--config=shakespeare_char:demo",
@@ -154,7 +202,12 @@ def main():
     parser.add_argument("--tokenizers", default="byte,char,sentencepiece,hf")
     parser.add_argument("--startup_sizes_mb", default="", help="default: --sizes_mb")
     parser.add_argument("--workdir", default="")
+    parser.add_argument("--grain", action="store_true", help="the loader through grain too")
+    parser.add_argument("--loader_only", action="store_true",
+                        help="byte tokenizer, one worker count, no start-up runs")
     args = parser.parse_args()
+    if args.loader_only:
+        args.tokenizers, args.workers, args.startup_sizes_mb = "byte", args.workers[0], "none"
     sizes = [float(s) for s in args.sizes_mb.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     root = args.workdir or tempfile.mkdtemp(prefix="lmjax_data_bench_")
@@ -194,9 +247,14 @@ def main():
                                        "tokens_per_s": total / seconds, "tokens": total})
             print(json.dumps(results["nanogpt"][-1]), flush=True)
             if name == "byte":
-                results["loader"].append({"size_mb": size, **loader_speed(store)})
+                row = {"size_mb": size, **loader_speed(store)}
+                if args.grain:
+                    row.update(grain_loader_speed(store, root))
+                results["loader"].append(row)
                 print(json.dumps(results["loader"][-1]), flush=True)
-    for size in [float(s) for s in (args.startup_sizes_mb or args.sizes_mb).split(",")]:
+    startup_sizes = "" if args.startup_sizes_mb == "none" else (args.startup_sizes_mb
+                                                                or args.sizes_mb)
+    for size in [float(s) for s in startup_sizes.split(",") if s]:
         corpus = os.path.join(root, f"corpus_{size:g}mb.jsonl")
         store_dir = os.path.join(root, f"startup_store_{size:g}")
         first = startup(corpus, store_dir, os.path.join(root, f"run_{size:g}_a"))  # prepares
@@ -221,10 +279,16 @@ def print_tables(results: dict) -> None:
     for r in results["nanogpt"]:
         print(f"| {r['size_mb']:g} | {r['tokenizer']} | nanoGPT (1 process) | "
               f"{r['mb_per_s']:.2f} | {r['tokens_per_s']:,.0f} | 1.00x | |")
-    print("\n| corpus MB | loader batches/s (12 x 1024) | rows/s |")
-    print("|---:|---:|---:|")
+    print("\n| corpus MB | lmjax batches/s (12 x 1024) | rows/s | grain, windows | "
+          "grain, packed documents | ArrayRecord copy (s, MB) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in results["loader"]:
-        print(f"| {r['size_mb']:g} | {r['batches_per_s']:,.0f} | {r['rows_per_s']:,.0f} |")
+        grain_cells = (f"{r['grain_windows_batches_per_s']:,.0f} | "
+                       f"{r['grain_documents_batches_per_s']:,.0f} | "
+                       f"{r['array_record_write_s']:.1f}, {r['array_record_mb']:.0f}"
+                       if "grain_windows_batches_per_s" in r else "- | - | -")
+        print(f"| {r['size_mb']:g} | {r['batches_per_s']:,.0f} | {r['rows_per_s']:,.0f} | "
+              f"{grain_cells} |")
     print("\n| corpus MB | start-up, store prepared (s) | peak RSS MB | first run, preparing (s) |")
     print("|---:|---:|---:|---:|")
     for r in results["startup"]:

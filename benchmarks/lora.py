@@ -22,8 +22,8 @@ steps after one untimed compile step; compile_s.
 `--finetune`: a real fine-tune. A byte-level decoder (4 layers, width 128, context 128, RoPE) is
 pretrained on the embedded Shakespeare minus four plays; then, from it (`init_from`), full
 fine-tuning, LoRA (rank `--rank` on every projection) and QLoRA (the same adapters on the base
-quantized to int8) train the same steps on three of the held-out plays (hamlet, macbeth, tempest) and are evaluated on the fourth (twelfth_night,
-every window); the base's own loss there is a LoRA run with learning rate 0 (step 0 = the base).
+quantized to int8) train the same steps on three of the held-out plays (hamlet, macbeth,
+tempest) and are evaluated on the fourth (twelfth_night, every window); the base's own loss there is a LoRA run with learning rate 0 (step 0 = the base).
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ Shape letters used in names:
 
 `Transformer.apply(params, tokens_BxL)` returns `logits_BxLxV`. With a `kv_cache` it also returns
 the updated cache: the same attention code serves training (no cache) and sampling.
+With `config.quantization == 'int8'` the projections and the embedding are lmjax/int8.py's.
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `norm`) that `sharding.py` maps to mesh axes; activations carry `activation_*` names.
 """
@@ -281,7 +282,9 @@ LORA_PARAMS = ("lora_a", "lora_b")
 class Projection(nn.Module):
     """`x @ kernel + bias` contracting x's last `len(in_shape)` axes, with a kernel of shape
     in_shape + out_shape kept unflattened, so every axis carries its logical name. Computed in
-    `config.dtype` with float32 accumulation (`matmul`).
+    `config.dtype` with float32 accumulation (`matmul`); with `config.quantization == 'int8'` an
+    int8 kernel and a scale per output channel (`int8.int8_matmul`, whose gradient reaches x:
+    adapters train on an int8 base).
 
     With `config.lora_rank` r > 0 and this projection's name in `config.lora_targets`, a LoRA
     adapter adds `lora_scale * dropout(x) @ lora_a @ lora_b` (lora_a [in.., r] uniform in

@@ -9,17 +9,21 @@ Each mode runs in its own worker process (its peak RSS is its own): `preset('gpt
 lmjax's training step as `train_and_evaluate` jits it (`train.create_train_state`,
 `train.make_optimizer`: AdamW + clipping, `train.jit_train_step`: donated state), on random
 tokens. `full` trains every weight; `lora` the adapters alone (`lora.rank` on `--targets`), the
-base frozen in `TrainState.frozen`: no gradients and no Adam moments for it.
+base frozen in `TrainState.frozen`: no gradients and no Adam moments for it; `qlora` the same
+adapters on an int8 frozen base (`model.quantization='int8'`: integer forward dots, the
+straight-through backward of `int8.int8_matmul`), declared int8 directly (a run quantizes its
+loaded float base once, at start; that transient is not in this peak).
 
-Reported: trainable params; optimizer-state bytes (every array of opt_state); peak RSS
+Reported: trainable params; base weights (the frozen base's bytes; full: every param's);
+optimizer-state bytes (every array of opt_state); peak RSS
 (VmHWM: the whole process, framework and model included); step_ms, the median of `--steps`
 steps after one untimed compile step; compile_s.
 
 `--finetune`: a real fine-tune. A byte-level decoder (4 layers, width 128, context 128, RoPE) is
 pretrained on the embedded Shakespeare minus four plays; then, from it (`init_from`), full
-fine-tuning and LoRA (rank `--rank` on every projection) train the same steps on three of the
-held-out plays (hamlet, macbeth, tempest) and are evaluated on the fourth (twelfth_night,
-every window); the base's own loss there is a LoRA run with learning rate 0 (step 0 = the base).
+fine-tuning, LoRA (rank `--rank` on every projection) and QLoRA (the same adapters on the base
+quantized to int8) train the same steps on three of the held-out plays (hamlet, macbeth,
+tempest) and are evaluated on the fourth (twelfth_night, every window); the base's own loss there is a LoRA run with learning rate 0 (step 0 = the base).
 """
 from __future__ import annotations
 
@@ -51,7 +55,9 @@ def worker(args) -> dict:
     from lmjax import model as model_lib, sharding, train
     from lmjax.config import default_config, preset
 
-    lora = dict(lora_rank=args.rank, lora_targets=args.targets) if args.mode == "lora" else {}
+    lora = dict(lora_rank=args.rank, lora_targets=args.targets) if args.mode != "full" else {}
+    if args.mode == "qlora":  # the frozen base int8 (its kernels and embedding), adapters f32
+        lora["quantization"] = "int8"
     mcfg = preset("gpt2_124m", dtype=args.dtype, **lora)
     config = default_config()
     tx, _ = train.make_optimizer(config.optim, 1000)
@@ -66,6 +72,8 @@ def worker(args) -> dict:
         step_fn = train.jit_train_step(mcfg, tx, state_sh, batch_sh)
         trainable = model_lib.count_params(state.params)
         opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
+        base_bytes = sum(x.nbytes for x in jax.tree.leaves(
+            state.params if state.frozen is None else state.frozen))
         times = []
         with nn.logical_axis_rules(rules):
             for i in range(args.steps + 1):
@@ -80,6 +88,7 @@ def worker(args) -> dict:
     step_ms = 1000 * statistics.median(times[1:])
     return {"mode": args.mode, "trainable_params": trainable,
             "total_params": model_lib.num_params(mcfg), "opt_state_bytes": opt_bytes,
+            "base_bytes": base_bytes,
             "peak_rss_MiB": round(_peak_rss_mib(), 1), "step_ms": round(step_ms, 1),
             "step_ms_all": [round(1000 * t, 1) for t in times[1:]],
             "compile_s": round(times[0] - step_ms / 1000, 2), "loss": float(metrics["loss"])}
@@ -125,12 +134,16 @@ def finetune(args) -> dict:
     val = os.path.join(root, HELD_OUT_VAL + ".txt")
     for mode, lr, rank, steps in (("base (no fine-tune)", 0.0, args.rank, 1),
                                   ("full fine-tune", args.full_lr, 0, args.finetune_steps),
-                                  ("LoRA", args.lora_lr, args.rank, args.finetune_steps)):
+                                  ("LoRA", args.lora_lr, args.rank, args.finetune_steps),
+                                  ("QLoRA (int8 base)", args.lora_lr, args.rank,
+                                   args.finetune_steps)):
         config = config_for(HELD_OUT, steps, lr, val)
         config.init_from = os.path.join(root, "pretrain")
         config.lora.update(rank=rank, targets="query,key,value,out,up,down")
+        if mode.startswith("QLoRA"):  # validated on the int8 base it trained on
+            config.model.quantization = "int8"
         t0 = time.perf_counter()
-        result = train.train_and_evaluate(config, os.path.join(root, mode.split()[0]))
+        result = train.train_and_evaluate(config, os.path.join(root, mode.split()[0].lower()))
         state = result["state"]
         runs[mode] = {"val_loss": round(result["eval"][-1]["loss"], 4), "steps": steps,
                       "learning_rate": lr, "lora_rank": rank,
@@ -149,7 +162,7 @@ def main():
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--targets", default="query,value")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--modes", default="full,lora")
+    parser.add_argument("--modes", default="full,lora,qlora")
     parser.add_argument("--mode", help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--output", default="")
     parser.add_argument("--finetune", action="store_true")
@@ -192,11 +205,13 @@ def main():
     print(json.dumps(out, indent=2))
     print(f"\nGPT-2 124M, {args.batch} x {args.seq_len} tokens, {args.dtype}; LoRA rank "
           f"{args.rank} on {args.targets}; {_env.measured_with(out)}\n")
-    print("| mode | trainable params | optimizer state | peak RSS | step | compile |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| mode | trainable params | base weights | optimizer state | peak RSS | step | "
+          "compile |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['mode']} | {r['trainable_params']:,} | {r['opt_state_bytes'] / 2**20:.1f} "
-              f"MiB | {r['peak_rss_MiB']:.0f} MiB | {r['step_ms']:.0f} ms | {r['compile_s']} s |")
+        print(f"| {r['mode']} | {r['trainable_params']:,} | {r['base_bytes'] / 2**20:.1f} MiB | "
+              f"{r['opt_state_bytes'] / 2**20:.1f} MiB | {r['peak_rss_MiB']:.0f} MiB | "
+              f"{r['step_ms']:.0f} ms | {r['compile_s']} s |")
     if args.output:
         with open(args.output, "w") as f:
             json.dump(out, f, indent=2)

@@ -344,6 +344,11 @@ def default_config():
     c.lora.dropout = 0.0  # on each adapter's input (PEFT's lora_dropout)
     c.lora.targets = "query,value"  # comma-separated: query, key, value, out, up, gate, down
     c.lora.use_rslora = False  # scale alpha / sqrt(rank) (Kalajdzievski 2023)
+    # AdamW's decay of the adapters in place of optim.weight_decay (which is for pretraining):
+    # 0 as PEFT users get by default (Hugging Face Trainer's weight_decay=0.0).
+    c.lora.weight_decay = 0.0
+    # QLoRA-style: model.quantization='int8' with rank > 0 quantizes the frozen base to int8
+    # once at load (lmjax/quantize.py); the adapters stay float32 (lmjax/int8.py's gradient).
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3  # peak, after linear warmup from 0
@@ -434,6 +439,9 @@ def validate(config, num_devices: int | None = None) -> None:
     for name, meaning in (("weight_decay", "0 = off"), ("grad_clip", "0 = off")):
         _check(_is_number(optim[name]) and optim[name] >= 0, f"optim.{name}", optim[name],
                f"a finite number >= 0 ({meaning})")
+    if "lora" in config:
+        _check(_is_number(config.lora.weight_decay) and config.lora.weight_decay >= 0,
+               "lora.weight_decay", config.lora.weight_decay, "a finite number >= 0 (0 = off)")
     for name, meaning in (("warmup_steps", "steps"), ("decay_steps", "0 = train.num_steps")):
         _check(isinstance(optim[name], int) and optim[name] >= 0, f"optim.{name}", optim[name],
                f"an integer >= 0 ({meaning})")

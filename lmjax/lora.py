@@ -22,8 +22,10 @@ value in one Conv1D (`fan_in_fan_out`): lmjax's separate adapters export as one 
 `c_attn` adapter imports as the same A on each of the three with its slice of B.
 Where this is silent it does what PEFT does.
 
-QLoRA (an int8 base, issue 20): the base is whatever non-adapter leaves the tree has; training
-and `combine` never look inside it. `merge` needs float kernels (it says so otherwise).
+QLoRA-style training (`model.quantization='int8'` with `lora.rank > 0`): `load_base` quantizes the
+float base to int8 once, the adapters stay float32, and `int8.int8_matmul`'s straight-through
+gradient reaches every layer's adapters. Training and `combine` never look inside the base;
+`merge` needs float kernels (it says so otherwise).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lmjax import checkpoint, hf
+from lmjax import checkpoint, hf, quantize
 from lmjax import model as model_lib
 from lmjax.config import ModelConfig
 
@@ -94,12 +96,26 @@ def merge(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig]:
 
 def load_base(reference: str, config: ModelConfig, seed: int = 0, sharding=None) -> dict:
     """The frozen base of a LoRA run: `reference` is a run's step folder or workdir, `hf:FOLDER`,
-    or '' (fresh parameters from `seed`, as `train.create_train_state` draws them)."""
-    base_cfg = base_config(config)
+    or '' (fresh parameters from `seed`, as `train.create_train_state` draws them). With
+    `config.quantization == 'int8'` (QLoRA-style) the float base is quantized once, here
+    (`quantize.quantize`: int8 kernels and embedding, a float32 scale per output channel)."""
+    if config.quantization != "int8":
+        return _load_stored_base(reference, config, seed, sharding)[0]
+    params, loaded_config = _load_stored_base(reference, config, seed)
+    params, _ = quantize.quantize(params, loaded_config)
+    return jax.device_put(params, sharding) if sharding is not None else params
+
+
+def _load_stored_base(reference: str, config: ModelConfig, seed: int,
+                      sharding=None) -> tuple[dict, ModelConfig]:
+    """(params, their config) of `load_base`'s reference as stored (float unless it is an int8
+    export), placed with `sharding` (None: as loaded)."""
+    place = lambda params: jax.device_put(params, sharding) if sharding is not None else params
+    base_cfg = dataclasses.replace(base_config(config), quantization="none")
     if reference.startswith("hf:"):
         folder = reference[len("hf:"):]
-        params = hf.load_hf_params(folder, base_cfg, hf.read_hf_config(folder)["model_type"])
-        return jax.device_put(params, sharding) if sharding is not None else params
+        return place(hf.load_hf_params(folder, base_cfg,
+                                       hf.read_hf_config(folder)["model_type"])), base_cfg
     if reference:
         info = checkpoint.read_checkpoint_info(reference)
         errors = checkpoint.model_differences(info["model_config"], base_cfg,
@@ -107,14 +123,16 @@ def load_base(reference: str, config: ModelConfig, seed: int = 0, sharding=None)
         if errors:
             raise checkpoint.IncompatibleCheckpointError(
                 f"the base {reference!r} has parameters of another shape: " + "; ".join(errors))
-        if info["model_config"].get("lora_rank"):  # a LoRA run: its adapters merged in
-            params = merge(*load_params(info["step_dir"])[:2])[0]
-            return jax.device_put(params, sharding) if sharding is not None else params
-        return checkpoint.load_params(info["step_dir"], sharding=sharding)[0]
+        if info["model_config"].get("lora_rank"):  # a LoRA run: its adapters merged in (into
+            # its base dequantized if that was int8: a QLoRA run)
+            params, merged_config = merge(*quantize.dequantize(*load_params(info["step_dir"])[:2]))
+            return place(params), merged_config
+        return checkpoint.load_params(info["step_dir"], sharding=sharding)[:2]
     init_rng, _ = jax.random.split(jax.random.key(seed))
-    init = jax.jit(lambda rng: model_lib.split_adapters(model_lib.init_params(config, rng))[0],
+    float_cfg = dataclasses.replace(config, quantization="none")
+    init = jax.jit(lambda rng: model_lib.split_adapters(model_lib.init_params(float_cfg, rng))[0],
                    out_shardings=sharding)
-    return init(init_rng)
+    return init(init_rng), base_cfg
 
 
 def load_params(path: str, step: int | None = None):
@@ -144,7 +162,10 @@ def apply_adapter(params: dict, config: ModelConfig, adapter: str) -> tuple[dict
         if errors:
             raise checkpoint.IncompatibleCheckpointError(
                 f"--adapter={adapter} was trained on a base of another shape: " + "; ".join(errors))
-    return combine(params, adapters), lora_config
+    # The base's config with the adapter's lora fields (a QLoRA run's adapter on a float base
+    # stays float).
+    lora_fields = {name: getattr(lora_config, name) for name in _LORA_FIELDS}
+    return combine(params, adapters), dataclasses.replace(config, **lora_fields)
 
 
 # ----------------------------------------------------------------------------- PEFT folders

@@ -8,6 +8,7 @@ Shape letters used in names:
 
 `Transformer.apply(params, tokens_BxL)` returns `logits_BxLxV`. With a `kv_cache` it also returns
 the updated cache: the same attention code serves training (no cache) and sampling.
+With `config.quantization == 'int8'` the projections and the embedding are lmjax/int8.py's.
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`,
 `mlp`, `norm`) that `sharding.py` maps to mesh axes; activations carry `activation_*` names.
 """
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
+from lmjax.int8 import Int8Embed, int8_dot, int8_matmul, quantize_int8
 
 # A KV cache is a list (one entry per layer) of {'k': [C, T, K], 'v': [C, T, K]} with C = B * G
 # rows, one per (sequence, KV head), ordered by KV-head group, then sequence, then head: with the
@@ -109,14 +111,6 @@ def init_kv_cache(config: ModelConfig, batch_size: int, max_len: int | None = No
             for _ in range(config.num_layers)]
 
 
-def quantize_int8(x: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
-    """Symmetric int8 quantization over `axes` (llama.cpp's Q8_0 rule): scale = max|x| / 127,
-    q = round(x / scale); returns (q int8, scale float32 with `axes` kept as size 1)."""
-    scale = jnp.abs(x.astype(jnp.float32)).max(axis=axes, keepdims=True) / 127.0
-    q = jnp.round(x.astype(jnp.float32) / jnp.where(scale == 0, 1.0, scale))
-    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
-
-
 def _write_slots(cache_CxTxK: jax.Array, new_BxLxGxK: jax.Array, cache_index,
                  groups: int) -> jax.Array:
     """Writes the new keys/values of every row at slots cache_index .. cache_index + L - 1
@@ -164,48 +158,6 @@ def _low_precision_einsum_bwd(spec, dtype, ab, cotangent):
 
 
 _low_precision_einsum.defvjp(_low_precision_einsum_fwd, _low_precision_einsum_bwd)
-
-
-def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
-    """`einsum(spec, x, y)` (float32) for a float x and an int8 y, as an integer dot: x is
-    quantized to int8 per row (symmetric, over the axes it contracts: PyTorch's dynamic
-    quantization, per token), multiplied with y in int32, and the result scaled back.
-
-    Hand-written because XLA:CPU (jax 0.10.2) has no fast dot with an int8 or bf16 operand: it
-    converts that operand to a full float32 copy, every call. Measured on this 2-core machine,
-    x [1, 768] @ w [768, 3072] (benchmarks/sample_speed.py's shapes): f32 dot 0.59 ms; f32 x with
-    the int8 w converted (in the dot or before it: the same HLO, also qwix 0.1.8's weight-only
-    `dot_general(x, qvalue) * scale`) 1.6-2.2 ms; bf16 x bf16 1.2 ms; multiply-and-reduce forms
-    37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO), and
-    0.47 ms vs 0.90 ms f32 at 8 rows. A dot with a single row is padded to two: XLA rewrites a
-    one-row dot into a multiply-reduce that materialises w as int32 (1.5 ms).
-    """
-    inputs, out = spec.split("->")
-    x_axes, y_axes = inputs.split(",")
-    contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
-    free = [i for i, c in enumerate(x_axes) if c in out and c not in y_axes]
-    x_q, x_scale = quantize_int8(x, contracted)
-    single = bool(free) and all(x.shape[i] == 1 for i in free)
-    if single:
-        x_q = jnp.concatenate([x_q, jnp.zeros_like(x_q)], axis=free[0])
-    y = jnp.einsum(spec, x_q, y_int8, preferred_element_type=jnp.int32)
-    if single:
-        y = jax.lax.slice_in_dim(y, 0, 1, axis=out.index(x_axes[free[0]]))
-    # x's scale (a size-1 axis per contracted one) laid out along the output's axes (x's
-    # letters keep their order in every spec here).
-    kept = [c for c in x_axes if c in out]
-    x_scale = x_scale.reshape([x.shape[x_axes.index(c)] for c in kept])
-    x_scale = jnp.expand_dims(x_scale, [i for i, c in enumerate(out) if c not in kept])
-    return y.astype(jnp.float32) * x_scale
-
-
-def int8_matmul(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
-                dtype: Any) -> jax.Array:
-    """`einsum(spec, x, kernel * scale)` for an int8 `kernel` and its float32 `scale` per output
-    channel (broadcast against the result's trailing axes): `int8_dot`, then the scale, so no
-    float copy of the kernel is ever made. Inference only (no gradient); float32 result."""
-    del dtype  # the dot is integer whatever the compute dtype
-    return int8_dot(spec, x, kernel) * scale
 
 
 def _attend(q_XxQxK: jax.Array, k_XxSxK: jax.Array, v_XxSxK: jax.Array,
@@ -330,7 +282,9 @@ LORA_PARAMS = ("lora_a", "lora_b")
 class Projection(nn.Module):
     """`x @ kernel + bias` contracting x's last `len(in_shape)` axes, with a kernel of shape
     in_shape + out_shape kept unflattened, so every axis carries its logical name. Computed in
-    `config.dtype` with float32 accumulation (`matmul`).
+    `config.dtype` with float32 accumulation (`matmul`); with `config.quantization == 'int8'` an
+    int8 kernel and a scale per output channel (`int8.int8_matmul`, whose gradient reaches x:
+    adapters train on an int8 base).
 
     With `config.lora_rank` r > 0 and this projection's name in `config.lora_targets`, a LoRA
     adapter adds `lora_scale * dropout(x) @ lora_a @ lora_b` (lora_a [in.., r] uniform in
@@ -357,7 +311,7 @@ class Projection(nn.Module):
             scale = self.param("scale", _partitioned(nn.initializers.ones,
                                                      self.names[len(self.in_shape):]),
                                self.out_shape, jnp.float32)
-            y = int8_matmul(spec, x, kernel, scale, cfg.dtype)
+            y = int8_matmul(spec, x, kernel, scale)
         else:
             kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale),
                                                        self.names),
@@ -381,30 +335,6 @@ class Projection(nn.Module):
             xa = matmul(f"{lead}{ins},{ins}r->{lead}r", x, a, cfg.dtype)
             y = y + cfg.lora_scale * matmul(f"{lead}r,r{outs}->{lead}{outs}", xa, b, cfg.dtype)
         return y.astype(cfg.dtype)
-
-
-class Int8Embed(nn.Module):
-    """The token embedding [V, D] stored as int8 with a float32 scale per vocabulary row (the
-    output channel of the tied logits): the parameters `embedding` and `scale` of nn.Embed's
-    place. Inference only."""
-
-    config: ModelConfig
-
-    def setup(self):
-        cfg = self.config
-        self.embedding = self.param(
-            "embedding", _partitioned(nn.initializers.zeros, ("vocab", "embed")),
-            (cfg.vocab_size, cfg.embed_dim), jnp.int8)
-        self.scale = self.param("scale", _partitioned(nn.initializers.ones, ("vocab",)),
-                                (cfg.vocab_size,), jnp.float32)
-
-    def __call__(self, tokens_BxL):
-        rows_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(jnp.float32)
-        return (rows_BxLxD * jnp.take(self.scale, tokens_BxL)[..., None]).astype(self.config.dtype)
-
-    def attend(self, x_BxLxD):
-        """Tied logits [B, L, V]: x @ embedding.T, scaled per vocabulary row."""
-        return int8_matmul("bld,vd->blv", x_BxLxD, self.embedding, self.scale, self.config.dtype)
 
 
 class Attention(nn.Module):

@@ -12,7 +12,7 @@ path do). `convert` runs once, at load; nothing is converted per step.
   (`model.param_dtype = model.dtype = 'bfloat16'`), so no matmul casts a weight.
 * **int8**: every projection kernel (query, key, value, out, the MLP's, lm_head) and the token
   embedding become int8 with a float32 scale per output channel, symmetric (scale = max|w| / 127
-  over the input axes, `model.quantize_int8`); for the embedding [V, D] a scale per vocabulary row,
+  over the input axes, `int8.quantize_int8`); for the embedding [V, D] a scale per vocabulary row,
   which is also the output channel of the tied logits. Norms, biases and GPT-2's position
   embedding stay float. `model.quantization='int8'` makes the model declare these int8 kernels
   and scales (with logical axis names: scales are sharded like their kernel's output axes), so
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from lmjax import checkpoint
+from lmjax import checkpoint, int8
 from lmjax import model as model_lib
 from lmjax.config import ModelConfig
 
@@ -58,7 +58,7 @@ def _reduced_axes(path: tuple[str, ...], kernel_ndim: int, scale_ndim: int) -> t
     return tuple(range(kernel_ndim - scale_ndim))
 
 
-_quantize_leaf = jax.jit(model_lib.quantize_int8, static_argnums=1)
+_quantize_leaf = jax.jit(int8.quantize_int8, static_argnums=1)
 
 
 @jax.jit

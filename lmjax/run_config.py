@@ -53,10 +53,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             "model.dtype='float16' is for inference only: training in float16 needs loss scaling, "
             "which lmjax does not do (gradients underflow). Train with model.dtype='bfloat16' "
             "(same memory, float32's range) or 'float32'")
-    if config.model.quantization != "none":
-        raise ValueError(f"model.quantization={config.model.quantization!r} is for inference "
-                         "only (int8 weights have no gradient): train with 'none', then load "
-                         "with --weights_dtype=int8 (lmjax.quantize)")
+    if config.model.quantization != "none" and not config.lora.rank:
+        raise ValueError(f"model.quantization={config.model.quantization!r} trains only LoRA "
+                         "adapters on a frozen int8 base (QLoRA-style: set lora.rank > 0); "
+                         "full training needs 'none' (then --weights_dtype=int8 at inference)")
     tokenizers_lib.check_config(config.tokenizer)
     check_data_files(config.data)
     if config.train.num_samples > 0:
@@ -136,7 +136,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                                       else hf.config_from_hf(hf_cfg))
         config = config.copy_and_resolve_references()
         # An encoder keeps the configured head (e.g. a classifier on a BertForMaskedLM).
-        keep = {"dropout", "dtype", "param_dtype", "remat"} | (
+        keep = {"dropout", "dtype", "param_dtype", "remat", "quantization"} | (
             {"head", "num_labels"} if encoder else set())
         config.model.update({k: v for k, v in hf_model.items()
                              if k not in keep and not k.startswith("lora_")})

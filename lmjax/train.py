@@ -79,10 +79,13 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
+def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int,
+                   weight_decay: float | None = None):
     """AdamW with linear warmup + cosine decay to a floor, global-norm clipping, decay on matrices.
 
-    Returns (optax transformation, learning-rate schedule over optimizer steps).
+    weight_decay: in place of `optim.weight_decay` (`run_optimizer`: a LoRA run's
+    `lora.weight_decay`). Returns (optax transformation, learning-rate schedule over optimizer
+    steps).
     """
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=optim.learning_rate, warmup_steps=optim.warmup_steps,
@@ -92,10 +95,19 @@ def make_optimizer(optim: ml_collections.ConfigDict, num_steps: int):
     tx = optax.chain(
         clip_by_global_norm(optim.grad_clip) if optim.grad_clip > 0 else optax.identity(),
         optax.adamw(schedule, b1=optim.b1, b2=optim.b2, eps=optim.eps,
-                    weight_decay=optim.weight_decay, mask=decay_mask))
+                    weight_decay=optim.weight_decay if weight_decay is None else weight_decay,
+                    mask=decay_mask))
     if optim.grad_accum > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=optim.grad_accum)
     return tx, schedule
+
+
+def run_optimizer(config: ml_collections.ConfigDict):
+    """`make_optimizer` as an experiment config asks: `optim`, over `train.num_steps`, with a
+    LoRA run's adapters decayed by `lora.weight_decay` (0 by default, as PEFT's users get from
+    Hugging Face's Trainer) instead of `optim.weight_decay`."""
+    weight_decay = config.lora.weight_decay if config.lora.rank else None
+    return make_optimizer(config.optim, config.train.num_steps, weight_decay)
 
 
 def _boxed_train_state(config: ModelConfig, tx: optax.GradientTransformation,
@@ -340,7 +352,7 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
     mesh = sharding_lib.make_mesh(config.mesh)
     axis_rules = sharding_lib.rules(config.mesh, mcfg, mesh.shape)
     with jax.set_mesh(mesh):
-        tx, schedule = make_optimizer(config.optim, config.train.num_steps)
+        tx, schedule = run_optimizer(config)
         state_sh = state_shardings(mcfg, tx, mesh, axis_rules)
         state = initial_state(config, mcfg, tx, state_sh, ckpt, init_from)
         write_run_configs(workdir, config, mcfg)

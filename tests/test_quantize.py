@@ -12,7 +12,7 @@ import torch
 import transformers
 from flax import traverse_util
 
-from lmjax import hf, quantize, sample
+from lmjax import hf, int8, quantize, sample
 from lmjax import model as model_lib
 from lmjax.commands import common
 from lmjax.config import ModelConfig
@@ -129,9 +129,35 @@ def test_int8_dot_is_numpy_dynamic_quantization(spec, x_shape, y_shape):
     kept = [c for c in x_axes if c in out]
     x_scale = np.expand_dims(x_scale.reshape([x.shape[x_axes.index(c)] for c in kept]),
                              [i for i, c in enumerate(out) if c not in kept])
-    np.testing.assert_allclose(np.asarray(model_lib.int8_dot(spec, jnp.asarray(x),
-                                                             jnp.asarray(y))),
+    np.testing.assert_allclose(np.asarray(int8.int8_dot(spec, jnp.asarray(x), jnp.asarray(y))),
                                expected * x_scale, rtol=1e-6)
+
+
+@pytest.mark.parametrize("spec,x_shape,kernel_shape,scale_shape", [
+    ("abd,dhk->abhk", (2, 3, 40), (40, 4, 10), (4, 10)),  # query/key/value
+    ("abhk,hkd->abd", (2, 3, 4, 10), (4, 10, 40), (40,)),  # out
+    ("bld,vd->blv", (2, 3, 40), (104, 40), (104,)),  # tied logits: a scale per vocabulary row
+])
+def test_int8_matmul_gradient_is_straight_through(spec, x_shape, kernel_shape, scale_shape):
+    """QLoRA's backward: the vjp of int8_matmul is NumPy's float dot gradient on the
+    dequantized kernel, dx = (dy * scale) @ kernel^T (the activation rounding passed straight
+    through); its value is int8_dot's times the scale."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = rng.integers(-127, 128, kernel_shape).astype(np.int8)
+    scale = rng.uniform(0.01, 0.02, scale_shape).astype(np.float32)
+    y, vjp = jax.vjp(lambda x_: int8.int8_matmul(spec, x_, jnp.asarray(kernel),
+                                                 jnp.asarray(scale)), jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(
+        int8.int8_dot(spec, jnp.asarray(x), jnp.asarray(kernel))) * scale, rtol=1e-6)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    (dx,) = vjp(jnp.asarray(dy))
+    (x_axes, k_axes), out_axes = spec.split("->")[0].split(","), spec.split("->")[1]
+    # the scale belongs to the kernel's output channel: its trailing axes ([V] of [V, D] tied)
+    dequantized = kernel * (scale[:, None] if k_axes == "vd" else scale)
+    expected = np.einsum(f"{out_axes},{k_axes}->{x_axes}", dy.astype(np.float64),
+                         dequantized.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(dx), expected, rtol=1e-5, atol=1e-5)
 
 
 def float_agreement(params, config, prompt, new_tokens) -> float:

@@ -76,6 +76,8 @@ BAD = [
     ("model.norm_eps=0.0", "> 0"),
     ("model.rope_theta=-1.0", "> 0"),
     ("model.dtype=float16", "bfloat16"),
+    ("model.quantization=int8", "lora.rank > 0"),  # int8 trains adapters only (QLoRA)
+    ("lora.weight_decay=-0.1", ">= 0"),
     ("model.num_layers=0", "positive integer"),
 ]
 

@@ -103,8 +103,9 @@ def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int 
     or `step`) and `hf_model` (a Hugging Face folder with a tokenizer, loaded as `dtype`).
 
     `adapter`: a PEFT LoRA folder or a LoRA run's workdir / step folder, applied onto that base.
-    A LoRA run's own workdir brings its base. Adapters come back merged into the weights
-    (`lora.merge`: sampling at the base model's speed).
+    A LoRA run's own workdir brings its base (a QLoRA run's int8 base is dequantized to merge,
+    then kept int8 unless `weights_dtype` says otherwise). Adapters come back merged into the
+    weights (`lora.merge`: sampling at the base model's speed).
     weights_dtype: None (as stored), 'float32', 'bfloat16' or 'int8' (`quantize.convert`, once,
     here, after any adapter is merged): the dtype the weights are kept in while decoding.
     """
@@ -117,6 +118,10 @@ def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int 
             raise app.UsageError(f"{hf_model} has no tokenizer.json or tokenizer.model")
     else:
         params, model_config, tokenizer = lora.load_params(workdir, step=step)
+    if model_config.lora_rank and model_config.quantization == "int8":
+        # A QLoRA run (int8 base): merged in float32, then int8 again unless told otherwise.
+        params, model_config = quantize.dequantize(params, model_config)
+        weights_dtype = weights_dtype or "int8"
     if adapter:
         if model_config.lora_rank:
             params, model_config = lora.merge(params, model_config)

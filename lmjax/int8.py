@@ -1,0 +1,124 @@
+"""int8 layers: symmetric quantization, the integer dot, the int8 projection matmul (with a
+straight-through gradient, for QLoRA-style training) and the int8 token embedding.
+
+model.py builds its layers on these when `config.quantization == 'int8'` (and the int8 KV
+cache); lmjax/quantize.py converts float weights into them. This module imports nothing from
+lmjax but the config.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmjax.config import ModelConfig
+
+
+def quantize_int8(x: jax.Array, axes) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 quantization over `axes` (llama.cpp's Q8_0 rule): scale = max|x| / 127,
+    q = round(x / scale); returns (q int8, scale float32 with `axes` kept as size 1)."""
+    scale = jnp.abs(x.astype(jnp.float32)).max(axis=axes, keepdims=True) / 127.0
+    q = jnp.round(x.astype(jnp.float32) / jnp.where(scale == 0, 1.0, scale))
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
+    """`einsum(spec, x, y)` (float32) for a float x and an int8 y, as an integer dot: x is
+    quantized to int8 per row (symmetric, over the axes it contracts: PyTorch's dynamic
+    quantization, per token), multiplied with y in int32, and the result scaled back.
+
+    Hand-written because XLA:CPU (jax 0.10.2) has no fast dot with an int8 or bf16 operand: it
+    converts that operand to a full float32 copy, every call. Measured on this 2-core machine,
+    x [1, 768] @ w [768, 3072] (benchmarks/sample_speed.py's shapes): f32 dot 0.59 ms; f32 x with
+    the int8 w converted (in the dot or before it: the same HLO, also qwix 0.1.8's weight-only
+    `dot_general(x, qvalue) * scale`) 1.6-2.2 ms; bf16 x bf16 1.2 ms; multiply-and-reduce forms
+    37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO), and
+    0.47 ms vs 0.90 ms f32 at 8 rows. A dot with a single row is padded to two: XLA rewrites a
+    one-row dot into a multiply-reduce that materialises w as int32 (1.5 ms).
+    """
+    inputs, out = spec.split("->")
+    x_axes, y_axes = inputs.split(",")
+    contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
+    free = [i for i, c in enumerate(x_axes) if c in out and c not in y_axes]
+    x_q, x_scale = quantize_int8(x, contracted)
+    single = bool(free) and all(x.shape[i] == 1 for i in free)
+    if single:
+        x_q = jnp.concatenate([x_q, jnp.zeros_like(x_q)], axis=free[0])
+    y = jnp.einsum(spec, x_q, y_int8, preferred_element_type=jnp.int32)
+    if single:
+        y = jax.lax.slice_in_dim(y, 0, 1, axis=out.index(x_axes[free[0]]))
+    # x's scale (a size-1 axis per contracted one) laid out along the output's axes (x's
+    # letters keep their order in every spec here).
+    kept = [c for c in x_axes if c in out]
+    x_scale = x_scale.reshape([x.shape[x_axes.index(c)] for c in kept])
+    x_scale = jnp.expand_dims(x_scale, [i for i, c in enumerate(out) if c not in kept])
+    return y.astype(jnp.float32) * x_scale
+
+
+def int8_matmul(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
+                dtype: Any = None) -> jax.Array:
+    """`einsum(spec, x, kernel * scale)` for an int8 `kernel` and its float32 `scale` per output
+    channel (broadcast against the result's trailing axes): `int8_dot`, then the scale, so no
+    float copy of the kernel is ever made in the forward pass. float32 result.
+
+    Differentiable in x (QLoRA-style training: adapters on a frozen int8 base) with a
+    straight-through estimator: the per-token rounding of x counts as the identity, so
+    dx = (dy * scale) @ kernel^T, the float dot's gradient on the dequantized kernel (the kernel
+    and scale themselves are frozen: zero gradients). The backward converts the kernel to
+    float32 for that dot (XLA:CPU has no mixed int8 dot, see int8_dot), one kernel at a time;
+    quantizing dy instead would round the logits' small softmax terms to zero.
+    """
+    del dtype  # the dot is integer whatever the compute dtype
+    return _int8_matmul(spec, jnp.dtype(x.dtype).name, x, kernel, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _int8_matmul(spec, x_dtype, x, kernel, scale):
+    del x_dtype  # the cotangent's dtype (a static name: dtypes are not residuals)
+    return int8_dot(spec, x, kernel) * scale
+
+
+def _int8_matmul_fwd(spec, x_dtype, x, kernel, scale):
+    return _int8_matmul(spec, x_dtype, x, kernel, scale), (kernel, scale)
+
+
+def _int8_matmul_bwd(spec, x_dtype, residuals, dy):
+    kernel, scale = residuals
+    inputs, out = spec.split("->")
+    x_axes, kernel_axes = inputs.split(",")
+    dx = jnp.einsum(f"{out},{kernel_axes}->{x_axes}", dy.astype(jnp.float32) * scale,
+                    kernel.astype(jnp.float32))
+    return (dx.astype(x_dtype), np.zeros(kernel.shape, jax.dtypes.float0),
+            jnp.zeros_like(scale))
+
+
+_int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
+
+
+class Int8Embed(nn.Module):
+    """The token embedding [V, D] stored as int8 with a float32 scale per vocabulary row (the
+    output channel of the tied logits): the parameters `embedding` and `scale` of nn.Embed's
+    place. Frozen (no gradient to the table); the tied logits pass gradients to their input."""
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab", "embed")),
+            (cfg.vocab_size, cfg.embed_dim), jnp.int8)
+        self.scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("vocab",)),
+            (cfg.vocab_size,), jnp.float32)
+
+    def __call__(self, tokens_BxL):
+        rows_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(jnp.float32)
+        return (rows_BxLxD * jnp.take(self.scale, tokens_BxL)[..., None]).astype(self.config.dtype)
+
+    def attend(self, x_BxLxD):
+        """Tied logits [B, L, V]: x @ embedding.T, scaled per vocabulary row."""
+        return int8_matmul("bld,vd->blv", x_BxLxD, self.embedding, self.scale)

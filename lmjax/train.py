@@ -414,7 +414,8 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
     if config.model.head == "classifier":  # labelled examples (lmjax/labelled.py)
         data = labelled_lib.build_data(config, workdir)
     else:
-        data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
+        data = data_lib.build_data(_row_config(config), workdir, jax.process_index(),
+                                   jax.process_count())
     check_sample_prompt(config, data.tokenizer)  # before compiling anything
     mcfg = model_config(config, data.tokenizer.vocab_size)
     if mcfg.lora_rank:  # every checkpoint names the exact base its adapters belong to
@@ -457,6 +458,19 @@ def _account_time(seconds: dict[str, float], total: float) -> None:
     seconds.update(total=total, other=max(total - sum(seconds.values()), 0.0))
     logging.info("time: %s", ", ".join(f"{name} {value:.1f} s" for name, value in
                                        seconds.items()))
+def _row_config(config):
+    """The config whose data.seq_len is the token-store rows' length: data.seq_len - 2 for
+    masked LM, whose rows gain [CLS] and [SEP] in the step (objectives.add_special_tokens)."""
+    if config.model.architecture != "encoder" or config.model.head != "lm":
+        return config
+    if config.data.seq_len < 3:
+        raise ValueError(f"data.seq_len={config.data.seq_len}: masked LM needs at least 3 "
+                         "([CLS] token [SEP])")
+    rows = config.copy_and_resolve_references()
+    rows.data.seq_len = config.data.seq_len - 2
+    return rows
+
+
 def class_weights(data_config) -> tuple[float, ...]:
     """`data.class_weights` ('' or comma-separated numbers) as a tuple."""
     try:
@@ -725,7 +739,8 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
     accum, per_call = config.optim.grad_accum, config.train.steps_per_call
     num_micro_steps = config.train.num_steps * accum
     batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
-    objective = objectives_lib.for_run(mcfg, data.tokenizer, class_weights(config.data))
+    objective = objectives_lib.for_run(mcfg, data.tokenizer, class_weights(config.data),
+                                       config.data.mlm_probability, config.data.whole_word_mask)
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
                              skip_nonfinite=config.optim.skip_nonfinite, objective=objective)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg, objective=objective),

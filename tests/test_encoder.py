@@ -227,6 +227,120 @@ def test_masking_follows_bert():
     np.testing.assert_array_equal(np.asarray(alone[0])[0], inputs[5])
 
 
+@functools.lru_cache
+def shakespeare_tokenizer():
+    """WordPiece with a small vocabulary trained on two plays: many words of several pieces."""
+    from lmjax import data as data_lib
+    works = data_lib.shakespeare_works()
+    return tokenizers_lib.WordPieceTokenizer.train([works["macbeth"], works["tempest"]], 400)
+
+
+def mlm_objective(tokenizer, **fields):
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, num_layers=1, num_heads=2,
+                         embed_dim=8, mlp_dim=8, max_len=128, architecture="encoder",
+                         norm_position="post", type_vocab_size=2, head="lm")
+    return objectives.for_run(config, tokenizer, **fields)
+
+
+def test_whole_word_masking_selects_whole_words():
+    """data.whole_word_mask: on BERT rows of Shakespeare, every piece of a word (the words of
+    `tokenizers`' own Encoding.word_ids) shares its word's decision, special tokens and padding
+    never; about 15% of the words are selected and 80% of their tokens become [MASK]."""
+    tokenizer = shakespeare_tokenizer()
+    objective = mlm_objective(tokenizer, whole_word_mask=True)
+    vocab = tokenizer.backend.get_vocab()
+    assert objective.whole_word and sorted(objective.continuation_ids) == sorted(
+        i for t, i in vocab.items() if t.startswith("##"))
+    from lmjax import data as data_lib
+    lines = [l for l in data_lib.shakespeare_works()["hamlet"].splitlines() if l.strip()]
+    B, L = 48, 64
+    tokens, words = np.zeros((B, L), np.int32), np.full((B, L), -1)
+    for r in range(B):  # 6 lines a row: [CLS] ... [SEP] cut to L, padded
+        encoding = tokenizer.backend.encode(" ".join(lines[6 * r:6 * r + 6]))
+        ids, word_ids = encoding.ids[:L - 1] + [3], encoding.word_ids[:L - 1] + [None]
+        tokens[r, :len(ids)] = ids
+        words[r, :len(ids)] = [-1 if w is None else w for w in word_ids]
+    segments = (np.arange(L)[None] < (tokens > 0).sum(1)[:, None]).astype(np.int32)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(7), r))(jnp.arange(B))
+    inputs, selected = jax.jit(objective.mask, static_argnums=3)(
+        jnp.asarray(tokens), jnp.asarray(segments), keys, tokenizer.vocab_size)
+    inputs, selected = np.asarray(inputs), np.asarray(selected)
+    assert not selected[words < 0].any()  # [CLS], [SEP], padding
+    num_words = num_selected = multi_piece = 0
+    for r in range(B):
+        for w in set(words[r][words[r] >= 0]):
+            decisions = selected[r][words[r] == w]
+            assert decisions.all() or not decisions.any(), (r, w, decisions)
+            num_words, num_selected = num_words + 1, num_selected + bool(decisions[0])
+            multi_piece += len(decisions) > 1
+    assert multi_piece > 0.2 * num_words  # the test sees many words of several pieces
+    assert abs(num_selected - 0.15 * num_words) < 5 * np.sqrt(num_words * 0.15 * 0.85)
+    k = selected.sum()
+    assert abs((inputs[selected] == 4).sum() - 0.8 * k) < 5 * np.sqrt(k * 0.8 * 0.2)
+    # Token-level masking (the default) does split words.
+    _, token_level = jax.jit(mlm_objective(tokenizer).mask, static_argnums=3)(
+        jnp.asarray(tokens), jnp.asarray(segments), keys, tokenizer.vocab_size)
+    token_level = np.asarray(token_level)
+    assert any(0 < token_level[r][words[r] == w].sum() < (words[r] == w).sum()
+               for r in range(B) for w in set(words[r][words[r] >= 0]))
+
+
+def test_whole_word_masking_needs_wordpiece():
+    """A BPE tokenizer has no '##' pieces: whole-word masking says so, before any compute."""
+    import tokenizers
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        show_progress=False))
+    tokenizer = tokenizers_lib.HFTokenizer({"tokenizer.json": backend.to_str().encode()})
+    assert mlm_objective(tokenizer).mask_id == 4  # token-level masking works with it
+    with pytest.raises(ValueError, match="data.whole_word_mask=True needs a WordPiece tokenizer"):
+        mlm_objective(tokenizer, whole_word_mask=True)
+
+
+def test_mlm_rows_are_bert_rows(tmp_path):
+    """Masked LM sees BERT's rows: each document piece of a token-store row as [CLS] piece
+    [SEP] (transformers' BertTokenizerFast's ids for a whole document), positions restarting
+    at each [CLS]; a stream row is [CLS] W tokens [SEP]."""
+    from lmjax import data as data_lib
+    tokenizer = shakespeare_tokenizer()
+    tokenizer.save(str(tmp_path))
+    reference = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    lines = [l.strip() for l in data_lib.shakespeare_works()["macbeth"].splitlines()
+             if l.strip()][:60]
+    docs = [" ".join(lines[i:i + 1 + i % 3]) for i in range(0, 60, 3)]  # 1 to 3 lines each
+    encoded = [tokenizer.encode(d) for d in docs]  # as the token store holds them: no specials
+    starts = np.cumsum([0] + [len(e) for e in encoded])[:-1]
+    split = data_lib.ArraySplit(np.concatenate(encoded), starts)
+    objective = mlm_objective(tokenizer)
+    W = 30
+    for packing in (True, False):
+        batches = data_lib.Batches(split, batch_size=split.num_tokens // W + 1, seq_len=W,
+                                   shuffle=False, packing=packing)
+        batch = next(batches.eval_batches())
+        rows, segments = jax.jit(objective.rows)({k: jnp.asarray(v) for k, v in batch.items()})
+        rows, segments = np.asarray(rows), np.asarray(segments)
+        assert rows.shape == (batches.batch_size, W + 2)
+        positions = np.asarray(model_lib.positions_from_segments(jnp.asarray(segments)))
+        whole = 0
+        for r in range(rows.shape[0]):
+            if not packing:  # the row's n store tokens, between [CLS] and [SEP]
+                n = int((batch["mask"][r] > 0).sum())
+                if n:
+                    expected = [2] + batch["inputs"][r, :n].tolist() + [3]
+                    assert rows[r, :n + 2].tolist() == expected and not segments[r, n + 2:].any()
+                continue
+            for s in set(segments[r][segments[r] > 0]):
+                piece = rows[r][segments[r] == s].tolist()
+                assert piece[0] == 2 and piece[-1] == 3 and 2 not in piece[1:] and 3 not in piece[:-1]
+                assert positions[r][segments[r] == s].tolist() == list(range(len(piece)))
+                if piece[1:-1] in encoded:  # a whole document: BERT's ids for it
+                    assert piece == reference(docs[encoded.index(piece[1:-1])])["input_ids"]
+                    whole += 1
+        assert whole >= 3 or not packing
+
+
 def mlm_config(tmp_path, text, **train_fields):
     from lmjax.config import default_config
     corpus = tmp_path / "corpus.txt"
@@ -246,11 +360,13 @@ def mlm_config(tmp_path, text, **train_fields):
 
 
 def test_mlm_pretraining_learns_and_resumes_bit_exactly(tmp_path, pigs_text):
-    """Masked-LM pretraining through train_and_evaluate lowers the MLM loss and reports masked
-    accuracy; a run stopped at step 12 and resumed gives the uninterrupted run's losses and
-    parameters bit for bit (masks and dropout are functions of (seed, step, row))."""
+    """Masked-LM pretraining (whole-word masking) through train_and_evaluate lowers the MLM
+    loss and reports masked accuracy; a run stopped at step 12 and resumed gives the
+    uninterrupted run's losses and parameters bit for bit (masks and dropout are functions of
+    (seed, step, row))."""
     from lmjax import train
     config = mlm_config(tmp_path, pigs_text, num_steps=24, eval_every=12, checkpoint_every=12)
+    config.data.whole_word_mask = True
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
     losses = full["train_loss"]
     assert len(losses) == 24 and np.mean(losses[-4:]) < np.mean(losses[:3]) - 0.4
@@ -259,8 +375,9 @@ def test_mlm_pretraining_learns_and_resumes_bit_exactly(tmp_path, pigs_text):
     assert 0.05 < full["eval"][-1]["mlm_accuracy"] < 1.0
     assert full["tokenizer"].kind == "wordpiece"
 
-    half = train.train_and_evaluate(mlm_config(tmp_path, pigs_text, num_steps=12, eval_every=12),
-                                    str(tmp_path / "resumed"))
+    half_config = mlm_config(tmp_path, pigs_text, num_steps=12, eval_every=12)
+    half_config.data.whole_word_mask = True
+    half = train.train_and_evaluate(half_config, str(tmp_path / "resumed"))
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     np.testing.assert_array_equal(half["train_loss"], losses[:12])
     np.testing.assert_array_equal(resumed["train_loss"], losses)

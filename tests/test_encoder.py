@@ -432,6 +432,46 @@ def test_confusion_metrics_match_sklearn():
                                                         labels=range(4), zero_division=0))
 
 
+def test_class_weighted_loss_matches_sklearn_weights_and_numpy(tmp_path):
+    """data.class_weights: scikit-learn's 'balanced' weights (compute_class_weight) give the
+    weighted mean cross-entropy that NumPy computes from transformers' logits (and torch's
+    CrossEntropyLoss(weight=...)); a filler row (weight 0) counts for nothing."""
+    import ml_collections
+    from sklearn.utils.class_weight import compute_class_weight
+    from lmjax import train
+    model = make_bert("classifier")
+    model.save_pretrained(str(tmp_path))
+    config, params, _, _ = hf_bert.load_hf_bert(str(tmp_path))
+    labels = np.array([0, 0, 2])  # skewed: class 0 twice, class 1 absent from the batch
+    all_labels = np.array([0, 0, 0, 0, 1, 2, 2, 0, 1, 0])  # the "training set" the weights fit
+    weights = compute_class_weight("balanced", classes=np.arange(3), y=all_labels)
+    field = ",".join(str(w) for w in weights)
+    objective = objectives.for_run(config, None, train.class_weights(
+        ml_collections.ConfigDict({"class_weights": field})))
+    batch = {"inputs": np.vstack([TOKENS, TOKENS[2:]]), "token_types": np.vstack([TYPES, TYPES[2:]]),
+             "mask": np.vstack([MASK, MASK[2:]]).astype(np.float32),
+             "weight": np.array([[1.0], [1.0], [1.0], [0.0]], np.float32),
+             "labels": np.array([[0.0], [0.0], [2.0], [1.0]], np.float32)}  # the last: filler
+    loss, metrics = jax.jit(objective.loss, static_argnums=2)(
+        params, {k: jnp.asarray(v) for k, v in batch.items()}, config, jax.random.key(0))
+    logits = torch_out(model, "classifier").astype(np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    w = weights[labels]
+    expected = float(-(w * log_probs[np.arange(3), labels]).sum() / w.sum())
+    torch_loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights))(
+        torch.tensor(logits), torch.tensor(labels)).item()
+    assert expected == pytest.approx(torch_loss, rel=1e-9)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    unweighted = float(-log_probs[np.arange(3), labels].mean())
+    assert abs(expected - unweighted) > 0.02  # the weights matter here
+    assert float(metrics["accuracy"]) == pytest.approx(np.mean(logits.argmax(-1) == labels))
+    with pytest.raises(ValueError, match="data.class_weights has 2 weights for model.num_labels=3"):
+        objectives.for_run(config, None, (1.0, 2.0))
+    with pytest.raises(ValueError, match="data.class_weights='1,x' must be '' or comma-sep"):
+        train.class_weights(ml_collections.ConfigDict({"class_weights": "1,x"}))
+
+
 ANIMALS = {"pigs": "little pigs went to market", "cows": "big cows stayed at home",
            "hens": "old hens sat on the fence"}
 

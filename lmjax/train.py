@@ -500,7 +500,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if config.init_from.startswith("hf:"):
         folder = config.init_from[len("hf:"):]
         hf_cfg = hf.read_hf_config(folder)
-        encoder = hf_cfg.get("model_type") == "bert"
+        encoder = hf_cfg.get("model_type") in ("bert", "roberta")
         hf_model = dataclasses.asdict(hf_bert.config_from_hf_bert(hf_cfg) if encoder
                                       else hf.config_from_hf(hf_cfg))
         config = config.copy_and_resolve_references()
@@ -628,7 +628,7 @@ def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from
     if config.init_from.startswith("hf:"):  # its shape and tokenizer are in the config already
         source = config.init_from[len("hf:"):]
         hf_cfg = hf.read_hf_config(source)
-        if hf_cfg["model_type"] == "bert":
+        if hf_cfg["model_type"] in ("bert", "roberta"):
             loaded = hf_bert.load_hf_bert_params(source, hf_bert.config_from_hf_bert(
                 hf_cfg, mcfg.param_dtype))
             return _with_fresh_heads(loaded, config, mcfg, state_sh), source

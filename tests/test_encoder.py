@@ -107,6 +107,50 @@ def test_imported_bert_matches_transformers(head, overrides, weights, tmp_path):
         assert reloaded.config.id2label == model.config.id2label
 
 
+ROBERTA_CLASSES = {"lm": transformers.RobertaForMaskedLM,
+                   "classifier": transformers.RobertaForSequenceClassification,
+                   "none": transformers.RobertaModel}
+
+
+@pytest.mark.parametrize("head", ["lm", "classifier", "none"])
+def test_imported_roberta_matches_transformers(head, tmp_path):
+    """RoBERTa: positions from padding_idx + 1, one token type, RobertaClassificationHead, no
+    pooler in RobertaForMaskedLM; lmjax's logits are transformers' (right-padded rows, padding
+    id 1 as RoBERTa's), and the export loads back in transformers with the same outputs."""
+    config = transformers.RobertaConfig(**{**BERT, "type_vocab_size": 1,
+                                           "max_position_embeddings": 10 + 2, "pad_token_id": 1,
+                                           "layer_norm_eps": 1e-5, "num_labels": 3})
+    torch.manual_seed(0)
+    model = ROBERTA_CLASSES[head](config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.2 * noise if "LayerNorm.weight" in name or "layer_norm.weight" in name
+                    else 0.15 * noise)
+    model.eval().save_pretrained(str(tmp_path))
+    tokens = np.where(MASK > 0, TOKENS, 1)
+
+    def outputs(m):
+        with torch.no_grad():
+            out = m(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(MASK))
+        return ((out.last_hidden_state.numpy(), out.pooler_output.numpy()) if head == "none"
+                else out.logits.numpy())
+
+    reference = outputs(model)
+    lmjax_config, params, _, _ = hf_bert.load_hf_bert(str(tmp_path))
+    assert lmjax_config.max_len == 10 and lmjax_config.type_vocab_size == 1
+    assert lmjax_config.head == head and ("pooler" in params) == (head != "lm")
+    out = jax.tree.map(np.asarray, jax.jit(encoder_lib.Encoder(lmjax_config).apply)(
+        {"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(MASK)))
+    assert max_diff(out, reference, head) <= 1e-4
+    assert np.abs(jax.tree.leaves(reference)[0]).max() > 0.2  # 1e-4 is small beside it
+    hf_bert.save_hf_bert(str(tmp_path / "export"), lmjax_config, params, model_type="roberta")
+    reloaded = ROBERTA_CLASSES[head].from_pretrained(str(tmp_path / "export")).eval()
+    assert type(reloaded).__name__ == type(model).__name__
+    assert max_diff(outputs(reloaded), reference, head) <= 1e-5
+
+
 def random_params(config, seed=1):
     shapes = encoder_lib.param_shapes(config)
     rng = np.random.default_rng(seed)

@@ -151,6 +151,26 @@ def test_imported_roberta_matches_transformers(head, tmp_path):
     assert max_diff(outputs(reloaded), reference, head) <= 1e-5
 
 
+def test_roberta_tokenizer_from_tokenizer_json(tmp_path):
+    """A RoBERTa folder's byte-level BPE tokenizer.json: <s> A </s></s> B </s> ids, <pad> 1 and
+    <mask> as transformers' RobertaTokenizerFast gives them, for texts and pairs."""
+    import tokenizers
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, special_tokens=[
+        "<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe._tokenizer.post_processor = tokenizers.processors.RobertaProcessing(("</s>", 2),
+                                                                             ("<s>", 0))
+    reference = transformers.RobertaTokenizerFast(tokenizer_object=bpe._tokenizer)
+    reference.save_pretrained(str(tmp_path))
+    tokenizer = hf_bert.bert_tokenizer(str(tmp_path))
+    assert tokenizer.pad_id == 1 and wordpiece.token_id(tokenizer, "mask") == 4
+    for text, pair in [("The lazy fox, in time!", None), ("To be or not", "that is Nine."),
+                       ("quick " * 30, "brown " * 5)]:
+        expected = reference(text, pair, truncation=True, max_length=16)
+        assert wordpiece.encode(tokenizer, text, pair, max_len=16)[0] == expected["input_ids"]
+
+
 def random_params(config, seed=1):
     shapes = encoder_lib.param_shapes(config)
     rng = np.random.default_rng(seed)

@@ -1,6 +1,7 @@
 """Genre classification of Shakespeare passages: lmjax encoders against TF-IDF and transformers.
 
   python benchmarks/encoder_quality.py [--steps 300] [--mlm_steps 300] [--seeds 0,1,2]
+                                       [--torch_threads 1]
 
 The task (lmjax/labelled.py): passages of 8 lines of the embedded corpus's plays, labelled with
 the First Folio genre of their play (comedy / history / tragedy; poems left out); whole plays
@@ -79,7 +80,7 @@ def lmjax_row(name, config, workdir, test_examples) -> dict:
     steps = config.train.num_steps
     return {"run": name, "seed": config.seed, **scores([y for _, y in test_examples], predicted),
             "wall_s": wall, "step_ms": 1000 * result["seconds"]["train"] / max(steps - 1, 1),
-            "val_accuracy": result["eval"][-1]["accuracy"]}
+            "seconds": {k: round(v, 1) for k, v in result["seconds"].items()}}
 
 
 def mlm_workdir(steps: int, seed: int, folder: str, tokenizer: str) -> str:
@@ -166,11 +167,17 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mlm_steps", type=int, default=300)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--torch_threads", type=int, default=1,
+                        help="the peer's torch.set_num_threads (0: torch's default). On a loaded "
+                        "machine OpenMP's spinning threads make 2 threads ~9x slower than 1.")
     args = parser.parse_args()
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     env = _env.environment(peers=("torch", "transformers", "scikit-learn"))
     print(json.dumps({"environment": env, "steps": args.steps, "mlm_steps": args.mlm_steps,
-                      "seeds": seeds}), flush=True)
+                      "seeds": seeds, "torch_threads": args.torch_threads}), flush=True)
     train_examples, test_examples = labelled.shakespeare_genre("train"), \
         labelled.shakespeare_genre("test")
     rows = [tfidf_row(train_examples, test_examples)]

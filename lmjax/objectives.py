@@ -17,9 +17,9 @@ each real, non-special token is selected with probability `mask_prob` (data.mlm_
 --do_whole_word_mask) each word, its WordPiece '##' pieces going with it; a selected token
 becomes [MASK] with probability 0.8, a uniformly random token with 0.1, and stays with 0.1; the
 loss is the cross-entropy at the selected tokens only. The masks are drawn inside the jitted
-step from `fold_in(fold_in(fold_in(state.rng, step), MASK_STREAM), row)`: the run's seed, the step and
-the row of the global batch, so a resumed run draws exactly the masks an uninterrupted one
-would, and the 8-device mesh the same as one device. Validation rows are masked with a key from
+step from `fold_in(fold_in(fold_in(state.rng, step), MASK_STREAM), row)`: the run's seed, the
+step and the row of the global batch, so a resumed run draws exactly the masks an
+uninterrupted one would, and the 8-device mesh the same as one device. Validation rows are masked with a key from
 their tokens alone, so every evaluation scores the same masks.
 """
 from __future__ import annotations

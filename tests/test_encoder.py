@@ -397,7 +397,8 @@ def test_mlm_rows_are_bert_rows(tmp_path):
                 continue
             for s in set(segments[r][segments[r] > 0]):
                 piece = rows[r][segments[r] == s].tolist()
-                assert piece[0] == 2 and piece[-1] == 3 and 2 not in piece[1:] and 3 not in piece[:-1]
+                assert piece[0] == 2 and piece[-1] == 3
+                assert 2 not in piece[1:] and 3 not in piece[:-1]
                 assert positions[r][segments[r] == s].tolist() == list(range(len(piece)))
                 if piece[1:-1] in encoded:  # a whole document: BERT's ids for it
                     assert piece == reference(docs[encoded.index(piece[1:-1])])["input_ids"]
@@ -512,7 +513,8 @@ def test_class_weighted_loss_matches_sklearn_weights_and_numpy(tmp_path):
     field = ",".join(str(w) for w in weights)
     objective = objectives.for_run(config, None, train.class_weights(
         ml_collections.ConfigDict({"class_weights": field})))
-    batch = {"inputs": np.vstack([TOKENS, TOKENS[2:]]), "token_types": np.vstack([TYPES, TYPES[2:]]),
+    batch = {"inputs": np.vstack([TOKENS, TOKENS[2:]]),
+             "token_types": np.vstack([TYPES, TYPES[2:]]),
              "mask": np.vstack([MASK, MASK[2:]]).astype(np.float32),
              "weight": np.array([[1.0], [1.0], [1.0], [0.0]], np.float32),
              "labels": np.array([[0.0], [0.0], [2.0], [1.0]], np.float32)}  # the last: filler

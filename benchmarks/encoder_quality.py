@@ -1,7 +1,7 @@
 """Genre classification of Shakespeare passages: lmjax encoders against TF-IDF and transformers.
 
   python benchmarks/encoder_quality.py [--steps 300] [--mlm_steps 300] [--seeds 0,1,2]
-                                       [--torch_threads 1]
+      [--learning_rate 2e-3] [--mlm_learning_rate 1e-3] [--torch_threads 1]
 
 The task (lmjax/labelled.py): passages of 8 lines of the embedded corpus's plays, labelled with
 the First Folio genre of their play (comedy / history / tragedy; poems left out); whole plays
@@ -38,13 +38,14 @@ def shared_tokenizer(folder: str) -> str:
     return path
 
 
-def small_config(steps: int, seed: int, tokenizer: str):
+def small_config(steps: int, seed: int, tokenizer: str, learning_rate: float = 2e-3):
     config = configs.get("shakespeare_genre:demo")
     config.seed = config.data.seed = seed
     config.tokenizer.path = tokenizer
     config.train.update(num_steps=steps, eval_every=0, eval_batches=8, checkpoint_every=0,
                         progress_bar=False)
-    config.optim.update(learning_rate=5e-4, warmup_steps=max(steps // 10, 1))
+    config.optim.update(learning_rate=learning_rate, min_learning_rate=learning_rate / 10,
+                        warmup_steps=max(steps // 10, 1))
     return config
 
 
@@ -83,7 +84,8 @@ def lmjax_row(name, config, workdir, test_examples) -> dict:
             "seconds": {k: round(v, 1) for k, v in result["seconds"].items()}}
 
 
-def mlm_workdir(steps: int, seed: int, folder: str, tokenizer: str) -> str:
+def mlm_workdir(steps: int, seed: int, folder: str, tokenizer: str,
+                learning_rate: float = 1e-3) -> str:
     """Masked-LM pretraining on the genre task's training plays only (never the test plays)."""
     texts = folder + "/train_plays.txt"
     with open(texts, "w", encoding="utf-8") as f:
@@ -95,7 +97,8 @@ def mlm_workdir(steps: int, seed: int, folder: str, tokenizer: str) -> str:
     config.data.source, config.data.train_files = "files", texts
     config.train.update(num_steps=steps, eval_every=0, eval_batches=4, checkpoint_every=0,
                         progress_bar=False)
-    config.optim.warmup_steps = max(steps // 10, 1)
+    config.optim.update(learning_rate=learning_rate, min_learning_rate=learning_rate / 10,
+                        warmup_steps=max(steps // 10, 1))
     workdir = folder + "/mlm"
     train.train_and_evaluate(config, workdir)
     return workdir
@@ -167,6 +170,8 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mlm_steps", type=int, default=300)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="fine-tuning peak")
+    parser.add_argument("--mlm_learning_rate", type=float, default=1e-3)
     parser.add_argument("--torch_threads", type=int, default=1,
                         help="the peer's torch.set_num_threads (0: torch's default). On a loaded "
                         "machine OpenMP's spinning threads make 2 threads ~9x slower than 1.")
@@ -177,7 +182,9 @@ def main():
     seeds = [int(s) for s in args.seeds.split(",")]
     env = _env.environment(peers=("torch", "transformers", "scikit-learn"))
     print(json.dumps({"environment": env, "steps": args.steps, "mlm_steps": args.mlm_steps,
-                      "seeds": seeds, "torch_threads": args.torch_threads}), flush=True)
+                      "seeds": seeds, "torch_threads": args.torch_threads,
+                      "learning_rate": args.learning_rate,
+                      "mlm_learning_rate": args.mlm_learning_rate}), flush=True)
     train_examples, test_examples = labelled.shakespeare_genre("train"), \
         labelled.shakespeare_genre("test")
     rows = [tfidf_row(train_examples, test_examples)]
@@ -188,15 +195,16 @@ def main():
         for seed in seeds:
             with tempfile.TemporaryDirectory() as folder:
                 rows.append(lmjax_row("lmjax encoder from scratch",
-                                      small_config(args.steps, seed, tokenizer),
+                                      small_config(args.steps, seed, tokenizer, args.learning_rate),
                                       folder + "/scratch", test_examples))
                 print(json.dumps(rows[-1]), flush=True)
-                rows.append(peer_row(small_config(args.steps, seed, tokenizer), folder + "/peer",
+                rows.append(peer_row(small_config(args.steps, seed, tokenizer, args.learning_rate), folder + "/peer",
                                      test_examples))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.mlm_steps:
-                    config = small_config(args.steps, seed, tokenizer)
-                    config.init_from = mlm_workdir(args.mlm_steps, seed, folder, tokenizer)
+                    config = small_config(args.steps, seed, tokenizer, args.learning_rate)
+                    config.init_from = mlm_workdir(args.mlm_steps, seed, folder, tokenizer,
+                                                 args.mlm_learning_rate)
                     rows.append(lmjax_row("lmjax encoder, masked-LM pretrained", config,
                                           folder + "/pretrained", test_examples))
                     print(json.dumps(rows[-1]), flush=True)

@@ -16,6 +16,7 @@ on the test plays (accuracy, macro-F1; mean and spread over the seeds):
 Prints one JSON object per run and a Markdown table (wall time, ms per training step).
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -193,19 +194,19 @@ def main():
     with tempfile.TemporaryDirectory() as shared:
         tokenizer = shared_tokenizer(shared)
         for seed in seeds:
+            config = functools.partial(small_config, args.steps, seed, tokenizer,
+                                       args.learning_rate)
             with tempfile.TemporaryDirectory() as folder:
-                rows.append(lmjax_row("lmjax encoder from scratch",
-                                      small_config(args.steps, seed, tokenizer, args.learning_rate),
+                rows.append(lmjax_row("lmjax encoder from scratch", config(),
                                       folder + "/scratch", test_examples))
                 print(json.dumps(rows[-1]), flush=True)
-                rows.append(peer_row(small_config(args.steps, seed, tokenizer, args.learning_rate), folder + "/peer",
-                                     test_examples))
+                rows.append(peer_row(config(), folder + "/peer", test_examples))
                 print(json.dumps(rows[-1]), flush=True)
                 if args.mlm_steps:
-                    config = small_config(args.steps, seed, tokenizer, args.learning_rate)
-                    config.init_from = mlm_workdir(args.mlm_steps, seed, folder, tokenizer,
-                                                 args.mlm_learning_rate)
-                    rows.append(lmjax_row("lmjax encoder, masked-LM pretrained", config,
+                    pretrained = config()
+                    pretrained.init_from = mlm_workdir(args.mlm_steps, seed, folder, tokenizer,
+                                                       args.mlm_learning_rate)
+                    rows.append(lmjax_row("lmjax encoder, masked-LM pretrained", pretrained,
                                           folder + "/pretrained", test_examples))
                     print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"total_wall_s": time.perf_counter() - start}), flush=True)

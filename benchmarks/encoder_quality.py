@@ -1,6 +1,7 @@
 """Genre classification of Shakespeare passages: lmjax encoders against TF-IDF and transformers.
 
   python benchmarks/encoder_quality.py [--steps 300] [--mlm_steps 300] [--seeds 0,1,2]
+      [--learning_rate 2e-3] [--mlm_learning_rate 1e-3] [--torch_threads 1]
 
 The task (lmjax/labelled.py): passages of 8 lines of the embedded corpus's plays, labelled with
 the First Folio genre of their play (comedy / history / tragedy; poems left out); whole plays
@@ -15,6 +16,7 @@ on the test plays (accuracy, macro-F1; mean and spread over the seeds):
 Prints one JSON object per run and a Markdown table (wall time, ms per training step).
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -24,15 +26,27 @@ import time
 import numpy as np
 
 import _env  # benchmarks/_env.py: versions and machine
-from lmjax import classify, configs, hf_bert, labelled, run_config, train
+from lmjax import classify, configs, hf_bert, labelled, run_config, tokenizers, train
 
 
-def small_config(steps: int, seed: int):
+def shared_tokenizer(folder: str) -> str:
+    """One WordPiece tokenizer for every run, trained on the training plays (the demo's
+    vocabulary size): the rows then differ in their training only, and none trains its own."""
+    path = folder + "/tokenizer"
+    vocab = configs.get("shakespeare_genre:demo").tokenizer.vocab_size
+    tokenizers.WordPieceTokenizer.train(
+        [t[0] for t, _ in labelled.shakespeare_genre("train")], vocab).save(path)
+    return path
+
+
+def small_config(steps: int, seed: int, tokenizer: str, learning_rate: float = 2e-3):
     config = configs.get("shakespeare_genre:demo")
     config.seed = config.data.seed = seed
-    config.train.update(num_steps=steps, eval_every=0, eval_batches=-1, checkpoint_every=0,
+    config.tokenizer.path = tokenizer
+    config.train.update(num_steps=steps, eval_every=0, eval_batches=8, checkpoint_every=0,
                         progress_bar=False)
-    config.optim.update(learning_rate=5e-4, warmup_steps=max(steps // 10, 1))
+    config.optim.update(learning_rate=learning_rate, min_learning_rate=learning_rate / 10,
+                        warmup_steps=max(steps // 10, 1))
     return config
 
 
@@ -62,24 +76,30 @@ def lmjax_row(name, config, workdir, test_examples) -> dict:
     classifier = classify.load_classifier(workdir=workdir)
     predicted = [p["label"] for p in classify.predict(classifier, [t[0] for t, _ in
                                                                    test_examples])]
-    # ms/step here is the whole run's wall time over its steps: compiles and the final eval
-    # included (an upper bound on lmjax's step time; the peer's loop times its steps only).
+    # ms/step: the training loop's time after the first (compiling) call, over those steps:
+    # compile, evaluation and checkpoints left out (train_and_evaluate's own breakdown), as the
+    # peer's loop times its steps after the first.
+    steps = config.train.num_steps
     return {"run": name, "seed": config.seed, **scores([y for _, y in test_examples], predicted),
-            "wall_s": wall, "step_ms": 1000 * wall / config.train.num_steps,
-            "val_accuracy": result["eval"][-1]["accuracy"]}
+            "wall_s": wall, "step_ms": 1000 * result["seconds"]["train"] / max(steps - 1, 1),
+            "seconds": {k: round(v, 1) for k, v in result["seconds"].items()}}
 
 
-def mlm_workdir(steps: int, seed: int, folder: str) -> str:
+def mlm_workdir(steps: int, seed: int, folder: str, tokenizer: str,
+                learning_rate: float = 1e-3) -> str:
     """Masked-LM pretraining on the genre task's training plays only (never the test plays)."""
     texts = folder + "/train_plays.txt"
     with open(texts, "w", encoding="utf-8") as f:
         f.write("\n".join(t[0] for t, _ in labelled.shakespeare_genre("train")))
     config = configs.get("shakespeare_mlm:demo")
     config.seed = config.data.seed = seed
+    config.tokenizer.path = tokenizer
+    config.data.store_dir = folder + "/mlm_store"
     config.data.source, config.data.train_files = "files", texts
     config.train.update(num_steps=steps, eval_every=0, eval_batches=4, checkpoint_every=0,
                         progress_bar=False)
-    config.optim.warmup_steps = max(steps // 10, 1)
+    config.optim.update(learning_rate=learning_rate, min_learning_rate=learning_rate / 10,
+                        warmup_steps=max(steps // 10, 1))
     workdir = folder + "/mlm"
     train.train_and_evaluate(config, workdir)
     return workdir
@@ -116,6 +136,8 @@ def peer_row(config, workdir, test_examples) -> dict:
     model.train()
     start = time.perf_counter()
     for step in range(steps):
+        if step == 1:  # as lmjax's step time: the steps after the first
+            first = time.perf_counter()
         batch = data.train.batch(step)
         out = model(input_ids=torch.tensor(batch["inputs"], dtype=torch.long),
                     attention_mask=torch.tensor(batch["mask"], dtype=torch.long),
@@ -126,7 +148,8 @@ def peer_row(config, workdir, test_examples) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
         opt.step()
         sched.step()
-    wall = time.perf_counter() - start
+    end = time.perf_counter()
+    wall, step_ms = end - start, 1000 * (end - first) / max(steps - 1, 1)
     model.eval()
     ids, types = labelled.encode_examples(data.tokenizer, [t for t, _ in test_examples],
                                           config.data.seq_len)
@@ -140,7 +163,7 @@ def peer_row(config, workdir, test_examples) -> dict:
             predicted += [data.label_names[k] for k in logits.argmax(-1).tolist()]
     return {"run": "transformers BertForSequenceClassification (PyTorch loop)",
             "seed": config.seed, **scores([y for _, y in test_examples], predicted),
-            "wall_s": wall, "step_ms": 1000 * wall / steps}
+            "wall_s": wall, "step_ms": step_ms}
 
 
 def main():
@@ -148,28 +171,45 @@ def main():
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mlm_steps", type=int, default=300)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--learning_rate", type=float, default=2e-3, help="fine-tuning peak")
+    parser.add_argument("--mlm_learning_rate", type=float, default=1e-3)
+    parser.add_argument("--torch_threads", type=int, default=1,
+                        help="the peer's torch.set_num_threads (0: torch's default). On a loaded "
+                        "machine OpenMP's spinning threads make 2 threads ~9x slower than 1.")
     args = parser.parse_args()
+    if args.torch_threads:
+        import torch
+        torch.set_num_threads(args.torch_threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     env = _env.environment(peers=("torch", "transformers", "scikit-learn"))
     print(json.dumps({"environment": env, "steps": args.steps, "mlm_steps": args.mlm_steps,
-                      "seeds": seeds}), flush=True)
+                      "seeds": seeds, "torch_threads": args.torch_threads,
+                      "learning_rate": args.learning_rate,
+                      "mlm_learning_rate": args.mlm_learning_rate}), flush=True)
     train_examples, test_examples = labelled.shakespeare_genre("train"), \
         labelled.shakespeare_genre("test")
     rows = [tfidf_row(train_examples, test_examples)]
     print(json.dumps(rows[-1]), flush=True)
-    for seed in seeds:
-        with tempfile.TemporaryDirectory() as folder:
-            rows.append(lmjax_row("lmjax encoder from scratch", small_config(args.steps, seed),
-                                  folder + "/scratch", test_examples))
-            print(json.dumps(rows[-1]), flush=True)
-            config = small_config(args.steps, seed)
-            config.init_from = mlm_workdir(args.mlm_steps, seed, folder)
-            rows.append(lmjax_row("lmjax encoder, masked-LM pretrained", config,
-                                  folder + "/pretrained", test_examples))
-            print(json.dumps(rows[-1]), flush=True)
-            rows.append(peer_row(small_config(args.steps, seed), folder + "/peer",
-                                 test_examples))
-            print(json.dumps(rows[-1]), flush=True)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as shared:
+        tokenizer = shared_tokenizer(shared)
+        for seed in seeds:
+            config = functools.partial(small_config, args.steps, seed, tokenizer,
+                                       args.learning_rate)
+            with tempfile.TemporaryDirectory() as folder:
+                rows.append(lmjax_row("lmjax encoder from scratch", config(),
+                                      folder + "/scratch", test_examples))
+                print(json.dumps(rows[-1]), flush=True)
+                rows.append(peer_row(config(), folder + "/peer", test_examples))
+                print(json.dumps(rows[-1]), flush=True)
+                if args.mlm_steps:
+                    pretrained = config()
+                    pretrained.init_from = mlm_workdir(args.mlm_steps, seed, folder, tokenizer,
+                                                       args.mlm_learning_rate)
+                    rows.append(lmjax_row("lmjax encoder, masked-LM pretrained", pretrained,
+                                          folder + "/pretrained", test_examples))
+                    print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"total_wall_s": time.perf_counter() - start}), flush=True)
     print(_env.measured_with(env))
     print("\n| run | seeds | test accuracy | test macro-F1 | wall s | ms/step |")
     print("|---|---|---|---|---|---|")

@@ -319,6 +319,10 @@ def default_config():
     c.data.text_fields = "text"  # the text column, or two for sentence pairs: 'sentence1,sentence2'
     c.data.label_field = "label"
     c.data.class_weights = ""  # '' | comma-separated weight per label id (weighted cross-entropy)
+    # Masked LM (model.head='lm' of an encoder, lmjax/objectives.py): the share of tokens selected,
+    # and whole-word masking (google-research/bert: a word's '##' WordPiece pieces go with it)
+    c.data.mlm_probability = 0.15
+    c.data.whole_word_mask = False
     c.data.tfds_name = ""  # tfds: dataset name, e.g. 'lm1b'
     c.data.tfds_train_split = "train"
     c.data.tfds_val_split = "validation"
@@ -478,6 +482,11 @@ def validate(config, num_devices: int | None = None) -> None:
            data.encoding_errors, "one of strict, replace, ignore")
     _check(data.packing in ("auto", "documents", "stream"), "data.packing", data.packing,
            "one of auto, documents, stream")
+    _check(_is_number(data.mlm_probability) and 0 < data.mlm_probability < 1,
+           "data.mlm_probability", data.mlm_probability,
+           "a number in (0, 1) (the share of tokens masked LM selects)")
+    _check(isinstance(data.whole_word_mask, bool), "data.whole_word_mask", data.whole_word_mask,
+           "True or False")
     _check(_is_number(data.shard_mb) and data.shard_mb > 0, "data.shard_mb", data.shard_mb,
            "a number > 0 (MB of text per shard)")
     _check(isinstance(data.prepare_workers, int) and data.prepare_workers >= 0,

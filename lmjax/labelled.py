@@ -135,9 +135,7 @@ def bucket_length(length: int, seq_len: int) -> int:
 
 def encode_examples(tokenizer, texts: Sequence[tuple[str, ...]], seq_len: int):
     """(ids, token types) lists of [CLS] text [SEP] (pair [SEP]), cut to seq_len."""
-    encoded = [wordpiece.encode(tokenizer, t[0], t[1] if len(t) > 1 else None, seq_len)
-               for t in texts]
-    return [e[0] for e in encoded], [e[1] for e in encoded]
+    return wordpiece.encode_batch(tokenizer, list(texts), seq_len)
 
 
 def pad_batch(ids: Sequence[list[int]], types: Sequence[list[int]], seq_len: int,

@@ -131,7 +131,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     if config.init_from.startswith("hf:"):
         folder = config.init_from[len("hf:"):]
         hf_cfg = hf.read_hf_config(folder)
-        encoder = hf_cfg.get("model_type") == "bert"
+        encoder = hf_cfg.get("model_type") in ("bert", "roberta")
         hf_model = dataclasses.asdict(hf_bert.config_from_hf_bert(hf_cfg) if encoder
                                       else hf.config_from_hf(hf_cfg))
         config = config.copy_and_resolve_references()

@@ -342,7 +342,8 @@ def _train_and_evaluate(config, workdir: str, ckpt: checkpoint_lib.Checkpointer,
     if config.model.head == "classifier":  # labelled examples (lmjax/labelled.py)
         data = labelled_lib.build_data(config, workdir)
     else:
-        data = data_lib.build_data(config, workdir, jax.process_index(), jax.process_count())
+        data = data_lib.build_data(_row_config(config), workdir, jax.process_index(),
+                                   jax.process_count())
     run_config.check_sample_prompt(config, data.tokenizer)  # before compiling anything
     mcfg = run_config.model_config(config, data.tokenizer.vocab_size)
     if mcfg.lora_rank:  # every checkpoint names the exact base its adapters belong to
@@ -385,6 +386,19 @@ def _account_time(seconds: dict[str, float], total: float) -> None:
     seconds.update(total=total, other=max(total - sum(seconds.values()), 0.0))
     logging.info("time: %s", ", ".join(f"{name} {value:.1f} s" for name, value in
                                        seconds.items()))
+
+
+def _row_config(config):
+    """The config whose data.seq_len is the token-store rows' length: data.seq_len - 2 for
+    masked LM, whose rows gain [CLS] and [SEP] in the step (objectives.add_special_tokens)."""
+    if config.model.architecture != "encoder" or config.model.head != "lm":
+        return config
+    if config.data.seq_len < 3:
+        raise ValueError(f"data.seq_len={config.data.seq_len}: masked LM needs at least 3 "
+                         "([CLS] token [SEP])")
+    rows = config.copy_and_resolve_references()
+    rows.data.seq_len = config.data.seq_len - 2
+    return rows
 
 
 def _resume_check(config: ml_collections.ConfigDict) -> Callable[[dict], None]:
@@ -501,7 +515,7 @@ def _init_from_params(config, mcfg: ModelConfig, state_sh: TrainState, init_from
     if config.init_from.startswith("hf:"):  # its shape and tokenizer are in the config already
         source = config.init_from[len("hf:"):]
         hf_cfg = hf.read_hf_config(source)
-        if hf_cfg["model_type"] == "bert":
+        if hf_cfg["model_type"] in ("bert", "roberta"):
             loaded = hf_bert.load_hf_bert_params(source, hf_bert.config_from_hf_bert(
                 hf_cfg, mcfg.param_dtype))
             return _with_fresh_heads(loaded, config, mcfg, state_sh), source
@@ -566,7 +580,9 @@ def train_loop(config, workdir: str, ckpt: checkpoint_lib.Checkpointer, data, mc
     accum, per_call = config.optim.grad_accum, config.train.steps_per_call
     num_micro_steps = config.train.num_steps * accum
     batch_sh = sharding_lib.batch_sharding(state_sh.step.mesh)
-    objective = objectives_lib.for_run(mcfg, data.tokenizer, run_config.class_weights(config.data))
+    objective = objectives_lib.for_run(mcfg, data.tokenizer,
+                                       run_config.class_weights(config.data),
+                                       config.data.mlm_probability, config.data.whole_word_mask)
     step_fn = jit_train_step(mcfg, tx, state_sh, batch_sh, per_call,
                              skip_nonfinite=config.optim.skip_nonfinite, objective=objective)
     eval_jit = jax.jit(functools.partial(eval_step, config=mcfg, objective=objective),

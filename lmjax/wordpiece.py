@@ -54,3 +54,18 @@ def encode(tokenizer: tokenizers_lib.HFTokenizer, text: str, pair: str | None = 
     finally:
         backend.no_truncation()
     return encoding.ids, encoding.type_ids
+
+
+def encode_batch(tokenizer: tokenizers_lib.HFTokenizer, texts: list[tuple[str, ...]],
+                 max_len: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """`encode` of many (text,) or (text, pair) tuples at once (`tokenizers`' encode_batch:
+    in parallel, the same ids)."""
+    backend = tokenizer.backend
+    if max_len:
+        backend.enable_truncation(max_len, strategy="longest_first")
+    try:
+        encodings = backend.encode_batch([t[0] if len(t) == 1 else (t[0], t[1]) for t in texts],
+                                         add_special_tokens=True)
+    finally:
+        backend.no_truncation()
+    return [e.ids for e in encodings], [e.type_ids for e in encodings]

@@ -107,6 +107,70 @@ def test_imported_bert_matches_transformers(head, overrides, weights, tmp_path):
         assert reloaded.config.id2label == model.config.id2label
 
 
+ROBERTA_CLASSES = {"lm": transformers.RobertaForMaskedLM,
+                   "classifier": transformers.RobertaForSequenceClassification,
+                   "none": transformers.RobertaModel}
+
+
+@pytest.mark.parametrize("head", ["lm", "classifier", "none"])
+def test_imported_roberta_matches_transformers(head, tmp_path):
+    """RoBERTa: positions from padding_idx + 1, one token type, RobertaClassificationHead, no
+    pooler in RobertaForMaskedLM; lmjax's logits are transformers' (right-padded rows, padding
+    id 1 as RoBERTa's), and the export loads back in transformers with the same outputs."""
+    config = transformers.RobertaConfig(**{**BERT, "type_vocab_size": 1,
+                                           "max_position_embeddings": 10 + 2, "pad_token_id": 1,
+                                           "layer_norm_eps": 1e-5, "num_labels": 3})
+    torch.manual_seed(0)
+    model = ROBERTA_CLASSES[head](config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=generator)
+            p.copy_(1.0 + 0.2 * noise if "LayerNorm.weight" in name or "layer_norm.weight" in name
+                    else 0.15 * noise)
+    model.eval().save_pretrained(str(tmp_path))
+    tokens = np.where(MASK > 0, TOKENS, 1)
+
+    def outputs(m):
+        with torch.no_grad():
+            out = m(input_ids=torch.tensor(tokens), attention_mask=torch.tensor(MASK))
+        return ((out.last_hidden_state.numpy(), out.pooler_output.numpy()) if head == "none"
+                else out.logits.numpy())
+
+    reference = outputs(model)
+    lmjax_config, params, _, _ = hf_bert.load_hf_bert(str(tmp_path))
+    assert lmjax_config.max_len == 10 and lmjax_config.type_vocab_size == 1
+    assert lmjax_config.head == head and ("pooler" in params) == (head != "lm")
+    out = jax.tree.map(np.asarray, jax.jit(encoder_lib.Encoder(lmjax_config).apply)(
+        {"params": params}, jnp.asarray(tokens), attention_mask=jnp.asarray(MASK)))
+    assert max_diff(out, reference, head) <= 1e-4
+    assert np.abs(jax.tree.leaves(reference)[0]).max() > 0.2  # 1e-4 is small beside it
+    hf_bert.save_hf_bert(str(tmp_path / "export"), lmjax_config, params, model_type="roberta")
+    reloaded = ROBERTA_CLASSES[head].from_pretrained(str(tmp_path / "export")).eval()
+    assert type(reloaded).__name__ == type(model).__name__
+    assert max_diff(outputs(reloaded), reference, head) <= 1e-5
+
+
+def test_roberta_tokenizer_from_tokenizer_json(tmp_path):
+    """A RoBERTa folder's byte-level BPE tokenizer.json: <s> A </s></s> B </s> ids, <pad> 1 and
+    <mask> as transformers' RobertaTokenizerFast gives them, for texts and pairs."""
+    import tokenizers
+    from tokenizers import ByteLevelBPETokenizer
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, special_tokens=[
+        "<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe._tokenizer.post_processor = tokenizers.processors.RobertaProcessing(("</s>", 2),
+                                                                             ("<s>", 0))
+    reference = transformers.RobertaTokenizerFast(tokenizer_object=bpe._tokenizer)
+    reference.save_pretrained(str(tmp_path))
+    tokenizer = hf_bert.bert_tokenizer(str(tmp_path))
+    assert tokenizer.pad_id == 1 and wordpiece.token_id(tokenizer, "mask") == 4
+    for text, pair in [("The lazy fox, in time!", None), ("To be or not", "that is Nine."),
+                       ("quick " * 30, "brown " * 5)]:
+        expected = reference(text, pair, truncation=True, max_length=16)
+        assert wordpiece.encode(tokenizer, text, pair, max_len=16)[0] == expected["input_ids"]
+
+
 def random_params(config, seed=1):
     shapes = encoder_lib.param_shapes(config)
     rng = np.random.default_rng(seed)
@@ -227,6 +291,121 @@ def test_masking_follows_bert():
     np.testing.assert_array_equal(np.asarray(alone[0])[0], inputs[5])
 
 
+@functools.lru_cache
+def shakespeare_tokenizer():
+    """WordPiece with a small vocabulary trained on two plays: many words of several pieces."""
+    from lmjax import data as data_lib
+    works = data_lib.shakespeare_works()
+    return tokenizers_lib.WordPieceTokenizer.train([works["macbeth"], works["tempest"]], 400)
+
+
+def mlm_objective(tokenizer, **fields):
+    config = ModelConfig(vocab_size=tokenizer.vocab_size, num_layers=1, num_heads=2,
+                         embed_dim=8, mlp_dim=8, max_len=128, architecture="encoder",
+                         norm_position="post", type_vocab_size=2, head="lm")
+    return objectives.for_run(config, tokenizer, **fields)
+
+
+def test_whole_word_masking_selects_whole_words():
+    """data.whole_word_mask: on BERT rows of Shakespeare, every piece of a word (the words of
+    `tokenizers`' own Encoding.word_ids) shares its word's decision, special tokens and padding
+    never; about 15% of the words are selected and 80% of their tokens become [MASK]."""
+    tokenizer = shakespeare_tokenizer()
+    objective = mlm_objective(tokenizer, whole_word_mask=True)
+    vocab = tokenizer.backend.get_vocab()
+    assert objective.whole_word and sorted(objective.continuation_ids) == sorted(
+        i for t, i in vocab.items() if t.startswith("##"))
+    from lmjax import data as data_lib
+    lines = [l for l in data_lib.shakespeare_works()["hamlet"].splitlines() if l.strip()]
+    B, L = 48, 64
+    tokens, words = np.zeros((B, L), np.int32), np.full((B, L), -1)
+    for r in range(B):  # 6 lines a row: [CLS] ... [SEP] cut to L, padded
+        encoding = tokenizer.backend.encode(" ".join(lines[6 * r:6 * r + 6]))
+        ids, word_ids = encoding.ids[:L - 1] + [3], encoding.word_ids[:L - 1] + [None]
+        tokens[r, :len(ids)] = ids
+        words[r, :len(ids)] = [-1 if w is None else w for w in word_ids]
+    segments = (np.arange(L)[None] < (tokens > 0).sum(1)[:, None]).astype(np.int32)
+    keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(7), r))(jnp.arange(B))
+    inputs, selected = jax.jit(objective.mask, static_argnums=3)(
+        jnp.asarray(tokens), jnp.asarray(segments), keys, tokenizer.vocab_size)
+    inputs, selected = np.asarray(inputs), np.asarray(selected)
+    assert not selected[words < 0].any()  # [CLS], [SEP], padding
+    num_words = num_selected = multi_piece = 0
+    for r in range(B):
+        for w in set(words[r][words[r] >= 0]):
+            decisions = selected[r][words[r] == w]
+            assert decisions.all() or not decisions.any(), (r, w, decisions)
+            num_words, num_selected = num_words + 1, num_selected + bool(decisions[0])
+            multi_piece += len(decisions) > 1
+    assert multi_piece > 0.2 * num_words  # the test sees many words of several pieces
+    assert abs(num_selected - 0.15 * num_words) < 5 * np.sqrt(num_words * 0.15 * 0.85)
+    k = selected.sum()
+    assert abs((inputs[selected] == 4).sum() - 0.8 * k) < 5 * np.sqrt(k * 0.8 * 0.2)
+    # Token-level masking (the default) does split words.
+    _, token_level = jax.jit(mlm_objective(tokenizer).mask, static_argnums=3)(
+        jnp.asarray(tokens), jnp.asarray(segments), keys, tokenizer.vocab_size)
+    token_level = np.asarray(token_level)
+    assert any(0 < token_level[r][words[r] == w].sum() < (words[r] == w).sum()
+               for r in range(B) for w in set(words[r][words[r] >= 0]))
+
+
+def test_whole_word_masking_needs_wordpiece():
+    """A BPE tokenizer has no '##' pieces: whole-word masking says so, before any compute."""
+    import tokenizers
+    backend = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.train_from_iterator(CORPUS, tokenizers.trainers.BpeTrainer(
+        vocab_size=80, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+        show_progress=False))
+    tokenizer = tokenizers_lib.HFTokenizer({"tokenizer.json": backend.to_str().encode()})
+    assert mlm_objective(tokenizer).mask_id == 4  # token-level masking works with it
+    with pytest.raises(ValueError, match="data.whole_word_mask=True needs a WordPiece tokenizer"):
+        mlm_objective(tokenizer, whole_word_mask=True)
+
+
+def test_mlm_rows_are_bert_rows(tmp_path):
+    """Masked LM sees BERT's rows: each document piece of a token-store row as [CLS] piece
+    [SEP] (transformers' BertTokenizerFast's ids for a whole document), positions restarting
+    at each [CLS]; a stream row is [CLS] W tokens [SEP]."""
+    from lmjax import data as data_lib
+    tokenizer = shakespeare_tokenizer()
+    tokenizer.save(str(tmp_path))
+    reference = transformers.BertTokenizerFast.from_pretrained(str(tmp_path))
+    lines = [l.strip() for l in data_lib.shakespeare_works()["macbeth"].splitlines()
+             if l.strip()][:60]
+    docs = [" ".join(lines[i:i + 1 + i % 3]) for i in range(0, 60, 3)]  # 1 to 3 lines each
+    encoded = [tokenizer.encode(d) for d in docs]  # as the token store holds them: no specials
+    starts = np.cumsum([0] + [len(e) for e in encoded])[:-1]
+    split = data_lib.ArraySplit(np.concatenate(encoded), starts)
+    objective = mlm_objective(tokenizer)
+    W = 30
+    for packing in (True, False):
+        batches = data_lib.Batches(split, batch_size=split.num_tokens // W + 1, seq_len=W,
+                                   shuffle=False, packing=packing)
+        batch = next(batches.eval_batches())
+        rows, segments = jax.jit(objective.rows)({k: jnp.asarray(v) for k, v in batch.items()})
+        rows, segments = np.asarray(rows), np.asarray(segments)
+        assert rows.shape == (batches.batch_size, W + 2)
+        positions = np.asarray(model_lib.positions_from_segments(jnp.asarray(segments)))
+        whole = 0
+        for r in range(rows.shape[0]):
+            if not packing:  # the row's n store tokens, between [CLS] and [SEP]
+                n = int((batch["mask"][r] > 0).sum())
+                if n:
+                    expected = [2] + batch["inputs"][r, :n].tolist() + [3]
+                    assert rows[r, :n + 2].tolist() == expected and not segments[r, n + 2:].any()
+                continue
+            for s in set(segments[r][segments[r] > 0]):
+                piece = rows[r][segments[r] == s].tolist()
+                assert piece[0] == 2 and piece[-1] == 3
+                assert 2 not in piece[1:] and 3 not in piece[:-1]
+                assert positions[r][segments[r] == s].tolist() == list(range(len(piece)))
+                if piece[1:-1] in encoded:  # a whole document: BERT's ids for it
+                    assert piece == reference(docs[encoded.index(piece[1:-1])])["input_ids"]
+                    whole += 1
+        assert whole >= 3 or not packing
+
+
 def mlm_config(tmp_path, text, **train_fields):
     from lmjax.config import default_config
     corpus = tmp_path / "corpus.txt"
@@ -246,11 +425,13 @@ def mlm_config(tmp_path, text, **train_fields):
 
 
 def test_mlm_pretraining_learns_and_resumes_bit_exactly(tmp_path, pigs_text):
-    """Masked-LM pretraining through train_and_evaluate lowers the MLM loss and reports masked
-    accuracy; a run stopped at step 12 and resumed gives the uninterrupted run's losses and
-    parameters bit for bit (masks and dropout are functions of (seed, step, row))."""
+    """Masked-LM pretraining (whole-word masking) through train_and_evaluate lowers the MLM
+    loss and reports masked accuracy; a run stopped at step 12 and resumed gives the
+    uninterrupted run's losses and parameters bit for bit (masks and dropout are functions of
+    (seed, step, row))."""
     from lmjax import train
     config = mlm_config(tmp_path, pigs_text, num_steps=24, eval_every=12, checkpoint_every=12)
+    config.data.whole_word_mask = True
     full = train.train_and_evaluate(config, str(tmp_path / "full"))
     losses = full["train_loss"]
     assert len(losses) == 24 and np.mean(losses[-4:]) < np.mean(losses[:3]) - 0.4
@@ -259,8 +440,9 @@ def test_mlm_pretraining_learns_and_resumes_bit_exactly(tmp_path, pigs_text):
     assert 0.05 < full["eval"][-1]["mlm_accuracy"] < 1.0
     assert full["tokenizer"].kind == "wordpiece"
 
-    half = train.train_and_evaluate(mlm_config(tmp_path, pigs_text, num_steps=12, eval_every=12),
-                                    str(tmp_path / "resumed"))
+    half_config = mlm_config(tmp_path, pigs_text, num_steps=12, eval_every=12)
+    half_config.data.whole_word_mask = True
+    half = train.train_and_evaluate(half_config, str(tmp_path / "resumed"))
     resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     np.testing.assert_array_equal(half["train_loss"], losses[:12])
     np.testing.assert_array_equal(resumed["train_loss"], losses)
@@ -313,6 +495,47 @@ def test_confusion_metrics_match_sklearn():
     assert out["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted))
     assert out["macro_f1"] == pytest.approx(sk.f1_score(truth, predicted, average="macro",
                                                         labels=range(4), zero_division=0))
+
+
+def test_class_weighted_loss_matches_sklearn_weights_and_numpy(tmp_path):
+    """data.class_weights: scikit-learn's 'balanced' weights (compute_class_weight) give the
+    weighted mean cross-entropy that NumPy computes from transformers' logits (and torch's
+    CrossEntropyLoss(weight=...)); a filler row (weight 0) counts for nothing."""
+    import ml_collections
+    from sklearn.utils.class_weight import compute_class_weight
+    from lmjax import train
+    model = make_bert("classifier")
+    model.save_pretrained(str(tmp_path))
+    config, params, _, _ = hf_bert.load_hf_bert(str(tmp_path))
+    labels = np.array([0, 0, 2])  # skewed: class 0 twice, class 1 absent from the batch
+    all_labels = np.array([0, 0, 0, 0, 1, 2, 2, 0, 1, 0])  # the "training set" the weights fit
+    weights = compute_class_weight("balanced", classes=np.arange(3), y=all_labels)
+    field = ",".join(str(w) for w in weights)
+    objective = objectives.for_run(config, None, train.class_weights(
+        ml_collections.ConfigDict({"class_weights": field})))
+    batch = {"inputs": np.vstack([TOKENS, TOKENS[2:]]),
+             "token_types": np.vstack([TYPES, TYPES[2:]]),
+             "mask": np.vstack([MASK, MASK[2:]]).astype(np.float32),
+             "weight": np.array([[1.0], [1.0], [1.0], [0.0]], np.float32),
+             "labels": np.array([[0.0], [0.0], [2.0], [1.0]], np.float32)}  # the last: filler
+    loss, metrics = jax.jit(objective.loss, static_argnums=2)(
+        params, {k: jnp.asarray(v) for k, v in batch.items()}, config, jax.random.key(0))
+    logits = torch_out(model, "classifier").astype(np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    w = weights[labels]
+    expected = float(-(w * log_probs[np.arange(3), labels]).sum() / w.sum())
+    torch_loss = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights))(
+        torch.tensor(logits), torch.tensor(labels)).item()
+    assert expected == pytest.approx(torch_loss, rel=1e-9)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    unweighted = float(-log_probs[np.arange(3), labels].mean())
+    assert abs(expected - unweighted) > 0.02  # the weights matter here
+    assert float(metrics["accuracy"]) == pytest.approx(np.mean(logits.argmax(-1) == labels))
+    with pytest.raises(ValueError, match="data.class_weights has 2 weights for model.num_labels=3"):
+        objectives.for_run(config, None, (1.0, 2.0))
+    with pytest.raises(ValueError, match="data.class_weights='1,x' must be '' or comma-sep"):
+        train.class_weights(ml_collections.ConfigDict({"class_weights": "1,x"}))
 
 
 ANIMALS = {"pigs": "little pigs went to market", "cows": "big cows stayed at home",

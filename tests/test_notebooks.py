@@ -229,6 +229,28 @@ _probe.update(
     gpt2_params=int(sum(x.size for x in _jax.tree.leaves(abstract_state.params))),
     memory={k: [int(b) for b in v] for k, v in memory.items()})
 """,
+    "encoder_finetune.ipynb": """
+from lmjax import hf_bert as _hf_bert
+import torch as _torch
+import transformers as _transformers
+
+_hf = os.path.abspath("_probe_bert")
+_hf_bert.save_hf_bert(_hf, classifier.config, classifier.params, classifier.tokenizer, names)
+_model = _transformers.BertForSequenceClassification.from_pretrained(_hf).eval()
+_tok = _transformers.AutoTokenizer.from_pretrained(_hf)
+with _torch.no_grad():
+    _torch_probs = _torch.softmax(_model(**_tok(test_texts, padding=True, truncation=True,
+                                                max_length=classifier.config.max_len,
+                                                return_tensors="pt")).logits, -1).numpy()
+_np.savez(_NPZ, torch_probs=_torch_probs,
+          lmjax_probs=_np.asarray([[p["probabilities"][n] for n in names] for p in test_predictions]))
+_probe.update(
+    mlm_steps=MLM_STEPS, finetune_steps=FINETUNE_STEPS, names=names,
+    mlm_loss=[float(x) for x in pretrained["train_loss"]], mlm_eval=pretrained["eval"],
+    train_loss=[float(x) for x in finetuned["train_loss"]], genre_eval=finetuned["eval"],
+    num_val=len(splits["val"]), truth=test_truth, predicted=[p["label"] for p in test_predictions],
+    test_metrics=test_metrics, id2label=_model.config.id2label)
+""",
 }
 PROBE_END = "\nprint(_MARK + _json.dumps(_probe))\n"
 
@@ -383,9 +405,39 @@ def check_tpu_sharding(probe: dict, arrays, workdir: str) -> None:
     check_png(os.path.join(workdir, "tpu_sharding_memory.png"))
 
 
+def check_encoder_finetune(probe: dict, arrays, workdir: str) -> None:
+    from sklearn import metrics as sk
+    # Masked-LM pretraining: one finite loss per step, going down; a masked-token accuracy.
+    mlm = np.asarray(probe["mlm_loss"])
+    assert mlm.shape == (probe["mlm_steps"],) and np.isfinite(mlm).all()
+    assert mlm[-5:].mean() < mlm[:5].mean() - 0.1, mlm
+    assert 0.0 < probe["mlm_eval"][-1]["mlm_accuracy"] < 1.0
+    # Fine-tuning: every evaluation scored each validation passage once.
+    assert len(probe["train_loss"]) == probe["finetune_steps"]
+    assert np.isfinite(probe["train_loss"]).all()
+    final = probe["genre_eval"][-1]
+    assert final["step"] == probe["finetune_steps"]
+    assert np.asarray(final["confusion"]).sum() == probe["num_val"]
+    # The test scores and confusion matrix the notebook shows are scikit-learn's of its labels ...
+    names, truth, predicted = probe["names"], probe["truth"], probe["predicted"]
+    assert names == ["comedy", "history", "tragedy"]
+    metrics = probe["test_metrics"]
+    assert metrics["confusion"] == sk.confusion_matrix(truth, predicted, labels=names).tolist()
+    assert metrics["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted))
+    assert metrics["macro_f1"] == pytest.approx(sk.f1_score(truth, predicted, labels=names,
+                                                            average="macro", zero_division=0))
+    # ... and its probabilities transformers' BertForSequenceClassification's of the exported model.
+    assert probe["id2label"] == {str(i): n for i, n in enumerate(names)}
+    assert arrays["lmjax_probs"].shape == (len(truth), 3)
+    np.testing.assert_allclose(arrays["lmjax_probs"], arrays["torch_probs"], atol=1e-5)
+    check_png(os.path.join(workdir, "encoder_training.png"))
+    check_png(os.path.join(workdir, "encoder_confusion.png"))
+
+
 CHECKS = {"quickstart.ipynb": check_quickstart,
           "finetune_pretrained.ipynb": check_finetune_pretrained,
-          "tpu_sharding.ipynb": check_tpu_sharding}
+          "tpu_sharding.ipynb": check_tpu_sharding,
+          "encoder_finetune.ipynb": check_encoder_finetune}
 
 
 # ----------------------------------------------------------------------------- tests

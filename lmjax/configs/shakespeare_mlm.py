@@ -3,8 +3,9 @@
     lmjax train --config=shakespeare_mlm:demo --workdir=workdirs/mlm
 
 A post-LN encoder (BERT's layout: token types, exact GELU, LayerNorm eps 1e-12) with the MLM head
-tied to the word embeddings; 15% of the tokens selected, 80/10/10 (lmjax/objectives.py). Rows
-are packed documents (segment ids): attention stays inside each document.
+tied to the word embeddings; 15% of the tokens selected, 80/10/10 (lmjax/objectives.py;
+--config.data.whole_word_mask=True selects whole words). Rows are BERT's: [CLS] piece [SEP] for
+each document piece of a row, attention inside each piece.
 """
 from lmjax.config import default_config
 

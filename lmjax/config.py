@@ -52,6 +52,10 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # llama3
     rope_high_freq_factor: float = 4.0  # llama3
     rope_original_max_len: int = 8192  # llama3: the context length the model was pretrained with
+    # Mistral's sliding-window attention (what its config.json has and LLaMA's lacks): a token
+    # sees the last `sliding_window` tokens. lmjax attends to every token, which is the same for
+    # sequences up to the window, so a window needs max_len <= sliding_window. 0 = no window.
+    sliding_window: int = 0
     norm: str = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5
     mlp: str = "gelu"  # gelu (tanh approximation, GPT-2) | gelu_exact (erf, nanoGPT) | swiglu
@@ -136,6 +140,14 @@ class ModelConfig:
                 f"{self.rope_low_freq_factor} < model.rope_high_freq_factor="
                 f"{self.rope_high_freq_factor} and model.rope_original_max_len="
                 f"{self.rope_original_max_len} > 0")
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise ValueError(f"model.sliding_window={self.sliding_window!r} must be an integer "
+                             ">= 0 (0 = no window)")
+        if self.sliding_window and (self.position != "rope" or self.max_len > self.sliding_window):
+            raise ValueError(
+                f"model.sliding_window={self.sliding_window} needs model.position='rope' and "
+                f"model.max_len={self.max_len} <= the window: lmjax has no sliding-window "
+                "attention, only full attention, which is the same up to the window's length")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout={self.dropout} must be in [0, 1)")
         for name in ("rope_theta", "norm_eps"):

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import warnings
 from typing import Any, Iterable, Iterator
 
 import flax.linen as nn
@@ -134,26 +135,37 @@ def config_from_hf(hf: dict, dtype: str = "float32") -> ModelConfig:
         biases = dict(bias=False, qkv_bias=True)  # Qwen2: q, k, v biased; o and the MLP not
     else:
         biases = dict(bias=False)
-    # lmjax has no sliding-window attention; up to the window's length it is plain attention.
+    # lmjax has no sliding-window attention; up to the window's length it is plain attention,
+    # so a window shorter than the context becomes the context (max_len: every lmjax entry point
+    # refuses longer sequences). Mistral's window is a ModelConfig field, so that save_hf writes
+    # a Mistral folder back (its config.json differs from LLaMA's by sliding_window).
     window = hf.get("sliding_window")
     sliding = (hf.get("use_sliding_window", False) if model_type == "qwen2"
                else model_type == "mistral")
     if window and sliding and window < max_len:
+        warnings.warn(f"{model_type} config.json: sliding_window={window} < "
+                      f"max_position_embeddings={max_len}; lmjax has no sliding-window "
+                      f"attention, so the model's context is cut to {window} tokens "
+                      "(model.max_len), where full attention computes the same")
         max_len = window
+    window_field = dict(sliding_window=window) if model_type == "mistral" and window else {}
     return ModelConfig(
         vocab_size=hf.get("vocab_size", 32000), num_layers=hf.get("num_hidden_layers", 32),
         num_heads=H, num_kv_heads=hf.get("num_key_value_heads") or H,
         embed_dim=D, head_dim=0 if head_dim * H == D else head_dim,
         mlp_dim=hf.get("intermediate_size", 11008), max_len=max_len, position="rope",
         rope_theta=float(rope["rope_theta"]), **scaling, norm="rmsnorm",
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu", **biases,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), mlp="swiglu", **biases, **window_field,
         tie_embeddings=hf.get("tie_word_embeddings", False), **common)
 
 
 def default_model_type(config: ModelConfig) -> str:
-    """gpt2 for learned positions; qwen2 for q/k/v-only biases; llama otherwise."""
+    """gpt2 for learned positions; mistral with a sliding window; qwen2 for q/k/v-only biases;
+    llama otherwise."""
     if config.position == "learned":
         return "gpt2"
+    if config.sliding_window:
+        return "mistral"
     if config.qkv_bias and not (config.bias or config.out_bias):
         return "qwen2"
     return "llama"
@@ -206,7 +218,7 @@ def hf_config(config: ModelConfig, model_type: str | None = None,
             hf.update(use_sliding_window=False, sliding_window=None,
                       max_window_layers=cfg.num_layers)
         else:
-            hf.update(sliding_window=None)
+            hf.update(sliding_window=cfg.sliding_window or None)
     for name in ("bos", "eos", "pad"):
         hf[f"{name}_token_id"] = getattr(tokenizer, f"{name}_id", None)
 
@@ -232,8 +244,10 @@ def _behaviour(config: ModelConfig) -> dict[str, Any]:
     effective values."""
     fields = dataclasses.asdict(config)
     fields.update(num_kv_heads=config.kv_heads, head_dim=config.head_size)
+    # sliding_window: lmjax computes full attention, within max_len <= the window (ModelConfig
+    # checks it), as every model type does there; it only tells Mistral from LLaMA.
     for name in ("bias", "qkv_bias", "out_bias", "dtype", "param_dtype", "init_std", "dropout",
-                 "remat"):
+                 "remat", "sliding_window"):
         del fields[name]
     rope = [name for name in fields if name.startswith("rope_")]
     if config.position != "rope":

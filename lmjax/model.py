@@ -485,6 +485,13 @@ class Transformer(nn.Module):
         """
         cfg = self.config
         B, L = tokens_BxL.shape
+        # lmjax attends to every token: Mistral's sliding window computes the same only while a
+        # sequence (or the cache holding it) fits in the window.
+        span = L if kv_cache is None else kv_cache[0]["k"].shape[1]
+        if cfg.sliding_window and span > cfg.sliding_window:
+            raise ValueError(f"{span} tokens exceed model.sliding_window={cfg.sliding_window}: "
+                             "lmjax has no sliding-window attention (only full attention, the "
+                             "same up to the window)")
         if attention_mask is not None:
             if segment_ids_BxL is not None or kv_cache is not None:
                 raise ValueError("attention_mask is for full forward passes without "

@@ -240,6 +240,32 @@ def test_import_export_import(name, tmp_path):
     np.testing.assert_allclose(torch_logits(reloaded), torch_logits(model), atol=1e-5)
 
 
+@pytest.mark.parametrize("window", [96, 64])
+def test_mistral_exports_as_mistral(window, tmp_path):
+    """A Mistral folder comes back as Mistral without naming model_type (its config.json differs
+    from LLaMA's by sliding_window), and transformers computes the same logits from it. A window
+    shorter than the context is the context (lmjax has full attention only), with a warning."""
+    model = save_hf_model("mistral", tmp_path / "hf", sliding_window=window)
+    if window < LLAMA["max_position_embeddings"]:
+        with pytest.warns(UserWarning, match="sliding_window=64 < max_position_embeddings=96"):
+            config, params, _ = hf.load_hf(str(tmp_path / "hf"))
+    else:
+        config, params, _ = hf.load_hf(str(tmp_path / "hf"))
+    assert (config.sliding_window, config.max_len) == (window, window)
+    hf.save_hf(str(tmp_path / "export"), config, params)
+    exported = json.load(open(tmp_path / "export" / "config.json"))
+    assert (exported["model_type"], exported["sliding_window"]) == ("mistral", window)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
+    assert type(reloaded) is transformers.MistralForCausalLM
+    np.testing.assert_allclose(torch_logits(reloaded), torch_logits(model), atol=1e-5)
+    np.testing.assert_allclose(lmjax_logits(config, params, TOKENS[:1]),
+                               torch_logits(model, TOKENS[:1], MASK[:1]), atol=1e-4)
+    # Beyond the window full attention is not Mistral's: lmjax refuses.
+    with pytest.raises(ValueError, match=f"exceed model.sliding_window={window}"):
+        model_lib.Transformer(config).apply({"params": params},
+                                            jnp.zeros((1, window + 1), jnp.int32))
+
+
 LMJAX_CONFIGS = {
     # nanoGPT style: no biases at all (exported to GPT-2 as zero biases).
     "gpt2_no_bias": dict(vocab_size=V, num_layers=2, num_heads=4, embed_dim=32, mlp_dim=80,

@@ -257,6 +257,8 @@ def test_bf16_training_gradient_matmuls_all_take_bf16_inputs():
     (dict(GPT, norm="batchnorm"), "model.norm='batchnorm' is not one of layernorm, rmsnorm"),
     (dict(GPT, position="alibi"), "model.position='alibi' is not one of learned, rope"),
     (dict(GPT, num_layers=0), "model.num_layers=0 must be a positive integer"),
+    (dict(GPT, position="rope", sliding_window=8), "model.sliding_window=8 needs "
+     "model.position='rope' and model.max_len=16 <= the window"),
 ])
 def test_config_errors_name_the_field(fields, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):

@@ -497,7 +497,8 @@ def generate_texts(params, model_config: ModelConfig, tokenizer, prompts: Sequen
 
 
 def classification(classifier: classify.Classifier,
-                   examples: Sequence[tuple[tuple[str, ...], str]], batch_size: int = 32, max_len: int | None = None) -> dict[str, Any]:
+                   examples: Sequence[tuple[tuple[str, ...], str]], batch_size: int = 32,
+                   max_len: int | None = None) -> dict[str, Any]:
     """accuracy, macro-F1 and confusion matrix (rows: true labels, columns: predictions, in the
     order of `label_names`) of a classifier (`classify.load_classifier`) on labelled examples
     [((text,) or (text, pair), label name)] (`labelled.read_examples`, `shakespeare_genre`).

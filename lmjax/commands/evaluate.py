@@ -17,9 +17,11 @@ generate: JSONL of {"prompt", "reference"} (a string or a list of strings), or o
 {"prediction", "reference"}; classification (an encoder with model.head='classifier', or a
 BertForSequenceClassification folder): labelled .tsv/.csv/.jsonl files (--text_fields, one column
 or two for pairs, and --label_field; default the run's data.text_fields / data.label_field, else
-'text' and 'label') or `genre:train|val|test` (the Shakespeare genre task's plays). next_line is a toy 4-way multiple choice made from text: after 3
-lines, the true next line or 3 other lines of the same document (`evaluate.next_line_docs`).
---limit takes the first N documents (next_line: makes N questions); --max_chars cuts each text
+'text' and 'label') or `genre:train|val|test` (the Shakespeare genre task's plays).
+next_line is a toy 4-way multiple choice made from text: after 3 lines, the true next line or 3
+other lines of the same document (`evaluate.next_line_docs`).
+--limit takes the first N documents (next_line: makes N questions; classification: N examples
+evenly spaced through the data, which is often ordered by label); --max_chars cuts each text
 document to its first N characters.
 Prints a Markdown table and the JSON result (model, data, settings, lmjax version) and writes
 it to --output; --tensorboard_dir adds the metrics as TensorBoard scalars `eval/TASK/METRIC`.
@@ -58,7 +60,8 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "Perplexity window (default mod
 _STRIDE = flags.DEFINE_integer("stride", None, "Perplexity stride (default max_len // 2).")
 _PREFIX = flags.DEFINE_bool("prefix", True, "Perplexity: start documents with bos/eos.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows, questions or prompts per batch.")
-_LIMIT = flags.DEFINE_integer("limit", None, "Only the first N documents (next_line: N questions).")
+_LIMIT = flags.DEFINE_integer("limit", None, "Only the first N documents (next_line: N questions; "
+                             "classification: N evenly spaced examples).")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", None, "Cut each text document to N characters.")
 _DELIMITER = flags.DEFINE_string("target_delimiter", " ", "multiple_choice: before each choice.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to generate.")
@@ -115,7 +118,7 @@ def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
 def read_labelled(spec: str, saved_data: dict) -> tuple[list, dict]:
     """(examples, settings) of classification's --data: `genre:SPLIT` or labelled files."""
     if spec.startswith("genre:"):
-        return labelled.shakespeare_genre(spec[len("genre:"):])[:_LIMIT.value], {}
+        return _spread(labelled.shakespeare_genre(spec[len("genre:"):])), {}
     text_fields = _TEXT_FIELDS.value or saved_data.get("text_fields") or "text"
     label_field = _LABEL_FIELD.value or saved_data.get("label_field") or "label"
     fields = [f.strip() for f in text_fields.split(",") if f.strip()]
@@ -128,7 +131,16 @@ def read_labelled(spec: str, saved_data: dict) -> tuple[list, dict]:
             raise app.UsageError(f"--data: no file matches {pattern!r}")
         for path in paths:
             examples += labelled.read_examples(path, fields, label_field)
-    return examples[:_LIMIT.value], {"text_fields": fields, "label_field": label_field}
+    return _spread(examples), {"text_fields": fields, "label_field": label_field}
+
+
+def _spread(examples: list) -> list:
+    """--limit examples evenly spaced through `examples` (labelled files and the genre split
+    are often ordered by label, so the first N would be of one label)."""
+    if _LIMIT.value is None or _LIMIT.value >= len(examples):
+        return examples
+    step = len(examples) / _LIMIT.value
+    return [examples[int(i * step)] for i in range(_LIMIT.value)]
 
 
 def classifier_task(spec: str) -> tuple[dict, dict, dict]:

@@ -28,6 +28,9 @@ lm-evaluation-harness's `hf` backend does with PyTorch.
   of the continuation), lm-evaluation-harness's definitions.
 * `generation_metrics`: corpus BLEU and chrF by `sacrebleu` (with their signatures) and mean
   ROUGE-1/2/L/Lsum F-measures by `rouge-score`; nothing here re-implements a metric.
+* `classification`: accuracy, macro-F1 and the confusion matrix of an encoder classifier
+  (`classify.predict`'s labels, scored by `objectives.confusion_metrics`, what the
+  classification training's evaluation reports).
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import sample
+from lmjax import classify, objectives, sample
 from lmjax.config import ModelConfig
 from lmjax.model import Transformer, init_kv_cache
 
@@ -488,3 +491,35 @@ def generate_texts(params, model_config: ModelConfig, tokenizer, prompts: Sequen
                                   list(prompts[start:start + batch_size]), sampling,
                                   seed + start)
     return [cut_at_stop(text, stop) for text in out]
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def classification(classifier: classify.Classifier,
+                   examples: Sequence[tuple[tuple[str, ...], str]], batch_size: int = 32,
+                   max_len: int | None = None) -> dict[str, Any]:
+    """accuracy, macro-F1 and confusion matrix (rows: true labels, columns: predictions, in the
+    order of `label_names`) of a classifier (`classify.load_classifier`) on labelled examples
+    [((text,) or (text, pair), label name)] (`labelled.read_examples`, `shakespeare_genre`).
+    Each example is cut to max_len tokens (default the model's), as `classify.predict` does."""
+    names = classifier.label_names
+    if classifier.config.num_labels < 2:
+        raise ValueError("classification needs a model with num_labels >= 2 (this one is a "
+                         "regression model, num_labels=1)")
+    if not examples:
+        raise ValueError("classification: no examples")
+    unknown = sorted({label for _, label in examples if label not in names})
+    if unknown:
+        raise ValueError(f"labels {unknown[:5]} are not among the model's labels {names}")
+    widths = {len(texts) for texts, _ in examples}
+    if widths - {1, 2} or len(widths) > 1:
+        raise ValueError("examples must all be single texts or all sentence pairs")
+    pairs = [texts[1] for texts, _ in examples] if widths == {2} else None
+    predicted = [p["label"] for p in classify.predict(
+        classifier, [texts[0] for texts, _ in examples], pairs, batch_size, max_len)]
+    index = {name: i for i, name in enumerate(names)}
+    confusion_NxN = np.zeros((len(names), len(names)), np.int64)
+    np.add.at(confusion_NxN, ([index[y] for _, y in examples], [index[p] for p in predicted]), 1)
+    return {**objectives.confusion_metrics(confusion_NxN), "label_names": list(names),
+            "examples": len(examples), "predictions": predicted}

@@ -244,3 +244,72 @@ def test_generate_texts_greedy_equals_torch_and_cuts_at_stop(gpt2):
                                     sample.SamplingConfig(max_new_tokens=10, greedy=True),
                                     stop=[stop])
     assert texts == [e.split(stop)[0] for e in expected] and len(texts[0]) == 4
+
+
+ANIMALS = ("cows", "hens", "pigs")
+
+
+def write_bert_classifier(folder, texts):
+    """A random BertForSequenceClassification (3 labels, weights drawn wide enough that its
+    predictions vary) with a WordPiece tokenizer trained on `texts`; returns the torch model."""
+    import transformers
+    from lmjax import tokenizers as tokenizers_lib
+    tokenizer = tokenizers_lib.WordPieceTokenizer.train(texts, 80)
+    tokenizer.save(folder)
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, intermediate_size=48, max_position_embeddings=32,
+        id2label=dict(enumerate(ANIMALS)), label2id={a: i for i, a in enumerate(ANIMALS)}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "LayerNorm.weight" in name else 0.0, 0.3)
+    model.eval().save_pretrained(folder)
+    return model
+
+
+def test_classification_against_sklearn_and_transformers(tmp_path, pigs_text):
+    """`lmjax eval --task=classification` on an HF BERT folder and a TSV: accuracy, macro-F1
+    and the confusion matrix are scikit-learn's of transformers' own argmax labels."""
+    import transformers
+    from sklearn import metrics as sk
+    from lmjax import classify, labelled
+    lines = pigs_text.splitlines()[:40]
+    rows = [(f"{line} the {ANIMALS[i % 3]}", ANIMALS[(i * 7) % 3 if i % 4 else 1])
+            for i, line in enumerate(lines)]
+    data = tmp_path / "dev.tsv"
+    data.write_text("sentence\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows))
+    folder = str(tmp_path / "bert")
+    model = write_bert_classifier(folder, [t for t, _ in rows])
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    with torch.no_grad():
+        logits = model(**hf_tokenizer([t for t, _ in rows], padding=True, truncation=True,
+                                      max_length=32, return_tensors="pt")).logits.numpy()
+    top2 = np.sort(logits, -1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 1e-3  # no near-ties for float rounding to flip
+    truth, predicted = [y for _, y in rows], [ANIMALS[i] for i in logits.argmax(-1)]
+    assert len(set(predicted)) > 1 and len(set(truth)) == 3
+
+    examples = labelled.read_examples(str(data), ["sentence"], "label")
+    result = evaluate.classification(classify.load_classifier(hf_folder=folder), examples,
+                                     batch_size=16)
+    assert result["predictions"] == predicted and result["label_names"] == list(ANIMALS)
+    assert result["confusion"] == sk.confusion_matrix(truth, predicted, labels=ANIMALS).tolist()
+    assert result["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted))
+    assert result["macro_f1"] == pytest.approx(sk.f1_score(truth, predicted, average="macro"))
+
+    out = tmp_path / "cls.json"
+    done = run_eval([f"--hf_model={folder}", "--task=classification", f"--data={data}",
+                     "--text_fields=sentence", f"--output={out}",
+                     f"--tensorboard_dir={tmp_path / 'tb'}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    saved = json.loads(out.read_text())
+    assert saved["results"]["confusion"] == result["confusion"]
+    assert saved["results"]["macro_f1"] == pytest.approx(result["macro_f1"])
+    assert saved["settings"]["text_fields"] == ["sentence"] and saved["model"]["hf_model"]
+    assert "| macro_f1 |" in done.stdout and "| true label / predicted | cows | hens | pigs |" \
+        in done.stdout
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    with pytest.raises(ValueError, match=r"labels \['goats'\] are not among"):
+        evaluate.classification(classify.load_classifier(hf_folder=folder),
+                                [(("a goat",), "goats")])

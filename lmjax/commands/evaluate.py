@@ -7,14 +7,21 @@ r"""`lmjax eval`: perplexity, multiple choice and generation metrics of a run or
   lmjax eval --workdir=workdirs/demo --task=next_line --data=val --limit=200
   lmjax eval --workdir=W --task=generate --data=prompts.jsonl --greedy --stop="\n"
   lmjax eval --task=generate --data=predictions.jsonl     # scores given predictions, no model
+  lmjax eval --workdir=workdirs/genre --task=classification --data=genre:test
+  lmjax eval --hf_model=models/bert-sst2 --task=classification --data=dev.tsv --text_fields=sentence
 
 --data: perplexity and next_line: text files (comma-separated globs; each file one document),
 `val` (the workdir's validation documents, from its saved config) or
 `tfds:NAME:SPLIT[:TEXT_KEY]`; multiple_choice: JSONL of {"context", "choices", "label"};
 generate: JSONL of {"prompt", "reference"} (a string or a list of strings), or of
-{"prediction", "reference"}. next_line is a toy 4-way multiple choice made from text: after 3
-lines, the true next line or 3 other lines of the same document (`evaluate.next_line_docs`).
---limit takes the first N documents (next_line: makes N questions); --max_chars cuts each text
+{"prediction", "reference"}; classification (an encoder with model.head='classifier', or a
+BertForSequenceClassification folder): labelled .tsv/.csv/.jsonl files (--text_fields, one column
+or two for pairs, and --label_field; default the run's data.text_fields / data.label_field, else
+'text' and 'label') or `genre:train|val|test` (the Shakespeare genre task's plays).
+next_line is a toy 4-way multiple choice made from text: after 3 lines, the true next line or 3
+other lines of the same document (`evaluate.next_line_docs`).
+--limit takes the first N documents (next_line: makes N questions; classification: N examples
+evenly spaced through the data, which is often ordered by label); --max_chars cuts each text
 document to its first N characters.
 Prints a Markdown table and the JSON result (model, data, settings, lmjax version) and writes
 it to --output; --tensorboard_dir adds the metrics as TensorBoard scalars `eval/TASK/METRIC`.
@@ -33,10 +40,10 @@ import ml_collections
 from absl import app, flags
 
 import lmjax
-from lmjax import checkpoint, data, evaluate, sample
+from lmjax import checkpoint, classify, data, evaluate, labelled, sample
 from lmjax.commands import common
 
-TASKS = ("perplexity", "multiple_choice", "next_line", "generate")
+TASKS = ("perplexity", "multiple_choice", "next_line", "generate", "classification")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder or params export.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
@@ -53,7 +60,8 @@ _MAX_LEN = flags.DEFINE_integer("max_len", None, "Perplexity window (default mod
 _STRIDE = flags.DEFINE_integer("stride", None, "Perplexity stride (default max_len // 2).")
 _PREFIX = flags.DEFINE_bool("prefix", True, "Perplexity: start documents with bos/eos.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 8, "Windows, questions or prompts per batch.")
-_LIMIT = flags.DEFINE_integer("limit", None, "Only the first N documents (next_line: N questions).")
+_LIMIT = flags.DEFINE_integer("limit", None, "Only the first N documents (next_line: N questions; "
+                             "classification: N evenly spaced examples).")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", None, "Cut each text document to N characters.")
 _DELIMITER = flags.DEFINE_string("target_delimiter", " ", "multiple_choice: before each choice.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 64, "generate: tokens to generate.")
@@ -64,6 +72,10 @@ _TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus mass in (0, 1] (1 =
 _NUM_BEAMS = flags.DEFINE_integer("num_beams", 1, "generate: beam search with this many beams.")
 _STOP = flags.DEFINE_multi_string("stop", [], "generate: cut the text at this string.")
 _SEED = flags.DEFINE_integer("seed", 0, "generate: random seed.")
+_TEXT_FIELDS = flags.DEFINE_string("text_fields", None, "classification: the text column (two, "
+                                   "comma-separated, for pairs); default the run's, else 'text'.")
+_LABEL_FIELD = flags.DEFINE_string("label_field", None, "classification: the label column; "
+                                   "default the run's, else 'label'.")
 _OUTPUT = flags.DEFINE_string("output", None, "Write the JSON result to this file.")
 _TENSORBOARD_DIR = flags.DEFINE_string("tensorboard_dir", None, "Also write TensorBoard scalars.")
 
@@ -103,6 +115,61 @@ def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
     return [d[:_MAX_CHARS.value] for d in docs]
 
 
+def read_labelled(spec: str, saved_data: dict) -> tuple[list, dict]:
+    """(examples, settings) of classification's --data: `genre:SPLIT` or labelled files."""
+    if spec.startswith("genre:"):
+        return _spread(labelled.shakespeare_genre(spec[len("genre:"):])), {}
+    text_fields = _TEXT_FIELDS.value or saved_data.get("text_fields") or "text"
+    label_field = _LABEL_FIELD.value or saved_data.get("label_field") or "label"
+    fields = [f.strip() for f in text_fields.split(",") if f.strip()]
+    if not 1 <= len(fields) <= 2:
+        raise app.UsageError(f"--text_fields={text_fields!r}: one text column, or two for pairs")
+    examples = []
+    for pattern in spec.split(","):
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise app.UsageError(f"--data: no file matches {pattern!r}")
+        for path in paths:
+            examples += labelled.read_examples(path, fields, label_field)
+    return _spread(examples), {"text_fields": fields, "label_field": label_field}
+
+
+def _spread(examples: list) -> list:
+    """--limit examples evenly spaced through `examples` (labelled files and the genre split
+    are often ordered by label, so the first N would be of one label)."""
+    if _LIMIT.value is None or _LIMIT.value >= len(examples):
+        return examples
+    step = len(examples) / _LIMIT.value
+    return [examples[int(i * step)] for i in range(_LIMIT.value)]
+
+
+def classifier_task(spec: str) -> tuple[dict, dict, dict]:
+    """(results, model description, settings) of --task=classification."""
+    for name, flag in (("adapter", _ADAPTER), ("weights_dtype", _WEIGHTS_DTYPE)):
+        if flag.value:
+            raise app.UsageError(f"--{name} is for decoders; --task=classification takes none")
+    if _DTYPE.value != "float32":
+        raise app.UsageError("--task=classification runs in float32 (--dtype=float32)")
+    classifier = classify.load_classifier(_WORKDIR.value, _HF_MODEL.value, _STEP.value)
+    saved = {}  # the run's data settings (a params export has none)
+    if _WORKDIR.value:
+        try:
+            saved = (checkpoint.read_checkpoint_info(_WORKDIR.value, _STEP.value).get("config")
+                     or {}).get("data", {})
+        except checkpoint.CheckpointError:
+            pass
+        model = {"workdir": os.path.abspath(_WORKDIR.value),
+                 "step_dir": checkpoint.resolve_step_dir(_WORKDIR.value, _STEP.value)}
+    else:
+        model = {"hf_model": os.path.abspath(_HF_MODEL.value)}
+    examples, settings = read_labelled(spec, saved)
+    max_len = _MAX_LEN.value or saved.get("seq_len")
+    settings.update(batch_size=_BATCH_SIZE.value, max_len=max_len, limit=_LIMIT.value)
+    results = evaluate.classification(classifier, examples, _BATCH_SIZE.value, max_len)
+    return results, {**model, "model_config": dataclasses.asdict(classifier.config),
+                     "tokenizer": classifier.tokenizer.kind}, settings
+
+
 def load_model():
     """(params, model_config, tokenizer, description) of --workdir or --hf_model."""
     params, model_config, tokenizer = common.load_model(_WORKDIR.value, _HF_MODEL.value,
@@ -128,10 +195,19 @@ def sampling_config() -> sample.SamplingConfig:
 
 
 def markdown_table(result: dict) -> str:
-    """| metric | value | rows of the numeric results."""
+    """| metric | value | rows of the numeric results (and a classification's confusion
+    matrix: rows true labels, columns predictions)."""
+    results = result["results"]
     rows = [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-            for k, v in result["results"].items() if isinstance(v, (int, float))]
-    return "\n".join([f"| {result['task']} | |", "|---|---|", *rows])
+            for k, v in results.items() if isinstance(v, (int, float))]
+    table = [f"| {result['task']} | |", "|---|---|", *rows]
+    if "confusion" in results:
+        names = results["label_names"]
+        table += ["", "| true label / predicted | " + " | ".join(names) + " |",
+                  "|---|" + "---|" * len(names)]
+        table += [f"| {name} | " + " | ".join(map(str, row)) + " |"
+                  for name, row in zip(names, results["confusion"])]
+    return "\n".join(table)
 
 
 def write_tensorboard(directory: str, result: dict, step: int) -> None:
@@ -145,6 +221,8 @@ def write_tensorboard(directory: str, result: dict, step: int) -> None:
 
 def evaluate_task(task: str, spec: str) -> tuple[dict, dict, dict]:
     """(results, model description, settings) of one --task on --data."""
+    if task == "classification":
+        return classifier_task(spec)
     settings = {"batch_size": _BATCH_SIZE.value}
     if task == "generate":
         docs = read_jsonl(spec)

@@ -20,6 +20,7 @@ import openai
 import pytest
 import uvicorn
 
+from conftest import write_random_gpt2
 from lmjax import hf, sample as sample_lib, serve, serve_http, tokenizers
 from lmjax.config import preset
 from lmjax.model import Transformer, init_params
@@ -429,7 +430,6 @@ def test_full_queue_answers_503_with_retry_after():
 
 def test_chat_completions_with_the_tokenizers_chat_template(tmp_path):
     import transformers
-    from conftest import write_random_gpt2
     folder = str(tmp_path / "gpt2")
     write_random_gpt2(folder, TEXT * 4, vocab_size=300, n_positions=128)
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
@@ -505,3 +505,48 @@ def test_a_mesh_with_tensor_2_serves_the_tokens_of_one_device():
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["devices"] == 8 and result["cache_sharded"]
     assert result["mesh"] == result["single"]
+
+
+# ----------------------------------------------------------------------------- lm_eval client
+
+
+@pytest.mark.slow  # two lm_eval runs and a fresh engine's compiles
+def test_lm_eval_local_completions_scores_equal_lmjax_model(tmp_path, pigs_text):
+    """lm-evaluation-harness's `local-completions` model (its OpenAI-completions client: token
+    ids as prompts, loglikelihoods from `echo` + `logprobs=1`, generation with `stop`) pointed at
+    the server gives the accuracy, loglikelihoods and texts of lmjax's own lm_eval model on the
+    same weights. Its tokenizer is the folder's, through transformers (`tokenizer_backend=
+    huggingface`: the server has no /tokenize endpoint, so lm_eval's `auto` would pick it too)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from test_lm_eval import write_tasks  # the tasks test_lm_eval checks lmjax's model on
+    folder = tmp_path / "gpt2"
+    write_random_gpt2(str(folder), pigs_text, vocab_size=300, n_positions=64)
+    (tmp_path / "tasks").mkdir()
+    write_tasks(tmp_path / "tasks", pigs_text.splitlines())
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    tasks = ["lmjax_test_mc", "lmjax_test_gen"]
+    config, params, tokenizer = hf.load_hf(str(folder))
+    engine = serve.Engine(params, config, tokenizer, slots=2)
+    engine.start()
+    server = Server(engine, "gpt2")
+    try:
+        served = lm_eval.simple_evaluate(
+            model="local-completions", model_args=(
+                f"model=gpt2,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={folder},tokenized_requests=True,max_length=64,max_retries=1"),
+            tasks=tasks, task_manager=manager, batch_size=8, log_samples=True)
+    finally:
+        server.close()
+    ours = lm_eval.simple_evaluate(model="lmjax", model_args=f"hf_model={folder}", tasks=tasks,
+                                   task_manager=manager, batch_size=16, log_samples=True)
+    for out in (served, ours):
+        assert out["results"]["lmjax_test_mc"]["acc,none"] == \
+            ours["results"]["lmjax_test_mc"]["acc,none"]
+    lls, our_lls = ([r[0][0] for s in out["samples"]["lmjax_test_mc"] for r in s["resps"]]
+                    for out in (served, ours))
+    assert len(lls) == 40
+    np.testing.assert_allclose(lls, our_lls, atol=1e-4)
+    texts, our_texts = ([s["resps"][0][0] for s in out["samples"]["lmjax_test_gen"]]
+                        for out in (served, ours))
+    assert texts == our_texts and any(texts)

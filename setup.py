@@ -58,7 +58,9 @@ setuptools.setup(
                  "nbformat", "ipykernel", "matplotlib", "scipy", "scikit-learn", LM_EVAL,
                  "accelerate",  # lm_eval's `hf` model, the reference of tests/test_lm_eval.py
                  "peft>=0.21",  # Hugging Face PEFT: the reference of tests/test_lora.py
-                 "openai>=1.0", "httpx>=0.27"] + SERVE,  # the clients of tests/test_serve.py
+                 "openai>=1.0", "httpx>=0.27",  # the clients of tests/test_serve.py
+                 "lm-eval[api]>=0.4.13",  # its local-completions client (test_serve.py)
+                 ] + SERVE,
     },
     entry_points={"console_scripts": ["lmjax = lmjax.commands.main:main",
                                       "lmjax-serve = lmjax.commands.serve:console"]},

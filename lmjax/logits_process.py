@@ -259,7 +259,7 @@ def hf_generation_fields(gen: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------- processors
 
 
-def _token_mask(ids_BxT: jax.Array, V: int) -> jax.Array:
+def token_mask(ids_BxT: jax.Array, V: int) -> jax.Array:
     """bool[B, V]: which tokens occur in each row (ids < 0 or >= V are ignored)."""
     B = ids_BxT.shape[0]
     ids_BxT = jnp.where((ids_BxT < 0) | (ids_BxT >= V), V, ids_BxT)
@@ -273,13 +273,13 @@ def ngram_banned(history_BxT: jax.Array, filled: jax.Array, n: int, V: int) -> j
     NoRepeatNGramLogitsProcessor: every window whose first n - 1 tokens equal the last n - 1
     bans its own last token."""
     if n == 1:  # every token of the history is a 1-gram already there
-        return _token_mask(history_BxT, V)
+        return token_mask(history_BxT, V)
     T = history_BxT.shape[1]
     prefix_Bx1xP = lax.dynamic_slice_in_dim(history_BxT, filled - (n - 1), n - 1, axis=1)[:, None]
     windows_BxWxP = jnp.stack([history_BxT[:, j:T - n + 1 + j] for j in range(n - 1)], axis=-1)
     real_B = jnp.all(prefix_Bx1xP >= 0, axis=(1, 2)) & (filled >= n - 1)
     match_BxW = jnp.all(windows_BxWxP == prefix_Bx1xP, axis=-1) & real_B[:, None]
-    return _token_mask(jnp.where(match_BxW, history_BxT[:, n - 1:], -1), V)
+    return token_mask(jnp.where(match_BxW, history_BxT[:, n - 1:], -1), V)
 
 
 def _ban_bad_words(scores_BxV, history_BxT, filled, bad_words, eos_ids):
@@ -310,7 +310,7 @@ def process_logits(scores_BxV: jax.Array, history_BxT: jax.Array | None, filled,
     """
     V = scores_BxV.shape[-1]
     if sampling.repetition_penalty != 1.0:
-        seen_BxV = _token_mask(history_BxT, V)
+        seen_BxV = token_mask(history_BxT, V)
         p = sampling.repetition_penalty
         scores_BxV = jnp.where(seen_BxV, jnp.where(scores_BxV < 0, scores_BxV * p,
                                                    scores_BxV / p), scores_BxV)
@@ -358,6 +358,27 @@ def sample_logits(logits_BxV: jax.Array, keys_B: jax.Array, sampling: SamplingCo
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
     logits_BxV = warp_logits(logits_BxV, sampling)
     return jax.vmap(jax.random.categorical)(keys_B, logits_BxV).astype(jnp.int32)
+
+
+def process_rows(scores_BxV: jax.Array, seen_BxV: jax.Array, penalty_B: jax.Array,
+                 end_ids_BxE: jax.Array, min_new_tokens_B: jax.Array, steps_B: jax.Array
+                 ) -> jax.Array:
+    """`process_logits`' repetition_penalty and min_new_tokens with each row's own settings
+    (the server's decode slots): row b's tokens seen so far (prompt and generated, `seen`)
+    get penalty[b] as transformers' RepetitionPenaltyLogitsProcessor applies it, and its end
+    tokens (`end_ids`, -1 where none) get -inf while steps[b] < min_new_tokens[b]. Rows with
+    penalty 1.0 and min_new_tokens 0 are unchanged; with none such, nothing is computed."""
+    V = scores_BxV.shape[-1]
+
+    def process(scores_BxV):
+        p_Bx1 = penalty_B[:, None]
+        penalized_BxV = jnp.where(scores_BxV < 0, scores_BxV * p_Bx1, scores_BxV / p_Bx1)
+        scores_BxV = jnp.where(seen_BxV & (p_Bx1 != 1.0), penalized_BxV, scores_BxV)
+        is_end_BxV = jnp.any(jnp.arange(V)[None, :, None] == end_ids_BxE[:, None, :], axis=-1)
+        banned_BxV = is_end_BxV & (steps_B < min_new_tokens_B)[:, None]
+        return jnp.where(banned_BxV, -jnp.inf, scores_BxV)
+    on = jnp.any(penalty_B != 1.0) | jnp.any(steps_B < min_new_tokens_B)
+    return lax.cond(on, process, lambda x: x, scores_BxV)
 
 
 def warp_rows(logits_BxV: jax.Array, temperature_B: jax.Array, top_k_B: jax.Array,

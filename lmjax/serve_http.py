@@ -4,7 +4,9 @@
 
   POST /v1/completions       prompt (string, list of strings, token ids or lists of them),
                              max_tokens, temperature, top_p, top_k, n, stop, seed, logprobs,
-                             echo, stream (Server-Sent Events ending `data: [DONE]`)
+                             echo, stream (Server-Sent Events ending `data: [DONE]`); vLLM's
+                             extensions repetition_penalty, min_tokens, ignore_eos,
+                             stop_token_ids
   POST /v1/chat/completions  messages rendered by the tokenizer's chat template (400 without one)
   GET  /v1/models, /health, /metrics (Prometheus text)
 
@@ -27,7 +29,7 @@ import prometheus_client as prom
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lmjax.serve import TOP_LOGPROBS, Chunk, Engine, Overloaded, Sequence, ServeError
+from lmjax.serve import MAX_END_IDS, TOP_LOGPROBS, Chunk, Engine, Overloaded, Sequence, ServeError
 
 MAX_N = 64  # choices per prompt
 MAX_STOP = 16  # stop strings per request
@@ -136,11 +138,28 @@ def sampling_fields(body: dict) -> dict[str, Any]:
         raise ApiError(400, f"best_of={body['best_of']!r} is not supported: only n", "best_of")
     if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
+    # vLLM's extensions that the per-row step cannot apply (they need a row's whole history or
+    # a static setting): refused, never silently ignored.
+    for name, off in (("no_repeat_ngram_size", 0), ("bad_words", None), ("min_p", 0),
+                      ("use_beam_search", False), ("length_penalty", 1)):
+        if body.get(name) not in (None, off) and body.get(name) != []:
+            raise ApiError(400, f"{name} is not supported by the per-row decode step (supported "
+                           "extensions: repetition_penalty, min_tokens, ignore_eos, "
+                           "stop_token_ids)", name)
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or len(stop_ids) > MAX_END_IDS - 1 or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids):
+        raise ApiError(400, f"stop_token_ids must be a list of at most {MAX_END_IDS - 1} token "
+                       "ids >= 0", "stop_token_ids")
     return dict(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
         top_k=max(top_k, 0),  # vLLM's -1 and OpenAI's absent: off
         n=n, stop=tuple(stop), seed=_integer(body, "seed", None, 0, MAX_SEED),
+        # vLLM's extensions, applied per row by the decode step (serve.Sequence).
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 100.0, low_open=True),
+        min_tokens=_integer(body, "min_tokens", 0, 0, 2 ** 31 - 1),
+        ignore_eos=_flag(body, "ignore_eos"), stop_token_ids=tuple(stop_ids),
         stream=_flag(body, "stream"),
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")))
 
@@ -215,14 +234,19 @@ class _Choice:
         self.finish_reason = None
 
 
-def _sequences(prompts, fields, max_tokens, eos_ids, prompt_logprobs, emit_for):
+def _sequences(prompts, fields, max_tokens, prompt_logprobs, emit_for):
+    if fields["min_tokens"] > max_tokens:
+        raise ApiError(400, f"min_tokens={fields['min_tokens']} must be <= max_tokens="
+                       f"{max_tokens}", "min_tokens")
     seqs = []
     for i, ids in enumerate(prompts):
         for j in range(fields["n"]):
             seq = Sequence(ids, max_tokens, emit_for(len(seqs)), temperature=fields["temperature"],
                            top_k=fields["top_k"], top_p=fields["top_p"], seed=fields["seed"],
-                           choice=j, stop=fields["stop"], eos_ids=eos_ids,
-                           prompt_logprobs=prompt_logprobs)
+                           choice=j, stop=fields["stop"], eos_ids=fields["stop_token_ids"],
+                           ignore_eos=fields["ignore_eos"],
+                           repetition_penalty=fields["repetition_penalty"],
+                           min_tokens=fields["min_tokens"], prompt_logprobs=prompt_logprobs)
             seqs.append(seq)
     return seqs
 
@@ -281,8 +305,7 @@ def make_app(engine: Engine, model_name: str = "lmjax") -> FastAPI:
         def emit_for(i):
             return lambda chunk: loop.call_soon_threadsafe(queue.put_nowait, (i, chunk))
 
-        eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None)
-        seqs = _sequences(prompts, fields, max_tokens, eos, bool(echo and logprobs is not None),
+        seqs = _sequences(prompts, fields, max_tokens, bool(echo and logprobs is not None),
                           emit_for)
         submit(seqs)
         metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * fields["n"])

@@ -21,7 +21,7 @@ def tokens(params, config, tokenizer, **mesh):
             for i, p in enumerate(prompts) for t, k in ((0.0, 0), (1.0, 8))]
     engine.submit(seqs)
     assert engine.wait_until(lambda e: all(s.finish_reason for s in seqs), 300)
-    sharded = not engine._cache[0]["k"].sharding.is_fully_replicated
+    sharded = not engine._state["cache"][0]["k"].sharding.is_fully_replicated
     engine.stop()
     return [s.ids for s in seqs], sharded
 

@@ -20,6 +20,7 @@ import openai
 import pytest
 import uvicorn
 
+from conftest import write_random_gpt2
 from lmjax import hf, sample as sample_lib, serve, serve_http, tokenizers
 from lmjax.config import preset
 from lmjax.model import Transformer, init_params
@@ -80,6 +81,29 @@ def test_warp_rows_equals_transformers_warpers_per_row():
         if p < 1:
             x = hf_gen.TopPLogitsWarper(p)(None, x)
         np.testing.assert_allclose(warped[row], x.numpy()[0], rtol=1e-6)
+
+
+def test_process_rows_equals_transformers_processors_per_row():
+    """Each row's repetition penalty and min-new-tokens ban, as transformers' processors."""
+    from transformers import generation as hf_gen
+    import torch
+    V = 40
+    logits = np.asarray(jax.random.normal(jax.random.key(2), (3, V))) * 3
+    history = [[3, 5, 5, 9], [1, 2], [7, 7, 8]]  # prompt + generated tokens of each row
+    penalty, min_new, steps, ends = [1.3, 1.0, 0.7], [0, 4, 2], [2, 1, 2], [[4, -1], [0, 6], [7, -1]]
+    seen = np.zeros((3, V), bool)
+    for row, ids in enumerate(history):
+        seen[row, ids] = True
+    out = np.asarray(sample_lib.lp_lib.process_rows(
+        logits, seen, np.array(penalty, np.float32), np.array(ends, np.int32),
+        np.array(min_new), np.array(steps)))
+    for row, ids in enumerate(history):
+        x = torch.tensor(logits[row:row + 1])
+        x = hf_gen.RepetitionPenaltyLogitsProcessor(penalty[row])(torch.tensor([ids]), x)
+        prompt = len(ids) - steps[row]  # HF counts the new tokens from the prompt length
+        x = hf_gen.MinNewTokensLengthLogitsProcessor(
+            prompt, min_new[row], [e for e in ends[row] if e >= 0])(torch.tensor([ids]), x)
+        np.testing.assert_allclose(out[row], x.numpy()[0], rtol=1e-6)
 
 
 def test_greedy_and_seeded_requests_equal_offline_generate():
@@ -229,6 +253,39 @@ def test_echo_logprobs_are_the_full_forward_pass(server):
     assert lp["text_offset"][:3] == [0, 1, 2]
 
 
+def test_vllm_extensions_equal_offline_generate(server, monkeypatch):
+    """repetition_penalty, min_tokens, stop_token_ids and ignore_eos (vLLM's request fields)
+    against `generate`'s repetition_penalty, min_new_tokens and eos_ids (tested against
+    transformers); the extensions go through the openai client's extra_body."""
+    client, prompt = server.client(), PROMPTS[0]
+
+    def served(**extra):
+        choice, = client.completions.create(model="tiny", prompt=prompt, max_tokens=16,
+                                            temperature=extra.pop("temperature", 0),
+                                            seed=3, extra_body=extra).choices
+        return choice.text, choice.finish_reason
+
+    def offline(**sampling):
+        out = sample_lib.generate(PARAMS, CONFIG, [ids(prompt)], SamplingConfig(
+            max_new_tokens=16, **{"temperature": 0.0, **sampling}), rng=3)
+        return TOKENIZER.decode(np.asarray(out.tokens)[0, :int(out.lengths[0])].tolist())
+
+    assert served(repetition_penalty=1.5)[0] == offline(repetition_penalty=1.5)
+    assert served(repetition_penalty=1.5)[0] != offline()  # the penalty changes this text
+    assert served(repetition_penalty=0.8, temperature=1.0)[0] == offline(
+        repetition_penalty=0.8, temperature=1.0)
+    free = ids(offline())
+    first = next(i for i in range(2, 16) if free[i] not in free[:i])
+    end = free[first]  # a token greedy first emits after two others, as an end token
+    assert served(stop_token_ids=[end]) == (offline(eos_ids=(end,)), "stop")
+    assert len(offline(eos_ids=(end,))) == first + 1
+    with_min = served(stop_token_ids=[end], min_tokens=6)
+    assert with_min[0] == offline(eos_ids=(end,), min_new_tokens=6) != offline(eos_ids=(end,))
+    monkeypatch.setattr(server.engine, "_eos", (end,))  # as if it were the tokenizer's eos
+    assert served() == (offline(eos_ids=(end,)), "stop")
+    assert served(ignore_eos=True) == (offline(), "length")
+
+
 def test_sse_framing_and_endpoints(server):
     with httpx.stream("POST", server.url + "/v1/completions", json={
             "prompt": "4 little", "max_tokens": 5, "stream": True,
@@ -261,6 +318,11 @@ def test_sse_framing_and_endpoints(server):
     ({"prompt": "a", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "a", "stop": [""]}, 400, "stop"),
     ({"prompt": "a", "seed": -3}, 400, "seed"),
+    ({"prompt": "a", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "a", "max_tokens": 3, "min_tokens": 5}, 400, "min_tokens"),
+    ({"prompt": "a", "stop_token_ids": [999]}, 400, "stop_token_ids"),
+    ({"prompt": "a", "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ({"prompt": "a", "no_repeat_ngram_size": 2}, 400, "no_repeat_ngram_size"),
     ({"prompt": [[1, 2], "x", 3]}, 400, "prompt"),
     ({"prompt": [999]}, 400, "prompt"),
     ({"max_tokens": 3}, 400, "prompt"),
@@ -368,7 +430,6 @@ def test_full_queue_answers_503_with_retry_after():
 
 def test_chat_completions_with_the_tokenizers_chat_template(tmp_path):
     import transformers
-    from conftest import write_random_gpt2
     folder = str(tmp_path / "gpt2")
     write_random_gpt2(folder, TEXT * 4, vocab_size=300, n_positions=128)
     template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
@@ -444,3 +505,48 @@ def test_a_mesh_with_tensor_2_serves_the_tokens_of_one_device():
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["devices"] == 8 and result["cache_sharded"]
     assert result["mesh"] == result["single"]
+
+
+# ----------------------------------------------------------------------------- lm_eval client
+
+
+@pytest.mark.slow  # two lm_eval runs and a fresh engine's compiles
+def test_lm_eval_local_completions_scores_equal_lmjax_model(tmp_path, pigs_text):
+    """lm-evaluation-harness's `local-completions` model (its OpenAI-completions client: token
+    ids as prompts, loglikelihoods from `echo` + `logprobs=1`, generation with `stop`) pointed at
+    the server gives the accuracy, loglikelihoods and texts of lmjax's own lm_eval model on the
+    same weights. Its tokenizer is the folder's, through transformers (`tokenizer_backend=
+    huggingface`: the server has no /tokenize endpoint, so lm_eval's `auto` would pick it too)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from test_lm_eval import write_tasks  # the tasks test_lm_eval checks lmjax's model on
+    folder = tmp_path / "gpt2"
+    write_random_gpt2(str(folder), pigs_text, vocab_size=300, n_positions=64)
+    (tmp_path / "tasks").mkdir()
+    write_tasks(tmp_path / "tasks", pigs_text.splitlines())
+    manager = TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+    tasks = ["lmjax_test_mc", "lmjax_test_gen"]
+    config, params, tokenizer = hf.load_hf(str(folder))
+    engine = serve.Engine(params, config, tokenizer, slots=2)
+    engine.start()
+    server = Server(engine, "gpt2")
+    try:
+        served = lm_eval.simple_evaluate(
+            model="local-completions", model_args=(
+                f"model=gpt2,base_url={server.url}/v1/completions,tokenizer_backend=huggingface,"
+                f"tokenizer={folder},tokenized_requests=True,max_length=64,max_retries=1"),
+            tasks=tasks, task_manager=manager, batch_size=8, log_samples=True)
+    finally:
+        server.close()
+    ours = lm_eval.simple_evaluate(model="lmjax", model_args=f"hf_model={folder}", tasks=tasks,
+                                   task_manager=manager, batch_size=16, log_samples=True)
+    for out in (served, ours):
+        assert out["results"]["lmjax_test_mc"]["acc,none"] == \
+            ours["results"]["lmjax_test_mc"]["acc,none"]
+    lls, our_lls = ([r[0][0] for s in out["samples"]["lmjax_test_mc"] for r in s["resps"]]
+                    for out in (served, ours))
+    assert len(lls) == 40
+    np.testing.assert_allclose(lls, our_lls, atol=1e-4)
+    texts, our_texts = ([s["resps"][0][0] for s in out["samples"]["lmjax_test_gen"]]
+                        for out in (served, ours))
+    assert texts == our_texts and any(texts)

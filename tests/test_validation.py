@@ -9,7 +9,6 @@ import jax
 import pytest
 
 from lmjax import run_config
-from lmjax import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = jax.device_count()

@@ -1,6 +1,7 @@
 """What every subcommand does before its work: config names on the command line, quiet logs."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging as py_logging
 import os
@@ -8,7 +9,7 @@ import sys
 import traceback
 
 import jax
-from absl import app, logging
+from absl import app, flags, logging
 
 from lmjax import checkpoint, configs, hf, lora, quantize
 
@@ -97,6 +98,60 @@ def fail(program: str, error: BaseException, code: int) -> None:
     sys.exit(code)
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFlags:
+    """The flags that name the model of `lmjax sample`, `eval` and `serve` (one definition):
+    --workdir [--step] or --hf_model [--dtype], and optionally --adapter and --weights_dtype."""
+
+    workdir: flags.FlagHolder
+    step: flags.FlagHolder
+    hf_model: flags.FlagHolder
+    dtype: flags.FlagHolder
+    adapter: flags.FlagHolder
+    weights_dtype: flags.FlagHolder
+
+    def check(self) -> None:
+        """A usage error unless exactly one of --workdir and --hf_model is given."""
+        check_one_model(self.workdir.value, self.hf_model.value)
+
+    def load(self):
+        """(params, model_config, tokenizer): `load_model` of the flags' values."""
+        return load_model(self.workdir.value, self.hf_model.value, self.dtype.value,
+                          self.step.value, self.adapter.value, self.weights_dtype.value)
+
+    def describe(self) -> dict:
+        """Where the model came from, for a result's JSON: absolute paths and the dtypes."""
+        if self.hf_model.value:
+            source = {"hf_model": os.path.abspath(self.hf_model.value), "dtype": self.dtype.value}
+        else:
+            source = {"workdir": os.path.abspath(self.workdir.value),
+                      "step_dir": checkpoint.resolve_step_dir(self.workdir.value,
+                                                              self.step.value)}
+        if self.adapter.value:
+            source["adapter"] = os.path.abspath(self.adapter.value)
+        return {**source, "weights_dtype": self.weights_dtype.value}
+
+
+def define_model_flags() -> ModelFlags:
+    """Defines the model flags (once per process: each command module calls this at import)."""
+    return ModelFlags(
+        workdir=flags.DEFINE_string("workdir", None, "Training workdir, step folder or params "
+                                    "export."),
+        step=flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest)."),
+        hf_model=flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead."),
+        dtype=flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype."),
+        adapter=flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder "
+                                    "or a LoRA run's workdir (merged into the weights)."),
+        weights_dtype=flags.DEFINE_enum("weights_dtype", None, list(quantize.WEIGHTS_DTYPES),
+                                        "Keep the weights in this dtype while running (int8: "
+                                        "lmjax.quantize); default: as stored."))
+
+
+def check_one_model(workdir: str | None, hf_model: str | None) -> None:
+    if (workdir is None) == (hf_model is None):
+        raise app.UsageError("give exactly one of --workdir and --hf_model")
+
+
 def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int | None = None,
                adapter: str | None = None, weights_dtype: str | None = None):
     """(params, model_config, tokenizer) of exactly one of `workdir` (its newest verified step,
@@ -109,8 +164,7 @@ def load_model(workdir: str | None, hf_model: str | None, dtype: str, step: int 
     weights_dtype: None (as stored), 'float32', 'bfloat16' or 'int8' (`quantize.convert`, once,
     here, after any adapter is merged): the dtype the weights are kept in while decoding.
     """
-    if (workdir is None) == (hf_model is None):
-        raise app.UsageError("give exactly one of --workdir and --hf_model")
+    check_one_model(workdir, hf_model)
     quantize.check_weights_dtype(weights_dtype)
     if hf_model:
         model_config, params, tokenizer = hf.load_hf(hf_model, dtype)

@@ -45,15 +45,7 @@ from lmjax.commands import common
 
 TASKS = ("perplexity", "multiple_choice", "next_line", "generate", "classification")
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder or params export.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
-_ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder or "
-                               "a LoRA run's workdir (merged into the weights).")
-_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", None, ["float32", "bfloat16", "int8"],
-                                   "Evaluate with the weights in this dtype (int8: weight-only "
-                                   "quantization, lmjax.quantize); default: as stored.")
+_MODEL = common.define_model_flags()
 _TASK = flags.DEFINE_enum("task", None, list(TASKS), "What to evaluate.")
 _DATA = flags.DEFINE_string("data", None, "The documents (see the module docstring).")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Perplexity window (default model.max_len).")
@@ -145,23 +137,21 @@ def _spread(examples: list) -> list:
 
 def classifier_task(spec: str) -> tuple[dict, dict, dict]:
     """(results, model description, settings) of --task=classification."""
-    for name, flag in (("adapter", _ADAPTER), ("weights_dtype", _WEIGHTS_DTYPE)):
+    for name, flag in (("adapter", _MODEL.adapter), ("weights_dtype", _MODEL.weights_dtype)):
         if flag.value:
             raise app.UsageError(f"--{name} is for decoders; --task=classification takes none")
-    if _DTYPE.value != "float32":
+    if _MODEL.dtype.value != "float32":
         raise app.UsageError("--task=classification runs in float32 (--dtype=float32)")
-    classifier = classify.load_classifier(_WORKDIR.value, _HF_MODEL.value, _STEP.value)
+    workdir, step = _MODEL.workdir.value, _MODEL.step.value
+    classifier = classify.load_classifier(workdir, _MODEL.hf_model.value, step)
     saved = {}  # the run's data settings (a params export has none)
-    if _WORKDIR.value:
+    if workdir:
         try:
-            saved = (checkpoint.read_checkpoint_info(_WORKDIR.value, _STEP.value).get("config")
+            saved = (checkpoint.read_checkpoint_info(workdir, step).get("config")
                      or {}).get("data", {})
         except checkpoint.CheckpointError:
             pass
-        model = {"workdir": os.path.abspath(_WORKDIR.value),
-                 "step_dir": checkpoint.resolve_step_dir(_WORKDIR.value, _STEP.value)}
-    else:
-        model = {"hf_model": os.path.abspath(_HF_MODEL.value)}
+    model = _MODEL.describe()
     examples, settings = read_labelled(spec, saved)
     max_len = _MAX_LEN.value or saved.get("seq_len")
     settings.update(batch_size=_BATCH_SIZE.value, max_len=max_len, limit=_LIMIT.value)
@@ -172,19 +162,10 @@ def classifier_task(spec: str) -> tuple[dict, dict, dict]:
 
 def load_model():
     """(params, model_config, tokenizer, description) of --workdir or --hf_model."""
-    params, model_config, tokenizer = common.load_model(_WORKDIR.value, _HF_MODEL.value,
-                                                        _DTYPE.value, _STEP.value, _ADAPTER.value,
-                                                        weights_dtype=_WEIGHTS_DTYPE.value)
-    if _HF_MODEL.value:
-        source = {"hf_model": os.path.abspath(_HF_MODEL.value), "dtype": _DTYPE.value}
-    else:
-        source = {"workdir": os.path.abspath(_WORKDIR.value),
-                  "step_dir": checkpoint.resolve_step_dir(_WORKDIR.value, _STEP.value)}
-    if _ADAPTER.value:
-        source["adapter"] = os.path.abspath(_ADAPTER.value)
-    source["weights_dtype"] = _WEIGHTS_DTYPE.value
+    params, model_config, tokenizer = _MODEL.load()
     return params, model_config, tokenizer, {
-        **source, "model_config": dataclasses.asdict(model_config), "tokenizer": tokenizer.kind}
+        **_MODEL.describe(), "model_config": dataclasses.asdict(model_config),
+        "tokenizer": tokenizer.kind}
 
 
 def sampling_config() -> sample.SamplingConfig:
@@ -234,14 +215,14 @@ def evaluate_task(task: str, spec: str) -> tuple[dict, dict, dict]:
     if task == "perplexity":
         settings.update(max_len=_MAX_LEN.value, stride=_STRIDE.value, prefix=_PREFIX.value,
                         limit=_LIMIT.value, max_chars=_MAX_CHARS.value)
-        texts = read_texts(spec, _WORKDIR.value, _STEP.value)[:_LIMIT.value]
+        texts = read_texts(spec, _MODEL.workdir.value, _MODEL.step.value)[:_LIMIT.value]
         results = evaluate.text_perplexity(params, model_config, tokenizer, texts,
                                            _MAX_LEN.value, _STRIDE.value, _BATCH_SIZE.value,
                                            _PREFIX.value)
     elif task == "next_line":
         settings.update(questions=_LIMIT.value or 100, max_chars=_MAX_CHARS.value, seed=_SEED.value,
                         target_delimiter="")
-        docs = evaluate.next_line_docs(read_texts(spec, _WORKDIR.value, _STEP.value),
+        docs = evaluate.next_line_docs(read_texts(spec, _MODEL.workdir.value, _MODEL.step.value),
                                        _LIMIT.value or 100, seed=_SEED.value)
         results = evaluate.multiple_choice(params, model_config, tokenizer, docs, "",
                                            _BATCH_SIZE.value)
@@ -288,7 +269,7 @@ def main(argv):
         with open(_OUTPUT.value, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1, default=str)
     if _TENSORBOARD_DIR.value:
-        write_tensorboard(_TENSORBOARD_DIR.value, result, _STEP.value or 0)
+        write_tensorboard(_TENSORBOARD_DIR.value, result, _MODEL.step.value or 0)
 
 
 def run(argv: list[str] | None = None) -> None:

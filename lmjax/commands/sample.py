@@ -23,18 +23,10 @@ from lmjax import checkpoint, hf, quantize, sample
 from lmjax.commands import common
 from lmjax.logits_process import hf_generation_fields
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder or params export.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
-_ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder or "
-                               "a LoRA run's workdir (merged into the weights).")
+_MODEL = common.define_model_flags()
 _PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Prompt(s); repeat the flag for several.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Runs of each prompt (rows of the batch).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed (a batch is reproducible given it).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
-_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", None, list(quantize.WEIGHTS_DTYPES),
-                                   "Keep the weights in this dtype while decoding (int8: weight-"
-                                   "only quantization, lmjax.quantize); default: as stored.")
 _KV_CACHE_DTYPE = flags.DEFINE_enum("kv_cache_dtype", "auto", ["auto", "int8"],
                                     "KV cache: the compute dtype (auto) or int8.")
 _BAD_WORDS = flags.DEFINE_multi_string("bad_words", [], "Text never generated (encoded with the "
@@ -74,8 +66,8 @@ def sampling_config() -> sample.SamplingConfig:
     fields["stop"] = tuple(fields["stop"])
     if FLAGS["max_length"].present and not FLAGS["max_new_tokens"].present:
         fields["max_new_tokens"] = None
-    if _HF_MODEL.value:
-        folder = hf_generation_fields(hf.generation_defaults(_HF_MODEL.value))
+    if _MODEL.hf_model.value:
+        folder = hf_generation_fields(hf.generation_defaults(_MODEL.hf_model.value))
         if "max_length" in folder and not FLAGS["max_new_tokens"].present:
             fields["max_new_tokens"] = None
         given = {name: fields[name] for name in fields if FLAGS[name].present}
@@ -90,9 +82,7 @@ def sampling_config() -> sample.SamplingConfig:
 
 def load_model():
     """(params, model_config, tokenizer) from --workdir or --hf_model."""
-    params, model_config, tokenizer = common.load_model(
-        _WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value, _ADAPTER.value,
-        weights_dtype=_WEIGHTS_DTYPE.value)
+    params, model_config, tokenizer = _MODEL.load()
     model_config = quantize.with_int8_kv_cache(model_config, _KV_CACHE_DTYPE.value == "int8")
     return params, model_config, tokenizer
 
@@ -101,8 +91,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     common.setup_logging()
-    if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
-        raise app.UsageError("give exactly one of --workdir and --hf_model")
+    _MODEL.check()
     try:  # validated here, before anything is loaded or compiled
         sampling = sampling_config()
     except ValueError as e:

@@ -20,15 +20,7 @@ from absl import app, flags, logging
 from lmjax import checkpoint, serve, serve_http
 from lmjax.commands import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder or params export.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-_HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "--hf_model dtype.")
-_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", None, ["float32", "bfloat16", "int8"],
-                                   "Serve with the weights in this dtype (int8: lmjax.quantize); "
-                                   "default: as stored.")
-_ADAPTER = flags.DEFINE_string("adapter", None, "A LoRA adapter on the model: a PEFT folder or "
-                               "a LoRA run's workdir (merged into the weights).")
+_MODEL = common.define_model_flags()
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port (0: any free one, printed).")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Name in /v1/models (default: the "
@@ -50,16 +42,14 @@ PROGRAM = "lmjax-serve"
 
 def load_model():
     """(params, model_config, tokenizer): common.load_model, with --weights_dtype and --adapter."""
-    return common.load_model(_WORKDIR.value, _HF_MODEL.value, _DTYPE.value, _STEP.value,
-                             _ADAPTER.value, weights_dtype=_WEIGHTS_DTYPE.value)
+    return _MODEL.load()
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     common.setup_logging()
-    if (_WORKDIR.value is None) == (_HF_MODEL.value is None):
-        raise app.UsageError("give exactly one of --workdir and --hf_model")
+    _MODEL.check()
     for flag, low in ((_SLOTS, 1), (_MAX_QUEUE, 1), (_MAX_QUEUED_TOKENS, 1), (_TENSOR, 1),
                       (_FSDP, 1), (_PORT, 0)):
         if flag.value < low:
@@ -83,8 +73,8 @@ def main(argv):
     except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as e:
         common.fail(PROGRAM, e, 1)
     seconds = engine.start()
-    name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_HF_MODEL.value
-                                                                  or _WORKDIR.value))
+    name = _MODEL_NAME.value or os.path.basename(os.path.normpath(_MODEL.hf_model.value
+                                                                  or _MODEL.workdir.value))
     host, port = sock.getsockname()[:2]
     logging.info("serve: %d slots, %d cache slots, compiled in %.1f s", engine.slots,
                  engine.cache_len, seconds)

@@ -378,14 +378,14 @@ def test_qlora_run_trains_resumes_bit_exactly_and_exports_to_peft(tmp_path, pigs
     assert read_losses(resumed_dir) == read_losses(run)
     assert jax.tree.all(jax.tree.map(np.array_equal, resumed["state"].params, state.params))
 
-    # PEFT on the float base: the int8 base's error only. Measured for this model: 0.046 with
-    # the adapters (0.030 without), while the adapters move the logits by ~1.5.
+    # PEFT on the float base: the int8 base's error only. Measured for this model: 0.0045 with
+    # the adapters (0.0039 for the base alone), while the adapters move the logits by 0.59.
     lora.export_peft(str(tmp_path / "adapter"), state.params, mcfg, folder)
     base_logits = torch_logits(torch_model, TOKENS)
     peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "adapter")).eval()
     theirs = torch_logits(peft_model, TOKENS)
     ours = lmjax_logits(mcfg, lora.combine(state.frozen, state.params), TOKENS)
-    assert max_diff_unpadded(ours, theirs) <= 0.1 < max_diff_unpadded(theirs, base_logits) / 4
+    assert max_diff_unpadded(ours, theirs) <= 0.02 < max_diff_unpadded(theirs, base_logits) / 4
 
 
 @pytest.mark.parametrize("lora_weight_decay", [0.0, 0.3])

@@ -13,7 +13,8 @@ r"""`lmjax eval`: perplexity, multiple choice and generation metrics of a run or
 --data: perplexity and next_line: text files (comma-separated globs; each file one document),
 `val` (the workdir's validation documents, from its saved config), `tfds:NAME:SPLIT[:TEXT_KEY]`
 or `store:PATH[:SPLIT]` (perplexity only: a `lmjax prepare` token store's split, default val,
-prepared with the model's tokenizer; bits per byte from its manifest, no word perplexity); multiple_choice: JSONL of {"context", "choices", "label"};
+prepared with the model's tokenizer; bits per byte from its manifest, no word perplexity);
+multiple_choice: JSONL of {"context", "choices", "label"};
 generate: JSONL of {"prompt", "reference"} (a string or a list of strings), or of
 {"prediction", "reference"}; classification (an encoder with model.head='classifier', or a
 BertForSequenceClassification folder): labelled .tsv/.csv/.jsonl files (--text_fields, one column

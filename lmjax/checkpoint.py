@@ -223,6 +223,15 @@ def read_checkpoint_info(path: str, step: int | None = None) -> dict:
                                       for k in ("meta", "config", "model_config")}}
 
 
+def read_saved_config(path: str, step: int | None = None) -> dict | None:
+    """The run config saved with a checkpoint (a step folder, workdir or `export_params` folder,
+    which has no `meta` and a `config` only when exported with one); None when there is none."""
+    step_dir = resolve_step_dir(path, step)
+    if not os.path.isdir(os.path.join(step_dir, "config")):
+        return None
+    return _read_json_item(step_dir, "config")
+
+
 # ----------------------------------------------------------------------------- config checks
 
 

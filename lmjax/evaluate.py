@@ -16,7 +16,8 @@ lm-evaluation-harness's `hf` backend does with PyTorch.
   (lm-evaluation-harness prefixes its bos/eot token), so that its first token is scored too.
   Reported as lm-evaluation-harness defines them: token perplexity exp(-LL / tokens scored),
   word perplexity exp(-LL / words) with words = len(re.split(r"\\s+", doc)), byte perplexity
-  exp(-LL / utf-8 bytes) and bits per byte -LL / bytes / ln 2.
+  exp(-LL / utf-8 bytes) and bits per byte -LL / bytes / ln 2. `store_perplexity` scores a
+  token store's documents the same way (bytes from its manifest; it keeps no words).
 * `score_choices`: log-likelihoods of several continuations of one context. The context goes
   through the model once into a KV cache, which is copied to one row per continuation; the
   continuations are then scored from it in one batched pass (`benchmarks/eval_speed.py`
@@ -43,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmjax import classify, objectives, sample
+from lmjax import classify, objectives, sample, token_store
 from lmjax.config import ModelConfig
 from lmjax.model import Transformer, init_kv_cache
 
@@ -306,13 +307,15 @@ def sliding_windows(num_tokens: int, max_len: int, stride: int) -> list[tuple[in
 def perplexity(params, model_config: ModelConfig, docs_ids: Sequence[Sequence[int]],
                texts: Sequence[str] | None = None, max_len: int | None = None,
                stride: int | None = None, prefix_id: int | None = None,
-               batch_size: int = 8) -> dict[str, Any]:
+               batch_size: int = 8, num_bytes: int | None = None) -> dict[str, Any]:
     """Sliding-window perplexity of documents (token id lists; `texts` their strings, for the
     word and byte counts). max_len defaults to the model's, stride to max_len // 2; each
     document is scored on its own, prefixed by `prefix_id` when given.
 
     Returns {'loglikelihood', 'tokens', 'token_perplexity'} and, with texts, {'words', 'bytes',
-    'word_perplexity', 'byte_perplexity', 'bits_per_byte'}, plus the settings.
+    'word_perplexity', 'byte_perplexity', 'bits_per_byte'}, plus the settings. Without texts,
+    `num_bytes` (the documents' utf-8 bytes, e.g. from a token store's manifest) gives the byte
+    metrics alone.
     """
     max_len = _max_len(model_config, max_len)
     stride = stride or max(1, max_len // 2)
@@ -347,8 +350,9 @@ def perplexity(params, model_config: ModelConfig, docs_ids: Sequence[Sequence[in
     if texts is not None:
         words = sum(len(re.split(r"\s+", t)) for t in texts)
         num_bytes = sum(len(t.encode("utf-8")) for t in texts)
-        result.update(words=words, bytes=num_bytes, word_perplexity=math.exp(-total / words),
-                      byte_perplexity=math.exp(-total / num_bytes),
+        result.update(words=words, word_perplexity=math.exp(-total / words))
+    if num_bytes:
+        result.update(bytes=num_bytes, byte_perplexity=math.exp(-total / num_bytes),
                       bits_per_byte=-total / num_bytes / math.log(2))
     return result
 
@@ -361,6 +365,37 @@ def text_perplexity(params, model_config: ModelConfig, tokenizer, texts: Sequenc
     prefix_id = prefix_token(tokenizer) if prefix else None
     return perplexity(params, model_config, [tokenizer.encode(t) for t in texts], texts,
                       max_len, stride, prefix_id, batch_size)
+
+
+def store_perplexity(params, model_config: ModelConfig, tokenizer, store, split: str = "val",
+                     max_len: int | None = None, stride: int | None = None,
+                     batch_size: int = 8, prefix: bool = True,
+                     limit: int | None = None) -> dict[str, Any]:
+    """`perplexity` of the documents of a token store's split (`token_store.TokenStore`), as
+    `text_perplexity` scores the same texts: each document's stored ids without the eos the
+    store appends, prefixed as there. The store keeps ids and byte counts, not the text: bits
+    per byte come from the manifest's byte count when the whole split is scored; word
+    perplexity needs the words and is absent (`absent` says why)."""
+    if split not in store.split_names:
+        raise ValueError(f"split={split!r} is not in the token store {store.path}; it has "
+                         f"{store.split_names}")
+    if token_store.tokenizer_fingerprint(tokenizer) != store.fingerprint:
+        raise ValueError(f"the token store {store.path} was prepared with another tokenizer "
+                         "than the model's (fingerprints differ): its ids mean other tokens")
+    eos = tokenizer.eos_id
+    docs = [d[:-1] if eos is not None and len(d) and d[-1] == eos else d
+            for d in store.split(split).documents(limit)]
+    whole = limit is None or limit >= store.split(split).num_docs
+    info = store.manifest["splits"][split]
+    prefix_id = prefix_token(tokenizer) if prefix else None
+    result = perplexity(params, model_config, [d.tolist() for d in docs], None, max_len, stride,
+                        prefix_id, batch_size, info["text_bytes"] if whole else None)
+    result["absent"] = {"word_perplexity": "a token store keeps token ids and byte counts, not "
+                                           "the text's words: score the text files for it"}
+    if not whole:
+        result["absent"]["bits_per_byte"] = ("the manifest counts the bytes of the whole split; "
+                                             f"limit={limit} scores part of it")
+    return result
 
 
 # ---------------------------------------------------------------------------- multiple choice

@@ -340,6 +340,20 @@ class Split:
             out[o:o + b - a] = self._tokens[shard][a:b]
         return out
 
+    def documents(self, limit: int | None = None) -> list[np.ndarray]:
+        """The split's documents (the first `limit`), each its int32 ids as stored (ending with
+        eos when the tokenizer has one). Empty documents of a tokenizer without eos have no
+        tokens and are left out."""
+        docs = []
+        for shard, starts in enumerate(self._docs):
+            ends = np.append(starts[1:], len(self._tokens[shard]))
+            for a, b in zip(starts, ends):
+                if limit is not None and len(docs) >= limit:
+                    return docs
+                if b > a:
+                    docs.append(np.asarray(self._tokens[shard][a:b], np.int32))
+        return docs
+
     def doc_ids(self, start: int, stop: int) -> np.ndarray:
         out = np.empty(stop - start, np.int64)
         for shard, a, b, o in self._pieces(start, stop):

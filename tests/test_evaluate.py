@@ -94,6 +94,64 @@ def test_stride_equal_to_max_len_is_disjoint_windows(gpt2, pigs_text):
                                prefix_id=0)["tokens"] == len(ids) - 1
 
 
+def data_config(tmp_path, texts):
+    """A `files` data config: train = val = `texts`, one file each (val files named *-val)."""
+    import ml_collections
+    for i, text in enumerate(texts):
+        (tmp_path / f"doc{i}-val.txt").write_text(text)
+    pattern = str(tmp_path / "doc*-val.txt")
+    return ml_collections.ConfigDict(dict(source="files", train_files=pattern,
+                                          val_files=pattern, shard_mb=64))
+
+
+def data_config_run(tmp_path, texts):
+    """A run config whose data is `data_config(tmp_path, texts)` (what export_params saves)."""
+    import ml_collections
+    return ml_collections.ConfigDict({"data": data_config(tmp_path, texts)})
+
+
+@pytest.fixture(scope="module")
+def store_texts(pigs_text):
+    return [pigs_text[:900], pigs_text[2000:2400]]
+
+
+@pytest.fixture(scope="module")
+def gpt2_store(gpt2, store_texts, tmp_path_factory):
+    """A token store of `store_texts` (its val split) prepared with the GPT-2 folder's tokenizer."""
+    import ml_collections
+    from lmjax import sources, token_store
+    tmp_path = tmp_path_factory.mktemp("store")
+    tokenizer_config = ml_collections.ConfigDict(dict(kind="hf", path=gpt2[0]))
+    return token_store.prepare(sources.source_spec(data_config(tmp_path, store_texts)),
+                               tokenizer_config, str(tmp_path / "store"), tokenizer=gpt2[4],
+                               num_workers=1, progress=False)
+
+
+def test_store_perplexity_equals_the_text_path_and_torch(gpt2, gpt2_store, store_texts):
+    _, torch_model, params, model_config, tokenizer = gpt2
+    result = evaluate.store_perplexity(params, model_config, tokenizer, gpt2_store, "val",
+                                       MAX_LEN, 24, batch_size=4)
+    from_text = evaluate.text_perplexity(params, model_config, tokenizer, store_texts, MAX_LEN,
+                                         24, batch_size=4)
+    # transformers on each document with its bos prefix (what the text path scores).
+    nlls, counts = zip(*[hf_recipe_nll(torch_model, [0] + tokenizer.encode(t), MAX_LEN, 24)
+                         for t in store_texts])
+    assert result["tokens"] == from_text["tokens"] == sum(counts) and result["documents"] == 2
+    np.testing.assert_allclose(-result["loglikelihood"], sum(nlls), rtol=1e-5)
+    for key in ("loglikelihood", "token_perplexity", "bytes", "bits_per_byte",
+                "byte_perplexity"):
+        np.testing.assert_allclose(result[key], from_text[key], rtol=1e-9, err_msg=key)
+    # The store keeps no words: word perplexity is absent, and says why.
+    assert "word_perplexity" not in result and "words" in result["absent"]["word_perplexity"]
+    # Part of the split: the manifest's byte count is the whole split's, so no bits per byte.
+    first = evaluate.store_perplexity(params, model_config, tokenizer, gpt2_store, "val",
+                                      MAX_LEN, 24, batch_size=4, limit=1)
+    assert first["documents"] == 1 and "bits_per_byte" not in first
+    assert first["tokens"] == counts[0] and "bits_per_byte" in first["absent"]
+    with pytest.raises(ValueError, match=r"split='test' is not in the token store"):
+        evaluate.store_perplexity(params, model_config, tokenizer, gpt2_store, "test")
+
+
 def test_choices_from_a_shared_cache_equal_full_sequences_and_torch(gpt2):
     _, torch_model, params, model_config, _ = gpt2
     rng = np.random.default_rng(0)
@@ -197,6 +255,28 @@ def run_eval(args):
     return done
 
 
+def read_scalars(directory):
+    """{tag: [(step, value)]} of the scalars in the TensorBoard event files of `directory`, read
+    as TFRecords (length, masked crc32c, data, masked crc32c) of tensorboardX's Event protos."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.record_writer import masked_crc32c
+    scalars = {}
+    for name in sorted(os.listdir(directory)):
+        assert name.startswith("events.out.tfevents")
+        with open(os.path.join(directory, name), "rb") as f:
+            while header := f.read(8):
+                (length,), (header_crc,) = struct.unpack("Q", header), \
+                    struct.unpack("I", f.read(4))
+                payload, (payload_crc,) = f.read(length), struct.unpack("I", f.read(4))
+                assert (header_crc, payload_crc) == (masked_crc32c(header),
+                                                     masked_crc32c(payload))
+                event = event_pb2.Event.FromString(payload)
+                for value in event.summary.value:
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars
+
+
 def test_eval_command_json_markdown_and_tensorboard(gpt2, pigs_text, tmp_path):
     folder, torch_model, params, model_config, tokenizer = gpt2
     text_file = tmp_path / "val.txt"
@@ -213,7 +293,14 @@ def test_eval_command_json_markdown_and_tensorboard(gpt2, pigs_text, tmp_path):
     np.testing.assert_allclose(result["results"]["bits_per_byte"], expected["bits_per_byte"],
                                rtol=1e-6)
     assert "| bits_per_byte |" in done.stdout
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+    # TensorBoard: one float32 scalar eval/perplexity/METRIC at step 0 per float result.
+    floats = {k: v for k, v in result["results"].items() if isinstance(v, float)}
+    assert {"token_perplexity", "bits_per_byte", "word_perplexity"} <= set(floats)
+    scalars = read_scalars(tmp_path / "tb")
+    assert set(scalars) == {f"eval/perplexity/{k}" for k in floats}
+    for key, value in floats.items():
+        (step, logged), = scalars[f"eval/perplexity/{key}"]
+        assert step == 0 and logged == pytest.approx(value, rel=1e-6)
 
     predictions = tmp_path / "pred.jsonl"
     predictions.write_text(json.dumps({"prediction": "the cat sat on the mat",
@@ -225,6 +312,34 @@ def test_eval_command_json_markdown_and_tensorboard(gpt2, pigs_text, tmp_path):
     done = run_eval([f"--hf_model={folder}", "--task=generate", f"--data={predictions}",
                      "--top_p=2"])
     assert done.returncode != 0 and "sampling.top_p=2.0 must be in (0, 1]" in done.stderr
+
+
+def test_eval_command_on_a_token_store_and_a_params_export(gpt2, gpt2_store, store_texts,
+                                                           tmp_path):
+    """--data=store:PATH[:SPLIT] through the command; --data=val on an `export_params` folder,
+    which has no `meta`: its saved config's validation files, or a clear error naming what to
+    pass when it was exported without a config."""
+    from absl import app
+    from lmjax import checkpoint
+    from lmjax.commands import evaluate as command
+    folder, _, params, model_config, tokenizer = gpt2
+    with_config = checkpoint.export_params(str(tmp_path / "export"), params, model_config,
+                                           tokenizer, data_config_run(tmp_path, store_texts))
+    bare = checkpoint.export_params(str(tmp_path / "bare"), params, model_config, tokenizer)
+    assert command.read_texts("val", with_config, None) == store_texts
+    with pytest.raises(app.UsageError, match=r"has no saved run config .*--data=store:PATH"):
+        command.read_texts("val", bare, None)
+
+    out = tmp_path / "ppl.json"
+    done = run_eval([f"--workdir={with_config}", "--task=perplexity",
+                     f"--data=store:{gpt2_store.path}:val", "--stride=32", f"--output={out}"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    expected = evaluate.text_perplexity(params, model_config, tokenizer, store_texts, stride=32)
+    for key in ("token_perplexity", "bits_per_byte"):
+        np.testing.assert_allclose(result["results"][key], expected[key], rtol=1e-6, err_msg=key)
+    assert "word_perplexity" in result["results"]["absent"]
+    assert os.path.join(gpt2_store.path, "manifest.json") in result["data"]["sha256"]
 
 
 def test_generate_texts_greedy_equals_torch_and_cuts_at_stop(gpt2):

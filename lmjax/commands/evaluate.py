@@ -11,8 +11,10 @@ r"""`lmjax eval`: perplexity, multiple choice and generation metrics of a run or
   lmjax eval --hf_model=models/bert-sst2 --task=classification --data=dev.tsv --text_fields=sentence
 
 --data: perplexity and next_line: text files (comma-separated globs; each file one document),
-`val` (the workdir's validation documents, from its saved config) or
-`tfds:NAME:SPLIT[:TEXT_KEY]`; multiple_choice: JSONL of {"context", "choices", "label"};
+`val` (the workdir's validation documents, from its saved config), `tfds:NAME:SPLIT[:TEXT_KEY]`
+or `store:PATH[:SPLIT]` (perplexity only: a `lmjax prepare` token store's split, default val,
+prepared with the model's tokenizer; bits per byte from its manifest, no word perplexity);
+multiple_choice: JSONL of {"context", "choices", "label"};
 generate: JSONL of {"prompt", "reference"} (a string or a list of strings), or of
 {"prediction", "reference"}; classification (an encoder with model.head='classifier', or a
 BertForSequenceClassification folder): labelled .tsv/.csv/.jsonl files (--text_fields, one column
@@ -40,7 +42,7 @@ import ml_collections
 from absl import app, flags
 
 import lmjax
-from lmjax import checkpoint, classify, data, evaluate, labelled, sample
+from lmjax import checkpoint, classify, data, evaluate, labelled, sample, token_store
 from lmjax.commands import common
 
 TASKS = ("perplexity", "multiple_choice", "next_line", "generate", "classification")
@@ -81,14 +83,18 @@ def read_jsonl(path: str) -> list[dict]:
     return docs[:_LIMIT.value]
 
 
-def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
-    """Perplexity documents of --data (see the module docstring)."""
+def read_texts(spec: str, workdir: str | None, step: int | None,
+               max_chars: int | None = None) -> list[str]:
+    """Perplexity documents of --data (see the module docstring), each cut to max_chars."""
     if spec == "val":
         if workdir is None:
             raise app.UsageError("--data=val reads the validation split of --workdir's config")
-        config = checkpoint.read_checkpoint_info(workdir, step).get("config")
+        config = checkpoint.read_saved_config(workdir, step)
         if not config or "data" not in config:
-            raise app.UsageError(f"--data=val: {workdir} has no saved config; give text files")
+            raise app.UsageError(
+                f"--data=val: {workdir} has no saved run config (a params export keeps one only "
+                "when exported with it): give the text files (--data=PATTERN), a token store "
+                "(--data=store:PATH[:SPLIT]) or the training run's workdir")
         docs = data.load_texts(ml_collections.ConfigDict(config["data"]))[1]
     elif spec.startswith("tfds:"):
         parts = spec.split(":")
@@ -104,7 +110,21 @@ def read_texts(spec: str, workdir: str | None, step: int | None) -> list[str]:
             for path in paths:
                 with open(path, encoding="utf-8") as f:
                     docs.append(f.read())
-    return [d[:_MAX_CHARS.value] for d in docs]
+    return [d[:max_chars] for d in docs]
+
+
+def store_perplexity(spec: str, params, model_config, tokenizer) -> dict:
+    """--task=perplexity on --data=store:PATH[:SPLIT] (a `lmjax prepare` folder; default val)."""
+    path, _, split = spec[len("store:"):].partition(":")
+    if _MAX_CHARS.value:
+        raise app.UsageError("--max_chars cuts text; a token store holds token ids (use --limit)")
+    try:
+        store = token_store.TokenStore(path)
+        return evaluate.store_perplexity(params, model_config, tokenizer, store, split or "val",
+                                         _MAX_LEN.value, _STRIDE.value, _BATCH_SIZE.value,
+                                         _PREFIX.value, _LIMIT.value)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(f"--data={spec}: {e}") from e
 
 
 def read_labelled(spec: str, saved_data: dict) -> tuple[list, dict]:
@@ -144,13 +164,9 @@ def classifier_task(spec: str) -> tuple[dict, dict, dict]:
         raise app.UsageError("--task=classification runs in float32 (--dtype=float32)")
     workdir, step = _MODEL.workdir.value, _MODEL.step.value
     classifier = classify.load_classifier(workdir, _MODEL.hf_model.value, step)
-    saved = {}  # the run's data settings (a params export has none)
-    if workdir:
-        try:
-            saved = (checkpoint.read_checkpoint_info(workdir, step).get("config")
-                     or {}).get("data", {})
-        except checkpoint.CheckpointError:
-            pass
+    # The run's data settings (a params export exported without its config has none).
+    saved = ((checkpoint.read_saved_config(workdir, step) or {}).get("data", {}) if workdir
+             else {})
     model = _MODEL.describe()
     examples, settings = read_labelled(spec, saved)
     max_len = _MAX_LEN.value or saved.get("seq_len")
@@ -215,14 +231,19 @@ def evaluate_task(task: str, spec: str) -> tuple[dict, dict, dict]:
     if task == "perplexity":
         settings.update(max_len=_MAX_LEN.value, stride=_STRIDE.value, prefix=_PREFIX.value,
                         limit=_LIMIT.value, max_chars=_MAX_CHARS.value)
-        texts = read_texts(spec, _MODEL.workdir.value, _MODEL.step.value)[:_LIMIT.value]
-        results = evaluate.text_perplexity(params, model_config, tokenizer, texts,
-                                           _MAX_LEN.value, _STRIDE.value, _BATCH_SIZE.value,
-                                           _PREFIX.value)
+        if spec.startswith("store:"):
+            results = store_perplexity(spec, params, model_config, tokenizer)
+        else:
+            texts = read_texts(spec, _MODEL.workdir.value, _MODEL.step.value,
+                               _MAX_CHARS.value)[:_LIMIT.value]
+            results = evaluate.text_perplexity(params, model_config, tokenizer, texts,
+                                               _MAX_LEN.value, _STRIDE.value, _BATCH_SIZE.value,
+                                               _PREFIX.value)
     elif task == "next_line":
         settings.update(questions=_LIMIT.value or 100, max_chars=_MAX_CHARS.value, seed=_SEED.value,
                         target_delimiter="")
-        docs = evaluate.next_line_docs(read_texts(spec, _MODEL.workdir.value, _MODEL.step.value),
+        docs = evaluate.next_line_docs(read_texts(spec, _MODEL.workdir.value, _MODEL.step.value,
+                                                  _MAX_CHARS.value),
                                        _LIMIT.value or 100, seed=_SEED.value)
         results = evaluate.multiple_choice(params, model_config, tokenizer, docs, "",
                                            _BATCH_SIZE.value)
@@ -258,6 +279,9 @@ def main(argv):
     start = time.time()
     results, model, settings = evaluate_task(_TASK.value, _DATA.value)
     data_files = [p for p in _DATA.value.split(",") if os.path.isfile(p)]
+    if _DATA.value.startswith("store:"):  # the manifest holds every shard's sha256
+        data_files = [os.path.join(_DATA.value[len("store:"):].partition(":")[0],
+                                   token_store.MANIFEST)]
     result = {
         "lmjax_version": lmjax.__version__, "task": _TASK.value, "model": model,
         "data": {"spec": _DATA.value, "sha256": {p: hashlib.sha256(open(p, "rb").read())

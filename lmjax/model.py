@@ -20,6 +20,7 @@ from typing import Any, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lmjax.config import ModelConfig
 from lmjax.int8 import Int8Embed, int8_dot, int8_matmul, quantize_int8
@@ -538,6 +539,15 @@ class Transformer(nn.Module):
 
         if cfg.tie_embeddings and cfg.quantization == "int8":
             logits_BxLxV = embed.attend(x_BxLxD)
+        elif cfg.tie_embeddings and kv_cache is not None and L == 1:
+            # A decode step of a few rows (beams, a small batch): XLA's CPU dot for x @ E.T
+            # streams E [V, D] slowly once there are 2+ rows, while E @ x.T [V, B] runs as a
+            # matrix-vector product; the barrier keeps XLA from folding the transpose back.
+            # Measured (GPT-2 124M head, 1 thread): 4 rows 42.6 -> 17.9 ms, 8 rows 48.1 -> 27.0
+            # ms, 1 row 10.6 ms either way; the head was ~30% of a 4-beam step.
+            logits_VxBxL = lax.optimization_barrier(
+                matmul("vd,bld->vbl", embed.embedding, x_BxLxD, cfg.dtype))
+            logits_BxLxV = jnp.moveaxis(logits_VxBxL, 0, -1)
         elif cfg.tie_embeddings:
             logits_BxLxV = matmul("bld,vd->blv", x_BxLxD, embed.embedding, cfg.dtype)
         else:

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from lmjax import encoder as encoder_lib
+from lmjax import wordpiece
 from lmjax.config import ModelConfig
 
 MASK_STREAM = 0x6D6C6D  # folded into the step's key: masks never share dropout's stream
@@ -265,7 +266,6 @@ def for_run(config: ModelConfig, tokenizer, class_weights: tuple[float, ...] = (
         raise ValueError(f"masked-LM pretraining needs a tokenizer with [MASK], [CLS] and [SEP] "
                          f"tokens; the {tokenizer.kind!r} tokenizer has none: use tokenizer.kind="
                          "'wordpiece' or an HF BERT folder (tokenizer.kind='hf')")
-    from lmjax import wordpiece  # the tokenizer's special tokens by their BERT names
     try:
         mask_id, cls_id, sep_id = (wordpiece.token_id(tokenizer, n) for n in ("mask", "cls", "sep"))
     except ValueError as e:

@@ -179,8 +179,11 @@ def _prefill(params, prompt_1xL, length_1, index, rows_1: RowSettings, *,
     Compiled once per prompt bucket L (the row is placed here, so that `_insert` is not)."""
     L = prompt_1xL.shape[1]
     V = model_config.vocab_size
-    logits_1xLxV, row_cache = decode.prefill(params, model_config, prompt_1xL, length_1, L,
-                                             layout, every_slot=True)
+    # The logits of every slot only for prompt logprobs: the vocabulary projection of L slots
+    # would cost as much as the rest of GPT-2 124M's prefill.
+    logits, row_cache = decode.prefill(params, model_config, prompt_1xL, length_1, L, layout,
+                                       every_slot=prompt_logprobs)
+    logits_1xLxV = logits if prompt_logprobs else logits[:, None]
     row_cache = jax.tree.map(
         lambda x_ExLxK: jax.lax.dynamic_update_slice(
             jnp.zeros((x_ExLxK.shape[0], cache_len, x_ExLxK.shape[2]), x_ExLxK.dtype),

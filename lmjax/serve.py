@@ -15,12 +15,19 @@ T cache slots, V vocab, K the top logprobs kept per token (TOP_LOGPROBS).
 row writes its next token at the same slot `index` (model.py: one in-place write per step); a
 token at slot s with position p attends to its row's slots s - p .. s, so rows of any age sit
 side by side, right-aligned at `index`.
-**Insert.** A request is prefilled alone (decode.prefill, prompt left-padded to its bucket L)
-and its L cache slots are copied into its free row at slots index - L .. index - 1, while the
-other rows keep their place; its first token comes from the prefill logits.
+**Insert.** A request is prefilled alone (decode.prefill, prompt left-padded to its bucket L),
+its L cache slots placed at slots index - L .. index - 1 of a one-sequence row, and that row
+copied into the lowest free row while the other rows keep their place; its first token comes
+from the prefill logits.
 **Step.** One jitted program feeds every row's last token at slot `index` (decode.forward_one)
-and picks each row's next token with its own temperature / top-k / top-p
-(logits_process.sample_rows); free rows compute a harmless token at position 0.
+and picks each row's next token with its own repetition penalty / min_tokens
+(logits_process.process_rows) and temperature / top-k / top-p (sample_rows); free rows compute
+a harmless token at position 0.
+**Row buckets.** The device state holds only a row bucket B (a power of two, or `slots`) of
+rows, the active ones among the lowest: the step's cost follows the rows it decodes (on a CPU
+it is compute-bound per row, see `_run_step`). A request that finds every row taken grows the
+bucket (one copy); when the active rows fit in half of it, they are compacted into the lower
+half and the bucket shrinks. Every bucket's programs are compiled at start-up.
 **Shift.** When `index` reaches T, the cache rolls left so that the oldest active row starts at
 slot 0 (at least T / 2 slots are freed when the rows allow it): one cache copy per T / 2 steps.
 **Randomness.** Sequence i of a request with seed s draws token t with
@@ -179,8 +186,11 @@ def _prefill(params, prompt_1xL, length_1, index, rows_1: RowSettings, *,
     Compiled once per prompt bucket L (the row is placed here, so that `_insert` is not)."""
     L = prompt_1xL.shape[1]
     V = model_config.vocab_size
-    logits_1xLxV, row_cache = decode.prefill(params, model_config, prompt_1xL, length_1, L,
-                                             layout, every_slot=True)
+    # The logits of every slot only for prompt logprobs: the vocabulary projection of L slots
+    # would cost as much as the rest of GPT-2 124M's prefill.
+    logits, row_cache = decode.prefill(params, model_config, prompt_1xL, length_1, L, layout,
+                                       every_slot=prompt_logprobs)
+    logits_1xLxV = logits if prompt_logprobs else logits[:, None]
     row_cache = jax.tree.map(
         lambda x_ExLxK: jax.lax.dynamic_update_slice(
             jnp.zeros((x_ExLxK.shape[0], cache_len, x_ExLxK.shape[2]), x_ExLxK.dtype),

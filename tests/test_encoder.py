@@ -503,7 +503,7 @@ def test_class_weighted_loss_matches_sklearn_weights_and_numpy(tmp_path):
     CrossEntropyLoss(weight=...)); a filler row (weight 0) counts for nothing."""
     import ml_collections
     from sklearn.utils.class_weight import compute_class_weight
-    from lmjax import train
+    from lmjax import run_config
     model = make_bert("classifier")
     model.save_pretrained(str(tmp_path))
     config, params, _, _ = hf_bert.load_hf_bert(str(tmp_path))
@@ -511,7 +511,7 @@ def test_class_weighted_loss_matches_sklearn_weights_and_numpy(tmp_path):
     all_labels = np.array([0, 0, 0, 0, 1, 2, 2, 0, 1, 0])  # the "training set" the weights fit
     weights = compute_class_weight("balanced", classes=np.arange(3), y=all_labels)
     field = ",".join(str(w) for w in weights)
-    objective = objectives.for_run(config, None, train.class_weights(
+    objective = objectives.for_run(config, None, run_config.class_weights(
         ml_collections.ConfigDict({"class_weights": field})))
     batch = {"inputs": np.vstack([TOKENS, TOKENS[2:]]),
              "token_types": np.vstack([TYPES, TYPES[2:]]),
@@ -535,7 +535,7 @@ def test_class_weighted_loss_matches_sklearn_weights_and_numpy(tmp_path):
     with pytest.raises(ValueError, match="data.class_weights has 2 weights for model.num_labels=3"):
         objectives.for_run(config, None, (1.0, 2.0))
     with pytest.raises(ValueError, match="data.class_weights='1,x' must be '' or comma-sep"):
-        train.class_weights(ml_collections.ConfigDict({"class_weights": "1,x"}))
+        run_config.class_weights(ml_collections.ConfigDict({"class_weights": "1,x"}))
 
 
 ANIMALS = {"pigs": "little pigs went to market", "cows": "big cows stayed at home",

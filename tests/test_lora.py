@@ -24,7 +24,7 @@ from lmjax import model as model_lib
 from lmjax import sample as sample_lib
 from lmjax import train
 from lmjax.commands import common
-from lmjax.config import ModelConfig
+from lmjax.config import ModelConfig, default_config
 from lmjax.logits_process import hf_generation_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -259,7 +259,6 @@ def test_lora_state_shardings_follow_the_kernels():
     """On a (data 2, fsdp 2, tensor 2) mesh the adapters split as their kernels do (rank axis
     replicated), the frozen base as a plain model's params, and Adam's moments as the adapters."""
     from lmjax import sharding
-    from lmjax.config import default_config
     mesh_config = default_config().mesh
     mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
     config = tiny(lora_rank=4, lora_targets=LLAMA_ALL)
@@ -302,7 +301,7 @@ def test_lora_mesh_matches_one_device(tmp_path, pigs_text):
 def test_optimizer_state_covers_adapters_only():
     """Adam's moments of a LoRA model are the adapters' size: no moments for the frozen base."""
     config = tiny(lora_rank=2)  # query [32 -> 4 x 8] and value [32 -> 2 x 8], 2 layers
-    tx, _ = train.make_optimizer(train.default_config().optim, 10)
+    tx, _ = train.make_optimizer(default_config().optim, 10)
     state = jax.eval_shape(functools.partial(train.create_train_state, config, tx),
                            jax.random.key(0))  # shapes only
     n_adapters = model_lib.count_params(state.params)
@@ -394,7 +393,7 @@ def test_lora_runs_decay_adapters_by_lora_weight_decay(lora_weight_decay):
     Face's Trainer does for PEFT users), not by optim.weight_decay: its updates are optax.adamw's
     with that decay; a full run keeps optim.weight_decay."""
     import optax
-    config = train.default_config()
+    config = default_config()
     assert config.lora.weight_decay == 0.0
     config.optim.update(weight_decay=0.1, grad_clip=0.0, warmup_steps=0)
     config.lora.update(rank=4, weight_decay=lora_weight_decay)

@@ -47,12 +47,18 @@ def make_bert(head, **overrides):
     if head == "classifier":
         config.num_labels = overrides.get("num_labels", 3)
     torch.manual_seed(0)
-    model = CLASSES[head](config)
+    return randomized(CLASSES[head](config))
+
+
+def randomized(model):
+    """`model` with seeded random weights well away from transformers' init (norm scales
+    around 1), in eval mode."""
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.2 * noise if "LayerNorm.weight" in name else 0.15 * noise)
+            p.copy_(1.0 + 0.2 * noise if "LayerNorm.weight" in name or "layer_norm.weight" in name
+                    else 0.15 * noise)
     return model.eval()
 
 
@@ -121,14 +127,8 @@ def test_imported_roberta_matches_transformers(head, tmp_path):
                                            "max_position_embeddings": 10 + 2, "pad_token_id": 1,
                                            "layer_norm_eps": 1e-5, "num_labels": 3})
     torch.manual_seed(0)
-    model = ROBERTA_CLASSES[head](config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=generator)
-            p.copy_(1.0 + 0.2 * noise if "LayerNorm.weight" in name or "layer_norm.weight" in name
-                    else 0.15 * noise)
-    model.eval().save_pretrained(str(tmp_path))
+    model = randomized(ROBERTA_CLASSES[head](config))
+    model.save_pretrained(str(tmp_path))
     tokens = np.where(MASK > 0, TOKENS, 1)
 
     def outputs(m):

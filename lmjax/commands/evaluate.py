@@ -103,14 +103,22 @@ def read_texts(spec: str, workdir: str | None, step: int | None,
         docs = data.load_tfds_split(parts[1], parts[2], *(parts[3:] or ["text"]))
     else:
         docs = []
-        for pattern in spec.split(","):
-            paths = sorted(glob.glob(pattern))
-            if not paths:
-                raise app.UsageError(f"--data: no file matches {pattern!r}")
-            for path in paths:
-                with open(path, encoding="utf-8") as f:
-                    docs.append(f.read())
+        for path in data_files(spec):
+            with open(path, encoding="utf-8") as f:
+                docs.append(f.read())
     return [d[:max_chars] for d in docs]
+
+
+def data_files(spec: str) -> list[str]:
+    """The files of --data's comma-separated glob patterns, each pattern's sorted; a pattern
+    that matches nothing is a usage error."""
+    paths = []
+    for pattern in spec.split(","):
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise app.UsageError(f"--data: no file matches {pattern!r}")
+        paths += matches
+    return paths
 
 
 def store_perplexity(spec: str, params, model_config, tokenizer) -> dict:
@@ -137,12 +145,8 @@ def read_labelled(spec: str, saved_data: dict) -> tuple[list, dict]:
     if not 1 <= len(fields) <= 2:
         raise app.UsageError(f"--text_fields={text_fields!r}: one text column, or two for pairs")
     examples = []
-    for pattern in spec.split(","):
-        paths = sorted(glob.glob(pattern))
-        if not paths:
-            raise app.UsageError(f"--data: no file matches {pattern!r}")
-        for path in paths:
-            examples += labelled.read_examples(path, fields, label_field)
+    for path in data_files(spec):
+        examples += labelled.read_examples(path, fields, label_field)
     return _spread(examples), {"text_fields": fields, "label_field": label_field}
 
 

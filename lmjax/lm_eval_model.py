@@ -171,7 +171,7 @@ class LmjaxLM(TemplateLM):
         return results
 
     def get_model_info(self) -> dict:
-        return {"model": self.source, "lmjax_model_config": dataclasses.asdict(self.model_config)}
+        return {"model_source": self.source, "lmjax_model_config": dataclasses.asdict(self.model_config)}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
 """lmjax's lm-evaluation-harness model against lm_eval's own `hf` model on the same weights, with
 lm_eval's `simple_evaluate` on local YAML tasks over local JSONL files (nothing downloaded)."""
+import glob
 import json
+import os
+import subprocess
+import sys
 
 import lm_eval  # the `eval` extra (also in `test`)
 import numpy as np
@@ -62,13 +66,20 @@ def write_tasks(folder, lines):
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory, pigs_text):
+def model_and_tasks(tmp_path_factory, pigs_text):
+    """A random GPT-2 folder and the tasks' folder."""
     folder = tmp_path_factory.mktemp("lm_eval")
     model_dir = folder / "gpt2"
     write_random_gpt2(str(model_dir), pigs_text, vocab_size=300, n_positions=64)
     tasks = folder / "tasks"
     tasks.mkdir()
     write_tasks(tasks, pigs_text.splitlines())
+    return model_dir, tasks
+
+
+@pytest.fixture(scope="module")
+def results(model_and_tasks):
+    model_dir, tasks = model_and_tasks
     from lm_eval.tasks import TaskManager
     manager = TaskManager(include_path=str(tasks), include_defaults=False)  # no indexing of
     # the ~10k built-in task files (30 s)
@@ -102,3 +113,21 @@ def test_generate_until_equals_hf(results):
     hf_texts, our_texts = ([s["resps"][0][0] for s in results[m]["samples"]["lmjax_test_gen"]]
                            for m in ("hf", "lmjax"))
     assert our_texts == hf_texts and any(our_texts)
+
+
+def test_lmjax_lm_eval_command_runs_lm_evals_cli(model_and_tasks, results, tmp_path):
+    """`lmjax lm-eval` is lm_eval's own command line with `--model lmjax` (the default here)."""
+    model_dir, tasks = model_and_tasks
+    lmjax = os.path.join(os.path.dirname(sys.executable), "lmjax")
+    command = [lmjax] if os.path.exists(lmjax) else [sys.executable, "-m", "lmjax"]
+    done = subprocess.run(command + [
+        "lm-eval", "--model_args", f"hf_model={model_dir}", "--tasks", "lmjax_test_gen",
+        "--include_path", str(tasks), "--batch_size", "16", "--output_path", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    [written] = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)
+    with open(written, encoding="utf-8") as f:
+        ours = json.load(f)
+    assert ours["config"]["model"] == "lmjax" and ours["config"]["model_source"] == str(model_dir)
+    hf = results["hf"]["results"]["lmjax_test_gen"]
+    assert ours["results"]["lmjax_test_gen"]["exact_match,none"] == hf["exact_match,none"]

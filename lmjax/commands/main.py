@@ -7,6 +7,7 @@
     lmjax serve  --workdir=workdirs/demo --port=8000   # OpenAI-compatible HTTP (lmjax-serve)
     lmjax quantize --workdir=workdirs/demo --output=workdirs/demo_int8   # int8 weights
     lmjax classify --workdir=workdirs/genre --text="O Romeo, Romeo!"   # encoder classifiers
+    lmjax lm-eval --model_args workdir=workdirs/demo --tasks hellaswag  # lm-evaluation-harness
     lmjax configs                                   # the shipped configs
 
 Only the chosen subcommand's module is imported, so each defines its own absl flags.
@@ -27,6 +28,7 @@ commands:
   serve    an OpenAI-compatible HTTP server: lmjax serve --workdir=DIR --port=8000 (lmjax-serve)
   quantize int8 / bfloat16 weights of a run or HF folder: lmjax quantize --workdir=DIR --output=DIR
   classify label texts with a fine-tuned encoder: lmjax classify --workdir=DIR --text=...
+  lm-eval  lm-evaluation-harness on lmjax: lmjax lm-eval --model_args workdir=DIR --tasks=...
   configs  list the shipped configs (named in --config=NAME[:ARG])
   version  print lmjax's version
 """
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "classify":
         from lmjax.commands import classify
         classify.run(rest)
+    elif command == "lm-eval":
+        from lmjax.commands import lm_eval
+        lm_eval.run(rest)
     elif command == "configs":
         from lmjax import configs
         for name, doc in configs.describe().items():

@@ -11,6 +11,9 @@ on (device-to-host copy; training continues after it), 'full' is until the step 
 64-bit digest of every array, computed on the device, and the finite check); 'checksums' times
 that part alone, next to SHA-256 of host copies (the alternative it replaced), and 'restore'
 times `Checkpointer.restore`, whose verification is the same digest pass over the restored state.
+'plain Orbax' rows save and restore the same params and train state with
+`orbax.checkpoint.StandardCheckpointer` and nothing else (no checksums, no JSON items): the
+difference to lmjax's synchronous save and its restore is what lmjax adds, verification included.
 Prints JSON, then a Markdown table.
 """
 import argparse
@@ -24,6 +27,7 @@ import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 import _env  # benchmarks/_env.py: versions and machine
 from lmjax import checkpoint as ckpt_lib
@@ -55,6 +59,31 @@ def checksum_times(state, repeats: int) -> tuple[float, float]:
             hashlib.sha256(np.ascontiguousarray(leaf).tobytes()).hexdigest()
         sha.append(time.perf_counter() - start)
     return statistics.median(digest), statistics.median(sha)
+
+
+def plain_orbax_times(state, abstract, root: str, repeats: int) -> tuple[float, float]:
+    """Median seconds of a synchronous `StandardCheckpointer` save of params + train state (no
+    checksums, no JSON items) and of its restore into `abstract`: the baseline lmjax adds to."""
+    items = {"params": state.params, "train_state": {
+        "step": state.step, "opt_state": state.opt_state, "rng": jax.random.key_data(state.rng)}}
+    # `abstract` is `train.abstract_train_state`: placed, its rng already the key data.
+    target = {"params": abstract.params, "train_state": {
+        "step": abstract.step, "opt_state": abstract.opt_state, "rng": abstract.rng}}
+    checkpointer = ocp.StandardCheckpointer()
+    saves, restores = [], []
+    for i in range(repeats + 1):  # the first also creates folders: not counted
+        path = os.path.join(root, f"plain_{i}")
+        start = time.perf_counter()
+        checkpointer.save(path, items)
+        checkpointer.wait_until_finished()
+        if i:
+            saves.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(checkpointer.restore(path, target))
+        restores.append(time.perf_counter() - start)
+    checkpointer.close()
+    return statistics.median(saves), statistics.median(restores)
 
 
 def main():
@@ -130,6 +159,8 @@ def main():
                 jax.block_until_ready(restored)
                 restore.append(time.perf_counter() - start)
             results["restore_s"] = statistics.median(restore)
+            results["plain_save_s"], results["plain_restore_s"] = plain_orbax_times(
+                state, abstract, os.path.join(root, "plain"), args.repeats)
         ckpt.close()
         results[mode] = {"blocking_s": statistics.median(blocking),
                          "full_s": statistics.median(full)}
@@ -149,6 +180,10 @@ def main():
         "blocking_over_step": results["async"]["blocking_s"] / step_s,
         "checksums_s": digest_s, "host_sha256_s": sha_s,
         "restore_s": results["restore_s"],
+        "plain_orbax_save_s": results["plain_save_s"],
+        "plain_orbax_restore_s": results["plain_restore_s"],
+        "save_added_s": results["sync"]["full_s"] - results["plain_save_s"],
+        "restore_added_s": results["restore_s"] - results["plain_restore_s"],
         "repeats": args.repeats,
         "environment": _env.environment(),
     }
@@ -167,7 +202,11 @@ def main():
                       ("synchronous save", "sync_save_s"),
                       ("checksums + finite check (part of every save)", "checksums_s"),
                       ("SHA-256 of host copies instead (not used)", "host_sha256_s"),
-                      ("restore, checksums verified", "restore_s")):
+                      ("plain Orbax save, no checksums (baseline)", "plain_orbax_save_s"),
+                      ("lmjax sync save minus plain Orbax save", "save_added_s"),
+                      ("restore, checksums verified", "restore_s"),
+                      ("plain Orbax restore, no verification (baseline)", "plain_orbax_restore_s"),
+                      ("lmjax restore minus plain Orbax restore", "restore_added_s")):
         print(f"| {name} | {report[key]:.3f} | {report[key] / step_s:.2f} |")
 
 

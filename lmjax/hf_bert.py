@@ -31,7 +31,7 @@ import numpy as np
 from flax import traverse_util
 
 from lmjax import encoder as encoder_lib
-from lmjax import hf
+from lmjax import hf, hf_layout
 from lmjax import tokenizers as tokenizers_lib
 from lmjax import wordpiece
 from lmjax.config import ModelConfig
@@ -95,7 +95,7 @@ def hf_bert_config(config: ModelConfig, tokenizer=None,
            for name, value in wanted.items() if getattr(cfg, name) != value]
     if cfg.mlp not in ("gelu", "gelu_exact"):
         bad.append(f"model.mlp={cfg.mlp!r} (BERT: gelu_exact or gelu)")
-    if cfg.param_dtype not in hf._DTYPES:
+    if cfg.param_dtype not in hf_layout.DTYPES:
         bad.append(f"model.param_dtype={cfg.param_dtype!r}")
     if bad:
         raise ValueError("cannot export as Hugging Face BERT: " + ", ".join(bad))
@@ -127,7 +127,7 @@ def hf_bert_config(config: ModelConfig, tokenizer=None,
 
 def _tensor_rules(config: ModelConfig, prefix: str,
                   mlm_bias: tuple[str, ...] = ("cls.predictions.bias",),
-                  model_type: str = "bert") -> list[hf._Rule]:
+                  model_type: str = "bert") -> list[hf_layout.Rule]:
     """Every tensor of a BERT (or RoBERTa) checkpoint for `config` ('bert.' / 'roberta.' prefix
     for the heads' models); `mlm_bias`: the names of the MLM output bias (transformers ties the
     decoder's bias to cls.predictions.bias, RoBERTa's to lm_head.bias; an export writes both, an
@@ -136,7 +136,7 @@ def _tensor_rules(config: ModelConfig, prefix: str,
     roberta = model_type == "roberta"
 
     def add(name, *paths, in_dims=1, transpose=False):
-        rules.append(hf._Rule(name, tuple(tuple(p.split("/")) for p in paths), in_dims,
+        rules.append(hf_layout.Rule(name, tuple(tuple(p.split("/")) for p in paths), in_dims,
                               transpose))
 
     def dense(hf_name, path, in_dims=1):

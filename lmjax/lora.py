@@ -16,7 +16,7 @@ adapters alone; the checkpoint's config names the base (`init_from`: a step fold
 
 A PEFT folder is `adapter_config.json` + `adapter_model.safetensors` with tensors
 `base_model.model.<module>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], the modules named
-as in the Hugging Face checkpoint (`hf._tensor_rules`). GPT-2's `c_attn` holds query, key and
+as in the Hugging Face checkpoint (`hf_layout.tensor_rules`). GPT-2's `c_attn` holds query, key and
 value in one Conv1D (`fan_in_fan_out`): lmjax's separate adapters export as one of rank n * r
 (A side by side, B block-diagonal; `rank_pattern`/`alpha_pattern` keep the scale), and a PEFT
 `c_attn` adapter imports as the same A on each of the three with its slice of B.
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lmjax import checkpoint, hf, quantize
+from lmjax import checkpoint, hf, hf_layout, quantize
 from lmjax import model as model_lib
 from lmjax.config import ModelConfig
 
@@ -173,8 +173,8 @@ def apply_adapter(params: dict, config: ModelConfig, adapter: str) -> tuple[dict
 
 def _modules(config: ModelConfig):
     """(Hugging Face module name, its lmjax kernel paths, in_dims, transposed) of every weight
-    matrix a LoRA target can adapt, from hf.py's tensor table (GPT-2's c_attn: three paths)."""
-    rules = hf._tensor_rules(config, hf.default_model_type(config))  # noqa: SLF001 - one table
+    matrix a LoRA target can adapt, from hf_layout.py's tensor table (GPT-2's c_attn: three paths)."""
+    rules = hf_layout.tensor_rules(config, hf_layout.default_model_type(config))  # one table
     return [(rule.name[:-len(".weight")], rule.paths, rule.in_dims)
             for rule in rules if rule.paths[0][-1] == "kernel"
             and rule.paths[0][-2] in model_lib.LORA_TARGETS]
@@ -189,7 +189,7 @@ def export_peft(folder: str, params: dict, config: ModelConfig,
         raise ValueError("export_peft: the model has no adapters (lora_rank is 0)")
     _, adapters = model_lib.split_adapters(params)
     flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(adapters).items()}
-    shapes = hf._param_shapes(config)  # noqa: SLF001 - the kernels' shapes
+    shapes = hf_layout.param_shapes(config)  # the kernels' shapes
     r, tensors, targets, rank_pattern, alpha_pattern = config.lora_rank, {}, set(), {}, {}
     for module, paths, in_dims in _modules(config):
         targeted = [j for j, p in enumerate(paths) if p[:-1] + ("lora_a",) in flat]
@@ -220,7 +220,7 @@ def export_peft(folder: str, params: dict, config: ModelConfig,
         "base_model_name_or_path": base_model_name_or_path, "r": r,
         "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "target_modules": sorted(targets),
-        "fan_in_fan_out": hf.default_model_type(config) == "gpt2",  # Conv1D: [in, out] weights
+        "fan_in_fan_out": hf_layout.default_model_type(config) == "gpt2",  # Conv1D: [in, out] weights
         "bias": "none", "use_rslora": config.lora_use_rslora, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "use_dora": False}
@@ -269,7 +269,7 @@ def import_peft(folder: str, config: ModelConfig) -> tuple[dict, ModelConfig]:
                          "modules_to_save)")
     tensors = _read_peft_tensors(folder)
     config = base_config(config)
-    shapes = hf._param_shapes(config)  # noqa: SLF001 - the kernels' shapes
+    shapes = hf_layout.param_shapes(config)  # the kernels' shapes
     rslora, alpha = bool(peft.get("use_rslora", False)), float(peft["lora_alpha"])
     found, used = {}, set()  # kernel path -> (a [in.., R], b [R, out..], the module's scale)
     for module, paths, in_dims in _modules(config):
@@ -295,9 +295,9 @@ def import_peft(folder: str, config: ModelConfig) -> tuple[dict, ModelConfig]:
         config, lora_rank=max(a.shape[-1] for a, _, _ in found.values()), lora_alpha=alpha,
         lora_targets=",".join(targets), lora_dropout=float(peft.get("lora_dropout", 0.0)),
         lora_use_rslora=rslora)
-    dtype = hf._DTYPES[config.param_dtype]  # noqa: SLF001
+    dtype = hf_layout.DTYPES[config.param_dtype]
     flat = {}
-    for path, shape in hf._param_shapes(lora_config).items():  # noqa: SLF001
+    for path, shape in hf_layout.param_shapes(lora_config).items():
         if path[-1] not in model_lib.LORA_PARAMS:
             continue
         value = np.zeros(shape, np.float32)

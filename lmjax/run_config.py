@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from lmjax import config as config_lib
-from lmjax import hf
+from lmjax import hf, hf_layout
 from lmjax import hf_bert
 from lmjax import sample as sample_lib
 from lmjax import sharding as sharding_lib
@@ -133,7 +133,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
         hf_cfg = hf.read_hf_config(folder)
         encoder = hf_cfg.get("model_type") in ("bert", "roberta")
         hf_model = dataclasses.asdict(hf_bert.config_from_hf_bert(hf_cfg) if encoder
-                                      else hf.config_from_hf(hf_cfg))
+                                      else hf_layout.config_from_hf(hf_cfg))
         config = config.copy_and_resolve_references()
         # An encoder keeps the configured head (e.g. a classifier on a BertForMaskedLM).
         keep = {"dropout", "dtype", "param_dtype", "remat", "quantization"} | (

@@ -590,9 +590,9 @@ def test_fine_tuning_from_masked_lm_then_predict(tmp_path, pigs_text):
     assert final["confusion"] == sk.confusion_matrix(truth, predicted, labels=names).tolist()
     assert final["macro_f1"] == pytest.approx(sk.f1_score(truth, predicted, average="macro"))
     assert final["accuracy"] == pytest.approx(sk.accuracy_score(truth, predicted))
-    # lmjax.evaluate's classification task on the workdir reports the run's own metrics.
-    from lmjax import evaluate
-    scored = evaluate.classification(classifier, val, batch_size=8)
+    # lmjax.eval_metrics' classification task on the workdir reports the run's own metrics.
+    from lmjax import eval_metrics
+    scored = eval_metrics.classification(classifier, val, batch_size=8)
     assert scored["confusion"] == final["confusion"] and scored["predictions"] == predicted
     assert (scored["accuracy"], scored["macro_f1"]) == pytest.approx(
         (final["accuracy"], final["macro_f1"]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import write_random_gpt2
-from lmjax import evaluate, hf
+from lmjax import eval_metrics, evaluate, hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 64
@@ -230,7 +230,7 @@ def test_generation_metrics_are_sacrebleu_and_rouge_score():
     from rouge_score import rouge_scorer
     predictions = ["the cat sat on the mat", "a dog ran in the park today"]
     references = ["the cat sat on the mat", ["the dog ran in a park", "a dog runs in the park"]]
-    result = evaluate.generation_metrics(predictions, references)
+    result = eval_metrics.generation_metrics(predictions, references)
     streams = [["the cat sat on the mat", "the dog ran in a park"],
                [None, "a dog runs in the park"]]
     assert result["bleu"] == sacrebleu.corpus_bleu(predictions, streams).score
@@ -245,7 +245,7 @@ def test_generation_metrics_are_sacrebleu_and_rouge_score():
             for p, r in zip(predictions, references)]
     np.testing.assert_allclose(result["rougeLsum"], 100 * np.mean(lsum), rtol=1e-9)
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
-        evaluate.generation_metrics(predictions, references[:1])
+        eval_metrics.generation_metrics(predictions, references[:1])
 
 
 def run_eval(args):
@@ -355,7 +355,7 @@ def test_generate_texts_greedy_equals_torch_and_cuts_at_stop(gpt2):
                                        pad_token_id=0)
         expected.append(tokenizer.decode(out[0, ids.shape[1]:].tolist()))
     stop = expected[0][4:6]
-    texts = evaluate.generate_texts(params, model_config, tokenizer, prompts,
+    texts = eval_metrics.generate_texts(params, model_config, tokenizer, prompts,
                                     sample.SamplingConfig(max_new_tokens=10, greedy=True),
                                     stop=[stop])
     assert texts == [e.split(stop)[0] for e in expected] and len(texts[0]) == 4
@@ -406,7 +406,7 @@ def test_classification_against_sklearn_and_transformers(tmp_path, pigs_text):
     assert len(set(predicted)) > 1 and len(set(truth)) == 3
 
     examples = labelled.read_examples(str(data), ["sentence"], "label")
-    result = evaluate.classification(classify.load_classifier(hf_folder=folder), examples,
+    result = eval_metrics.classification(classify.load_classifier(hf_folder=folder), examples,
                                      batch_size=16)
     assert result["predictions"] == predicted and result["label_names"] == list(ANIMALS)
     assert result["confusion"] == sk.confusion_matrix(truth, predicted, labels=ANIMALS).tolist()
@@ -426,5 +426,5 @@ def test_classification_against_sklearn_and_transformers(tmp_path, pigs_text):
         in done.stdout
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
     with pytest.raises(ValueError, match=r"labels \['goats'\] are not among"):
-        evaluate.classification(classify.load_classifier(hf_folder=folder),
+        eval_metrics.classification(classify.load_classifier(hf_folder=folder),
                                 [(("a goat",), "goats")])

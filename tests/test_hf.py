@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from lmjax import hf
+from lmjax import hf, hf_layout
 from lmjax import model as model_lib
 from lmjax import sample as sample_lib
 from lmjax import tokenizers as tokenizers_lib
@@ -129,22 +129,22 @@ def test_logits_match_transformers(name, tmp_path):
 
 
 def test_imported_configs():
-    gpt2 = hf.config_from_hf(dict(HF_CONFIGS["gpt2_untied_inner"][1], model_type="gpt2"))
+    gpt2 = hf_layout.config_from_hf(dict(HF_CONFIGS["gpt2_untied_inner"][1], model_type="gpt2"))
     assert (gpt2.mlp_dim, gpt2.tie_embeddings, gpt2.position, gpt2.mlp) == (80, False, "learned",
                                                                            "gelu")
-    assert hf.config_from_hf(dict(HF_CONFIGS["gpt2"][1], model_type="gpt2")).mlp_dim == 256
-    llama3 = hf.config_from_hf(dict(HF_CONFIGS["llama3_scaling"][1], model_type="llama"))
+    assert hf_layout.config_from_hf(dict(HF_CONFIGS["gpt2"][1], model_type="gpt2")).mlp_dim == 256
+    llama3 = hf_layout.config_from_hf(dict(HF_CONFIGS["llama3_scaling"][1], model_type="llama"))
     assert (llama3.rope_scaling, llama3.rope_scaling_factor, llama3.rope_original_max_len,
             llama3.rope_theta, llama3.kv_heads) == ("llama3", 4.0, 16, 50.0, 2)
-    qwen = hf.config_from_hf(dict(LLAMA, model_type="qwen2"))
+    qwen = hf_layout.config_from_hf(dict(LLAMA, model_type="qwen2"))
     assert (qwen.bias, qwen.qkv_bias, qwen.out_bias) == (False, True, False)
     # Mistral's sliding window: lmjax attends to everything, which is the same up to the window.
-    mistral = hf.config_from_hf(dict(LLAMA, model_type="mistral", sliding_window=64))
+    mistral = hf_layout.config_from_hf(dict(LLAMA, model_type="mistral", sliding_window=64))
     assert mistral.max_len == 64
     # transformers 5's rope_parameters and 4.x's rope_theta + rope_scaling read the same.
-    new = hf.config_from_hf(dict(LLAMA, model_type="llama", rope_parameters=dict(
+    new = hf_layout.config_from_hf(dict(LLAMA, model_type="llama", rope_parameters=dict(
         rope_type="linear", factor=2.0, rope_theta=99.0)))
-    old = hf.config_from_hf(dict(LLAMA, model_type="llama", rope_theta=99.0,
+    old = hf_layout.config_from_hf(dict(LLAMA, model_type="llama", rope_theta=99.0,
                                  rope_scaling=dict(type="linear", factor=2.0)))
     assert new == old and new.rope_scaling == "linear" and new.rope_theta == 99.0
 
@@ -371,10 +371,10 @@ def test_unsupported_model_type(tmp_path):
 
 def test_unsupported_rope_type_and_activation():
     with pytest.raises(ValueError, match="rope_type='yarn'.*supported: default, linear, llama3"):
-        hf.config_from_hf(dict(LLAMA, model_type="llama", rope_scaling=dict(
+        hf_layout.config_from_hf(dict(LLAMA, model_type="llama", rope_scaling=dict(
             rope_type="yarn", factor=2.0)))
     with pytest.raises(ValueError, match="activation_function='relu'"):
-        hf.config_from_hf(dict(model_type="gpt2", activation_function="relu"))
+        hf_layout.config_from_hf(dict(model_type="gpt2", activation_function="relu"))
 
 
 def test_missing_tensor(tmp_path):

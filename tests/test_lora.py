@@ -19,7 +19,7 @@ from conftest import write_random_gpt2
 from test_checkpoint import read_losses
 from test_hf import make_hf_model, max_diff_unpadded, torch_logits
 from lmjax import checkpoint as ckpt_lib
-from lmjax import hf, lora, quantize
+from lmjax import hf, hf_layout, lora, quantize
 from lmjax import model as model_lib
 from lmjax import sample as sample_lib
 from lmjax import train
@@ -156,7 +156,7 @@ def test_peft_adapter_loads_into_lmjax_with_equal_logits(name, tmp_path):
 def test_unsupported_peft_folders_are_clear_errors(tmp_path):
     torch_model = make_hf_model("llama_gqa")
     torch_model.save_pretrained(str(tmp_path / "base"))
-    config = hf.config_from_hf(hf.read_hf_config(str(tmp_path / "base")))
+    config = hf_layout.config_from_hf(hf.read_hf_config(str(tmp_path / "base")))
     peft.get_peft_model(torch_model, peft.LoraConfig(r=2, target_modules=["q_proj"],
                                                      bias="lora_only")
                         ).save_pretrained(str(tmp_path / "a"))

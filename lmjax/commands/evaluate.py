@@ -42,7 +42,8 @@ import ml_collections
 from absl import app, flags
 
 import lmjax
-from lmjax import checkpoint, classify, data, evaluate, labelled, sample, token_store
+from lmjax import (checkpoint, classify, data, eval_metrics, evaluate, labelled, sample,
+                   token_store)
 from lmjax.commands import common
 
 TASKS = ("perplexity", "multiple_choice", "next_line", "generate", "classification")
@@ -175,7 +176,7 @@ def classifier_task(spec: str) -> tuple[dict, dict, dict]:
     examples, settings = read_labelled(spec, saved)
     max_len = _MAX_LEN.value or saved.get("seq_len")
     settings.update(batch_size=_BATCH_SIZE.value, max_len=max_len, limit=_LIMIT.value)
-    results = evaluate.classification(classifier, examples, _BATCH_SIZE.value, max_len)
+    results = eval_metrics.classification(classifier, examples, _BATCH_SIZE.value, max_len)
     return results, {**model, "model_config": dataclasses.asdict(classifier.config),
                      "tokenizer": classifier.tokenizer.kind}, settings
 
@@ -229,7 +230,7 @@ def evaluate_task(task: str, spec: str) -> tuple[dict, dict, dict]:
         docs = read_jsonl(spec)
         if all("prediction" in d for d in docs):  # given predictions: no model
             references = [d.get("reference", d.get("references")) for d in docs]
-            return (evaluate.generation_metrics([d["prediction"] for d in docs], references),
+            return (eval_metrics.generation_metrics([d["prediction"] for d in docs], references),
                     {"predictions": spec}, {})
     params, model_config, tokenizer, model = load_model()
     if task == "perplexity":
@@ -263,10 +264,10 @@ def evaluate_task(task: str, spec: str) -> tuple[dict, dict, dict]:
         if missing:
             raise app.UsageError(f"--data={spec}: line {missing[0] + 1} has no 'prompt' "
                                  "(or give every line a 'prediction')")
-        predictions = evaluate.generate_texts(params, model_config, tokenizer,
+        predictions = eval_metrics.generate_texts(params, model_config, tokenizer,
                                               [d["prompt"] for d in docs], sampling, _STOP.value,
                                               _SEED.value, _BATCH_SIZE.value)
-        results = evaluate.generation_metrics(
+        results = eval_metrics.generation_metrics(
             predictions, [d.get("reference", d.get("references")) for d in docs])
         results["samples"] = predictions[:5]
     return results, model, settings

@@ -77,6 +77,9 @@ class ModelConfig:
     # Inference only (lmjax/quantize.py): int8 stores every projection kernel and the embedding
     # as int8 with float32 scales per output channel (per vocabulary row for the embedding).
     quantization: str = "none"  # none | int8
+    # int8: 0 = a scale per output channel; g > 0 = per block of g input channels too (llama.cpp
+    # Q8_0's 32), along the kernel's last input axis (the embedding's D).
+    quant_group_size: int = 0
     kv_cache_dtype: str = "auto"  # auto (= dtype) | int8: int8 keys/values, a scale per token/head
     # Encoders (BERT, lmjax/encoder.py): bidirectional attention with a padding mask.
     architecture: str = "decoder"  # decoder (causal LM, model.Transformer) | encoder (BERT)
@@ -121,6 +124,11 @@ class ModelConfig:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must divide model.embed_dim={self.embed_dim} "
                 "(or set model.head_dim)")
+        if self.quant_group_size < 0 or self.quant_group_size and any(
+                n % self.quant_group_size for n in (self.embed_dim, self.head_size, self.mlp_dim)):
+            raise ValueError(f"model.quant_group_size={self.quant_group_size!r} must be 0 or "
+                             f"divide embed_dim, the head size and mlp_dim ({self.embed_dim}, "
+                             f"{self.head_size}, {self.mlp_dim}): the kernels' input axes")
         if self.num_heads % self.kv_heads:
             raise ValueError(
                 f"model.num_kv_heads={self.kv_heads} must divide model.num_heads={self.num_heads}")

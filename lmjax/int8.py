@@ -59,11 +59,73 @@ def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
     return y.astype(jnp.float32) * x_scale
 
 
+def group_shape(shape: tuple[int, ...], axis: int, group_size: int) -> tuple[int, ...]:
+    """`shape` with `axis` split into blocks of `group_size`: that axis becomes the block count
+    (the shape of a per-block scale)."""
+    if shape[axis] % group_size:
+        raise ValueError(f"quant_group_size={group_size} does not divide axis {axis} of {shape}")
+    return shape[:axis] + (shape[axis] // group_size,) + shape[axis + 1:]
+
+
+def quantize_int8_groups(w: jax.Array, axis: int,
+                         group_size: int) -> tuple[jax.Array, jax.Array]:
+    """Symmetric int8 quantization per block of `group_size` consecutive entries along `axis`
+    (llama.cpp Q8_0's 32-wide blocks): q has w's shape, the float32 scale `group_shape`'s."""
+    blocks = w.reshape(w.shape[:axis] + (w.shape[axis] // group_size, group_size)
+                       + w.shape[axis + 1:])
+    q, scale = quantize_int8(blocks, axis + 1)
+    return q.reshape(w.shape), jnp.squeeze(scale, axis + 1)
+
+
+def _laid_out(a: jax.Array, a_axes: str, target_axes: str) -> jax.Array:
+    """a (einsum letters a_axes) transposed and padded with size-1 axes to broadcast against
+    target_axes."""
+    order = [c for c in target_axes if c in a_axes]
+    a = jnp.transpose(a, [a_axes.index(c) for c in order])
+    return a.reshape([a.shape[order.index(c)] if c in a_axes else 1 for c in target_axes])
+
+
+def int8_group_dot(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
+                   group_size: int) -> jax.Array:
+    """`einsum(spec, x, dequantized kernel)` (float32) for an int8 kernel with a float32 scale
+    per block of `group_size` along the axis x contracts last (`quantize_int8_groups`): x is
+    quantized per token and block (llama.cpp quantizes activations to Q8_0 blocks too), each
+    block is an s8 x s8 -> s32 dot (the blocks a batch axis), and the per-block products are
+    scaled by both scales and summed in float32. No float copy of the kernel."""
+    inputs, out = spec.split("->")
+    x_axes, k_axes = inputs.split(",")
+    c, b = x_axes[-1], next(ch for ch in "zyxwvutsrq" if ch not in spec)  # b: the block axis
+    xg_axes, kg_axes = x_axes[:-1] + b + c, k_axes.replace(c, b + c)
+    blocks = x.shape[-1] // group_size
+    xg = x.reshape(x.shape[:-1] + (blocks, group_size))
+    ci = k_axes.index(c)
+    kg = kernel.reshape(kernel.shape[:ci] + (blocks, group_size) + kernel.shape[ci + 1:])
+    x_q, x_scale = quantize_int8(xg, -1)
+    free = [i for i, ch in enumerate(x_axes[:-1]) if ch in out and ch not in k_axes]
+    y_axes = x_axes[:-1] + b + "".join(ch for ch in k_axes if ch not in x_axes)
+    single = bool(free) and all(x.shape[i] == 1 for i in free)
+    if single:  # a one-row dot is rewritten into a multiply-reduce (see int8_dot)
+        x_q = jnp.concatenate([x_q, jnp.zeros_like(x_q)], axis=free[0])
+    y = jnp.einsum(f"{xg_axes},{kg_axes}->{y_axes}", x_q, kg, preferred_element_type=jnp.int32)
+    if single:
+        y = jax.lax.slice_in_dim(y, 0, 1, axis=free[0])
+    y = (y.astype(jnp.float32) * _laid_out(x_scale[..., 0], x_axes[:-1] + b, y_axes)
+         * _laid_out(scale, k_axes.replace(c, b), y_axes))
+    return jnp.einsum(f"{y_axes}->{out}", y)
+
+
+def dequantize_groups(q: jax.Array, scale: jax.Array, axis: int) -> jax.Array:
+    """float32 q * scale for per-block scales along `axis` (`quantize_int8_groups`'s inverse)."""
+    group_size = q.shape[axis] // scale.shape[axis]
+    return q.astype(jnp.float32) * jnp.repeat(scale, group_size, axis=axis)
+
+
 def int8_matmul(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
-                dtype: Any = None) -> jax.Array:
+                dtype: Any = None, group_size: int = 0) -> jax.Array:
     """`einsum(spec, x, kernel * scale)` for an int8 `kernel` and its float32 `scale` per output
     channel (broadcast against the result's trailing axes): `int8_dot`, then the scale, so no
-    float copy of the kernel is ever made in the forward pass. float32 result.
+    float copy of the kernel is ever made in the forward pass. float32 result. With
+    `group_size` > 0 the scale is per block of input channels too (`int8_group_dot`).
 
     Differentiable in x (QLoRA-style training: adapters on a frozen int8 base) with a
     straight-through estimator: the per-token rounding of x counts as the identity, so
@@ -73,25 +135,31 @@ def int8_matmul(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
     quantizing dy instead would round the logits' small softmax terms to zero.
     """
     del dtype  # the dot is integer whatever the compute dtype
-    return _int8_matmul(spec, jnp.dtype(x.dtype).name, x, kernel, scale)
+    return _int8_matmul(spec, jnp.dtype(x.dtype).name, group_size, x, kernel, scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _int8_matmul(spec, x_dtype, x, kernel, scale):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _int8_matmul(spec, x_dtype, group_size, x, kernel, scale):
     del x_dtype  # the cotangent's dtype (a static name: dtypes are not residuals)
+    if group_size:
+        return int8_group_dot(spec, x, kernel, scale, group_size)
     return int8_dot(spec, x, kernel) * scale
 
 
-def _int8_matmul_fwd(spec, x_dtype, x, kernel, scale):
-    return _int8_matmul(spec, x_dtype, x, kernel, scale), (kernel, scale)
+def _int8_matmul_fwd(spec, x_dtype, group_size, x, kernel, scale):
+    return _int8_matmul(spec, x_dtype, group_size, x, kernel, scale), (kernel, scale)
 
 
-def _int8_matmul_bwd(spec, x_dtype, residuals, dy):
+def _int8_matmul_bwd(spec, x_dtype, group_size, residuals, dy):
     kernel, scale = residuals
     inputs, out = spec.split("->")
     x_axes, kernel_axes = inputs.split(",")
-    dx = jnp.einsum(f"{out},{kernel_axes}->{x_axes}", dy.astype(jnp.float32) * scale,
-                    kernel.astype(jnp.float32))
+    if group_size:  # the straight-through gradient of the dequantized kernel
+        kernel_f = dequantize_groups(kernel, scale, kernel_axes.index(x_axes[-1]))
+        dx = jnp.einsum(f"{out},{kernel_axes}->{x_axes}", dy.astype(jnp.float32), kernel_f)
+    else:
+        dx = jnp.einsum(f"{out},{kernel_axes}->{x_axes}", dy.astype(jnp.float32) * scale,
+                        kernel.astype(jnp.float32))
     return (dx.astype(x_dtype), np.zeros(kernel.shape, jax.dtypes.float0),
             jnp.zeros_like(scale))
 
@@ -111,14 +179,23 @@ class Int8Embed(nn.Module):
         self.embedding = self.param(
             "embedding", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab", "embed")),
             (cfg.vocab_size, cfg.embed_dim), jnp.int8)
+        g = cfg.quant_group_size  # 0: a scale per row; else per row and block of g: [V, D / g]
         self.scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("vocab",)),
-            (cfg.vocab_size,), jnp.float32)
+            "scale", nn.with_logical_partitioning(nn.initializers.ones,
+                                                  ("vocab", "embed") if g else ("vocab",)),
+            group_shape((cfg.vocab_size, cfg.embed_dim), 1, g) if g else (cfg.vocab_size,),
+            jnp.float32)
 
     def __call__(self, tokens_BxL):
         rows_BxLxD = jnp.take(self.embedding, tokens_BxL, axis=0).astype(jnp.float32)
-        return (rows_BxLxD * jnp.take(self.scale, tokens_BxL)[..., None]).astype(self.config.dtype)
+        scale_BxLxG = jnp.take(self.scale, tokens_BxL, axis=0)
+        if self.config.quant_group_size:
+            rows_BxLxD = dequantize_groups(rows_BxLxD, scale_BxLxG, -1)
+        else:
+            rows_BxLxD = rows_BxLxD * scale_BxLxG[..., None]
+        return rows_BxLxD.astype(self.config.dtype)
 
     def attend(self, x_BxLxD):
-        """Tied logits [B, L, V]: x @ embedding.T, scaled per vocabulary row."""
-        return int8_matmul("bld,vd->blv", x_BxLxD, self.embedding, self.scale)
+        """Tied logits [B, L, V]: x @ embedding.T, scaled per vocabulary row (and block)."""
+        return int8_matmul("bld,vd->blv", x_BxLxD, self.embedding, self.scale,
+                           group_size=self.config.quant_group_size)

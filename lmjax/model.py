@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lmjax.config import ModelConfig
-from lmjax.int8 import Int8Embed, int8_dot, int8_matmul, quantize_int8
+from lmjax.int8 import Int8Embed, group_shape, int8_dot, int8_matmul, quantize_int8
 
 # A KV cache is a list (one entry per layer) of {'k': [C, T, K], 'v': [C, T, K]} with C = B * G
 # rows, one per (sequence, KV head), ordered by KV-head group, then sequence, then head: with the
@@ -309,10 +309,12 @@ class Projection(nn.Module):
         if cfg.quantization == "int8":  # int8 kernel, a float32 scale per output channel
             kernel = self.param("kernel", _partitioned(nn.initializers.zeros, self.names),
                                 self.in_shape + self.out_shape, jnp.int8)
+            g, n_in = cfg.quant_group_size, len(self.in_shape)  # g: per block of inputs too
             scale = self.param("scale", _partitioned(nn.initializers.ones,
-                                                     self.names[len(self.in_shape):]),
-                               self.out_shape, jnp.float32)
-            y = int8_matmul(spec, x, kernel, scale)
+                                                     self.names if g else self.names[n_in:]),
+                               group_shape(self.in_shape + self.out_shape, n_in - 1, g) if g
+                               else self.out_shape, jnp.float32)
+            y = int8_matmul(spec, x, kernel, scale, group_size=g)
         else:
             kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale),
                                                        self.names),

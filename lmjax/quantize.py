@@ -35,14 +35,31 @@ from lmjax import checkpoint, int8
 from lmjax import model as model_lib
 from lmjax.config import ModelConfig
 
-WEIGHTS_DTYPES = ("float32", "bfloat16", "int8")
+# int8_g32: int8 with a scale per output channel and block of 32 input channels (Q8_0's blocks);
+# convert() takes any int8_g<N>.
+WEIGHTS_DTYPES = ("float32", "bfloat16", "int8", "int8_g32")
+
+
+def group_size_of(weights_dtype: str) -> int:
+    """The quant_group_size an int8 weights_dtype names: int8 -> 0 (per output channel),
+    int8_g<N> -> N; ValueError otherwise."""
+    if weights_dtype == "int8":
+        return 0
+    if weights_dtype.startswith("int8_g") and weights_dtype[6:].isdigit() and int(
+            weights_dtype[6:]) > 0:
+        return int(weights_dtype[6:])
+    raise ValueError(f"weights_dtype={weights_dtype!r} is not int8 or int8_g<N>")
 
 
 def check_weights_dtype(weights_dtype: str | None) -> None:
     """ValueError naming the allowed values, before anything is loaded."""
-    if weights_dtype is not None and weights_dtype not in WEIGHTS_DTYPES:
-        raise ValueError(f"weights_dtype={weights_dtype!r} is not one of "
-                         f"{', '.join(WEIGHTS_DTYPES)} (or None: as stored)")
+    if weights_dtype is None or weights_dtype in WEIGHTS_DTYPES:
+        return
+    if weights_dtype.startswith("int8_g"):
+        group_size_of(weights_dtype)
+        return
+    raise ValueError(f"weights_dtype={weights_dtype!r} is not one of "
+                     f"{', '.join(WEIGHTS_DTYPES)}, int8_g<N> (or None: as stored)")
 
 
 def _abstract_flat(model_config: ModelConfig) -> dict:
@@ -59,6 +76,15 @@ def _reduced_axes(path: tuple[str, ...], kernel_ndim: int, scale_ndim: int) -> t
 
 
 _quantize_leaf = jax.jit(int8.quantize_int8, static_argnums=1)
+_quantize_groups_leaf = jax.jit(int8.quantize_int8_groups, static_argnums=(1, 2))
+
+
+def _group_axis(path: tuple[str, ...], kernel_shape, scale_shape) -> int:
+    """The axis a per-block scale splits: the embedding's D, a kernel's last input axis (the
+    one axis where the scale is smaller)."""
+    if path[-2:] == ("embed", "embedding"):
+        return 1
+    return next(i for i, (k, s) in enumerate(zip(kernel_shape, scale_shape)) if k != s)
 
 
 @jax.jit
@@ -66,12 +92,17 @@ def _dequantize_leaf(q, scale_bcast):
     return q.astype(jnp.float32) * scale_bcast
 
 
-def quantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
+def quantize(params: dict, model_config: ModelConfig,
+             group_size: int = 0) -> tuple[dict, ModelConfig]:
     """Float params -> (int8 params, config with quantization='int8') as `model.Transformer`
-    with that config declares them (every kernel and the embedding int8 plus its `scale`)."""
+    with that config declares them (every kernel and the embedding int8 plus its `scale`).
+    group_size > 0: a scale per block of that many input channels as well (Q8_0: 32), along a
+    kernel's last input axis and the embedding's D (`model.quant_group_size`)."""
     if model_config.quantization == "int8":
-        return params, model_config
-    qconfig = dataclasses.replace(model_config, quantization="int8")
+        if model_config.quant_group_size == group_size:
+            return params, model_config
+        params, model_config = dequantize(params, model_config)  # requantized below
+    qconfig = dataclasses.replace(model_config, quantization="int8", quant_group_size=group_size)
     target = _abstract_flat(qconfig)
     flat = traverse_util.flatten_dict(params)
     out = {}
@@ -79,8 +110,11 @@ def quantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConfig
         want = target.get(path)
         if want is not None and want.dtype == jnp.int8:
             scale_shape = target[path[:-1] + ("scale",)].shape
-            axes = _reduced_axes(path, leaf.ndim, len(scale_shape))
-            q, scale = _quantize_leaf(leaf, axes)
+            if group_size:
+                q, scale = _quantize_groups_leaf(leaf, _group_axis(path, leaf.shape,
+                                                                   scale_shape), group_size)
+            else:
+                q, scale = _quantize_leaf(leaf, _reduced_axes(path, leaf.ndim, len(scale_shape)))
             out[path], out[path[:-1] + ("scale",)] = q, scale.reshape(scale_shape)
         else:
             out[path] = leaf
@@ -94,7 +128,7 @@ def dequantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConf
     if model_config.quantization == "none":
         return params, model_config
     fconfig = dataclasses.replace(model_config, quantization="none", param_dtype="float32",
-                                  dtype="float32")
+                                  dtype="float32", quant_group_size=0)
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, leaf in flat.items():
@@ -104,8 +138,12 @@ def dequantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConf
             continue
         if leaf.dtype == jnp.int8:
             scale = flat[path[:-1] + ("scale",)]
-            axes = _reduced_axes(path, leaf.ndim, scale.ndim)
-            out[path] = _dequantize_leaf(leaf, jnp.expand_dims(scale, axes))
+            if scale.ndim == leaf.ndim:  # per block (quant_group_size)
+                out[path] = int8.dequantize_groups(leaf, scale, _group_axis(path, leaf.shape,
+                                                                            scale.shape))
+            else:
+                axes = _reduced_axes(path, leaf.ndim, scale.ndim)
+                out[path] = _dequantize_leaf(leaf, jnp.expand_dims(scale, axes))
         else:
             out[path] = leaf.astype(jnp.float32)
     _check_tree(out, _abstract_flat(fconfig))
@@ -123,12 +161,13 @@ def convert(params: dict, model_config: ModelConfig,
             weights_dtype: str | None) -> tuple[dict, ModelConfig]:
     """The params (and config) in `weights_dtype`: None keeps them as stored; 'float32' and
     'bfloat16' store and compute in that dtype (an int8 model is dequantized); 'int8' quantizes
-    (see the module docstring). Runs once, at load."""
+    (see the module docstring), 'int8_g<N>' with a scale per block of N input channels too.
+    Runs once, at load."""
     check_weights_dtype(weights_dtype)
     if weights_dtype is None:
         return params, model_config
-    if weights_dtype == "int8":
-        return quantize(params, model_config)
+    if weights_dtype.startswith("int8"):
+        return quantize(params, model_config, group_size_of(weights_dtype))
     if weights_dtype == "bfloat16":
         return to_bfloat16(params, model_config)
     params, model_config = dequantize(params, model_config)

@@ -22,7 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir, step folder o
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 _HF_MODEL = flags.DEFINE_string("hf_model", None, "A Hugging Face model folder instead.")
 _OUTPUT = flags.DEFINE_string("output", None, "The folder to write (must not exist).")
-_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", "int8", ["int8", "bfloat16"],
+_WEIGHTS_DTYPE = flags.DEFINE_enum("weights_dtype", "int8", ["int8", "int8_g32", "bfloat16"],
                                    "The stored weights' dtype.")
 
 

@@ -160,6 +160,11 @@ class Engine:
         self.generated_tokens = 0
         self.tokens_per_second = 0.0
         self.compile_seconds = 0.0
+        # Where the decode thread's time went (benchmarks/serve_throughput.py prints it): idle
+        # (no work), admit (prefill and insert), step (the decode step, dispatch to tokens on
+        # the host), output (detokenizing, stop strings, emitting chunks), other.
+        self.seconds = dict.fromkeys(("idle", "admit", "step", "output", "other"), 0.0)
+        self.row_steps = 0  # active rows summed over decode steps
         self.on_finish: list[Callable[[Sequence], None]] = []  # called from the engine thread
         self.on_step: list[Callable[["Engine"], None]] = []
         self._eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None)
@@ -293,15 +298,18 @@ class Engine:
 
     def _loop(self):
         with self.context_manager():
+            clock = time.perf_counter()
             while True:
                 with self._lock:
                     self._lock.wait_for(lambda: self._stopping or (
                         not self._paused and (self._queue or self.active())))
                     if self._stopping and not self.active() and not self._queue:
                         return
+                clock = self._clock("idle", clock)
                 self._free_cancelled()
                 self._admit()
                 self._fit()
+                clock = self._clock("admit", clock)
                 if self.active():
                     try:
                         self._decode()
@@ -311,10 +319,17 @@ class Engine:
                             if row is not None:
                                 self._finish(row, "error", note=str(e))
                         self.batch.reset()
+                clock = time.perf_counter()  # _decode counted its own phases
                 with self._lock:
                     self._lock.notify_all()
                 for hook in self.on_step:
                     hook(self)
+                clock = self._clock("other", clock)
+
+    def _clock(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
 
     def _free_cancelled(self):
         with self._lock:
@@ -383,8 +398,11 @@ class Engine:
         active = [b for b, row in enumerate(self._rows) if row is not None]
         tokens_B, lp_B, top_lp_BxK, top_ids_BxK = self.batch.step(active)
         self.steps += 1
+        self.row_steps += len(active)
+        t1 = self._clock("step", t0)
         for b in active:
             self._record(b, tokens_B[b], lp_B[b], top_lp_BxK[b], top_ids_BxK[b])
+        self._clock("output", t1)
         rate = len(active) / max(time.perf_counter() - t0, 1e-9)
         self.tokens_per_second = rate if self.steps == 1 else (
             0.9 * self.tokens_per_second + 0.1 * rate)

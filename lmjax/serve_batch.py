@@ -32,6 +32,7 @@ same tokens alone or among others.
 from __future__ import annotations
 
 import functools
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -69,14 +70,36 @@ def key_data(seed: int, choice: int) -> np.ndarray:
     return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), choice)))
 
 
+def _sample(scores_BxV, keys_B, rows: RowSettings):
+    """sample_rows, vectorized where the rows agree, else each row on its own (lax.map), so
+    that a greedy row costs an argmax and only the top-k / top-p rows sort their logits.
+    Measured (GPT-2 124M widths, 16 rows, 2 loaded cores): batched sample_rows costs 27 ms
+    when every row samples (40 ms row by row), 170 ms once any row has top-p (it sorts all
+    16 rows; row by row, one top-p row among 15 greedy ones costs 14 ms), and free rows that
+    sampled made a greedy batch pay 28 ms instead of a 2 ms argmax."""
+    V = scores_BxV.shape[-1]
+    greedy_B = rows.temperature_B == 0
+    sorts_B = ~greedy_B & (((rows.top_k_B > 0) & (rows.top_k_B < V)) | (rows.top_p_B < 1.0))
+    settings = (rows.temperature_B, rows.top_k_B, rows.top_p_B)
+
+    def one(args):
+        scores_V, key, *setting = args
+        return lp_lib.sample_rows(scores_V[None], key[None], *(x[None] for x in setting))[0]
+    uniform = jnp.all(~greedy_B) & (jnp.all(sorts_B) | ~jnp.any(sorts_B))
+    return jax.lax.switch(
+        jnp.where(jnp.all(greedy_B), 0, jnp.where(uniform, 1, 2)),
+        [lambda: jnp.argmax(scores_BxV, axis=-1).astype(jnp.int32),
+         lambda: lp_lib.sample_rows(scores_BxV, keys_B, *settings),
+         lambda: jax.lax.map(one, (scores_BxV, keys_B) + settings)])
+
+
 def pick(logits_BxV, seen_BxV, rows: RowSettings):
     """Each row's token `steps` from its logits (processed, then sampled, with its settings),
     the unmodified model's logprob of it and the top ones."""
     keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(rows.keys_Bx2), rows.steps_B)
     scores_BxV = lp_lib.process_rows(logits_BxV, seen_BxV, rows.penalty_B, rows.end_ids_BxE,
                                      rows.min_tokens_B, rows.steps_B)
-    tokens_B = lp_lib.sample_rows(scores_BxV, keys_B, rows.temperature_B, rows.top_k_B,
-                                  rows.top_p_B)
+    tokens_B = _sample(scores_BxV, keys_B, rows)
     logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
     token_lp_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
     top_lp_BxK, top_ids_BxK = jax.lax.top_k(logprobs_BxV, TOP_LOGPROBS)
@@ -190,6 +213,8 @@ class DecodeBatch:
         self.params, self.model_config = params, model_config
         self.slots, self.cache_len = slots, cache_len
         self.context = min(cache_len, model_config.max_len)  # prompt + new tokens at most
+        # A step's time: launching it (arguments to the device), waiting for its tokens.
+        self.dispatch_seconds = self.device_seconds = 0.0
 
     def reset(self) -> None:
         """One free row (the smallest bucket), every row's feed cleared, the write slot at 0.
@@ -206,7 +231,7 @@ class DecodeBatch:
         self.positions = np.zeros(B, np.int32)
         self.settings = RowSettings(
             np.zeros((B,) + key_data(0, 0).shape, np.uint32), np.zeros(B, np.int32),
-            np.ones(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32),
+            np.zeros(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32),
             np.ones(B, np.float32), np.zeros(B, np.int32),
             np.full((B, MAX_END_IDS), -1, np.int32))
 
@@ -303,8 +328,12 @@ class DecodeBatch:
         self.feed[b], self.settings.steps_B[b] = token, steps
 
     def free(self, b: int) -> None:
-        """Row b decodes nothing from now on (a harmless token at position 0)."""
+        """Row b decodes nothing from now on (a harmless greedy token at position 0: free
+        rows sampling would cost a batch of greedy rows its vectorized argmax, `_sample`)."""
         self.positions[b] = self.feed[b] = self.settings.steps_B[b] = 0
+        self.settings.temperature_B[b] = 0.0
+        self.settings.top_k_B[b], self.settings.top_p_B[b] = 0, 1.0
+        self.settings.penalty_B[b], self.settings.min_tokens_B[b] = 1.0, 0
 
     def _run_step(self):
         """One decode step of the rows of the current bucket only.
@@ -332,7 +361,12 @@ class DecodeBatch:
         if self.index >= self.cache_len:
             oldest = max(int(self.positions[b]) for b in active_rows)
             self.set_index(max(oldest, self.cache_len // 2))
-        picked = jax.device_get(self._run_step())
+        t0 = time.perf_counter()
+        picked = self._run_step()
+        t1 = time.perf_counter()
+        picked = jax.device_get(picked)
+        self.dispatch_seconds += t1 - t0
+        self.device_seconds += time.perf_counter() - t1
         self.index += 1
         self.positions[active_rows] += 1
         return picked

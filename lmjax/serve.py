@@ -91,6 +91,7 @@ class Sequence:
     finished: float | None = None
     _logprobs: list[float] = dataclasses.field(default_factory=list)
     _top: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    _launched: int = 0  # tokens generated or in a launched step
 
     @property
     def tokens_needed(self) -> int:
@@ -165,6 +166,8 @@ class Engine:
         # the host), output (detokenizing, stop strings, emitting chunks), other.
         self.seconds = dict.fromkeys(("idle", "admit", "step", "output", "other"), 0.0)
         self.row_steps = 0  # active rows summed over decode steps
+        self._pending = None  # (picked arrays, [(row, sequence)]) of the step in flight
+        self._last_fetch = 0.0
         self.on_finish: list[Callable[[Sequence], None]] = []  # called from the engine thread
         self.on_step: list[Callable[["Engine"], None]] = []
         self._eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None)
@@ -273,7 +276,7 @@ class Engine:
                      "buckets in %.1f s", len(self.batch.row_buckets()),
                      len(self.batch.prompt_buckets()),
                      self.compile_seconds)
-        self._running = True
+        self._running, self._last_fetch = True, time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="lmjax-engine", daemon=True)
         self._thread.start()
         return self.compile_seconds
@@ -315,10 +318,13 @@ class Engine:
                         self._decode()
                     except Exception as e:  # one failure never takes the server down
                         logging.exception("serve: a decode step failed")
+                        self._pending = None
                         for row in self._rows:
                             if row is not None:
                                 self._finish(row, "error", note=str(e))
                         self.batch.reset()
+                else:
+                    self._pending = None  # the rows of the step in flight have all gone
                 clock = time.perf_counter()  # _decode counted its own phases
                 with self._lock:
                     self._lock.notify_all()
@@ -385,34 +391,53 @@ class Engine:
         picked, prompt_lp, L = self.batch.insert(b, seq.prompt_ids, settings,
                                                  seq.prompt_logprobs)
         seq.slot, self._rows[b] = b, seq
+        seq._launched = 1
         first = None
         if prompt_lp is not None:
             lp_L, (top_lp_LxK, top_ids_LxK) = prompt_lp
             first = ([None] + lp_L[L - n + 1:].tolist(),
                      [None] + [dict(zip(i.tolist(), v.tolist())) for i, v in
                                zip(top_ids_LxK[L - n:L - 1], top_lp_LxK[L - n:L - 1])])
-        self._record(b, *picked, prompt=first)
+        self._record(seq, *picked, prompt=first)
 
     def _decode(self):
+        """Launches a step of the rows that still need tokens (`DecodeBatch.step`: step k + 1
+        reads step k's tokens on the device), then reads and records the step launched
+        before it: a sequence's end shows one step late, and the row's extra token is
+        dropped. A row that will have max_tokens once the launched steps land is left out."""
         t0 = time.perf_counter()
-        active = [b for b, row in enumerate(self._rows) if row is not None]
-        tokens_B, lp_B, top_lp_BxK, top_ids_BxK = self.batch.step(active)
-        self.steps += 1
-        self.row_steps += len(active)
+        launch = [(b, row) for b, row in enumerate(self._rows)
+                  if row is not None and row._launched < row.max_tokens]
+        pending = self._pending
+        self._pending = None
+        if launch:
+            for _, row in launch:
+                row._launched += 1
+            self._pending = self.batch.step([b for b, _ in launch]), launch
+            self.steps += 1
+            self.row_steps += len(launch)
+        if pending is None:
+            return
+        picked, rows = pending
+        tokens_B, lp_B, top_lp_BxK, top_ids_BxK = self.batch.fetch(picked)
         t1 = self._clock("step", t0)
-        for b in active:
-            self._record(b, tokens_B[b], lp_B[b], top_lp_BxK[b], top_ids_BxK[b])
+        count = 0
+        for b, seq in rows:
+            if seq.finish_reason is None:  # else it ended (or went) a step before
+                self._record(seq, tokens_B[b], lp_B[b], top_lp_BxK[b], top_ids_BxK[b])
+                count += 1
         self._clock("output", t1)
-        rate = len(active) / max(time.perf_counter() - t0, 1e-9)
-        self.tokens_per_second = rate if self.steps == 1 else (
+        now = time.perf_counter()
+        rate = count / max(now - self._last_fetch, 1e-9)
+        self._last_fetch = now
+        self.tokens_per_second = rate if self.steps <= 1 else (
             0.9 * self.tokens_per_second + 0.1 * rate)
 
     # ------------------------------------------------------------------------------ output
 
-    def _record(self, b: int, token, logprob, top_lp_K, top_ids_K, prompt=None):
-        """Appends row b's new token; emits the text that is safe to emit; finishes the row on
-        an end token, a stop string or max_tokens."""
-        seq = self._rows[b]
+    def _record(self, seq: Sequence, token, logprob, top_lp_K, top_ids_K, prompt=None):
+        """Appends the sequence's new token; emits the text that is safe to emit; finishes it
+        on an end token, a stop string or max_tokens."""
         token = int(token)
         if seq.first_token is None:
             seq.first_token = time.monotonic()
@@ -421,7 +446,6 @@ class Engine:
         seq._logprobs.append(float(logprob))
         seq._top.append(dict(zip(np.asarray(top_ids_K).tolist(),
                                  np.asarray(top_lp_K).tolist())))
-        self.batch.set_token(b, token, len(seq.ids))
         ended = token in self.end_ids(seq)
         text = self.tokenizer.decode(seq.ids)
         cut = find_stop(text, seq.stop, max(0, seq.text_sent - max(map(len, seq.stop),

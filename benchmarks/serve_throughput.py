@@ -68,7 +68,7 @@ def start_server(params, config, slots, cache_len):
         server.should_exit = True
         thread.join()
         engine.stop()
-    return url, stop, compile_s
+    return url, stop, compile_s, engine
 
 
 async def http_request(client, prompt, new_tokens):
@@ -106,9 +106,23 @@ def summarize(name, concurrency, runs, wall, new_tokens):
             "token_p50_ms": 1e3 * pct(gaps, 50), "token_p99_ms": 1e3 * pct(gaps, 99)}
 
 
+def profile(engine, before=None):
+    """Where the engine thread's time went (seconds per phase, decode steps, active rows per
+    step), since `before` (an earlier profile)."""
+    now = {**engine.seconds, "step_dispatch": engine.batch.dispatch_seconds,
+           "step_device": engine.batch.device_seconds, "steps": engine.steps,
+           "row_steps": engine.row_steps}
+    if before is None:
+        return now
+    out = {k: round(v - before[k], 3) for k, v in now.items()}
+    out["rows_per_step"] = round(out["row_steps"] / max(out["steps"], 1), 2)
+    out["step_ms"] = round(1e3 * (out["step"] + out["output"]) / max(out["steps"], 1), 1)
+    return out
+
+
 def serve_rows(params, config, args, prompts):
     rows = []
-    url, stop, compile_s = start_server(params, config, args.slots, args.cache_len)
+    url, stop, compile_s, engine = start_server(params, config, args.slots, args.cache_len)
     print(json.dumps({"server_compile_s": compile_s, "slots": args.slots}), flush=True)
     try:
         for c in args.concurrency:
@@ -117,18 +131,22 @@ def serve_rows(params, config, args, prompts):
                     await http_request(client, prompts[0], 2)  # a warm connection pool
                     return await client_loop(lambda p: http_request(client, p, args.new_tokens),
                                              prompts[:max(args.requests, c)], c)
+            before = profile(engine)
             rows.append(summarize("lmjax-serve", c, *asyncio.run(run()), args.new_tokens))
+            rows[-1]["engine"] = profile(engine, before)
             print(json.dumps(rows[-1]), flush=True)
     finally:
         stop()
-    url, stop, _ = start_server(params, config, 1, args.cache_len)
+    url, stop, _, engine = start_server(params, config, 1, args.cache_len)
     try:
         async def single():
             async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
                 return await client_loop(lambda p: http_request(client, p, args.new_tokens),
                                          prompts[:args.sequential_requests], 1)
+        before = profile(engine)
         rows.append(summarize("one at a time (1 slot)", 1, *asyncio.run(single()),
                               args.new_tokens))
+        rows[-1]["engine"] = profile(engine, before)
         print(json.dumps(rows[-1]), flush=True)
     finally:
         stop()

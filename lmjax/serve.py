@@ -8,31 +8,10 @@ API in front of it.
                                  emit=print))  # emit(Chunk) from the engine thread
     engine.stop()
 
-Shape letters as in decode.py: B slots (cache rows), L padded prompt length (a bucket),
-T cache slots, V vocab, K the top logprobs kept per token (TOP_LOGPROBS).
-
-**The cache.** One KV cache of B rows and T slots (`cache_len`, default model.max_len). Every
-row writes its next token at the same slot `index` (model.py: one in-place write per step); a
-token at slot s with position p attends to its row's slots s - p .. s, so rows of any age sit
-side by side, right-aligned at `index`.
-**Insert.** A request is prefilled alone (decode.prefill, prompt left-padded to its bucket L),
-its L cache slots placed at slots index - L .. index - 1 of a one-sequence row, and that row
-copied into the lowest free row while the other rows keep their place; its first token comes
-from the prefill logits.
-**Step.** One jitted program feeds every row's last token at slot `index` (decode.forward_one)
-and picks each row's next token with its own repetition penalty / min_tokens
-(logits_process.process_rows) and temperature / top-k / top-p (sample_rows); free rows compute
-a harmless token at position 0.
-**Row buckets.** The device state holds only a row bucket B (a power of two, or `slots`) of
-rows, the active ones among the lowest: the step's cost follows the rows it decodes (on a CPU
-it is compute-bound per row, see `_run_step`). A request that finds every row taken grows the
-bucket (one copy); when the active rows fit in half of it, they are compacted into the lower
-half and the bucket shrinks. Every bucket's programs are compiled at start-up.
-**Shift.** When `index` reaches T, the cache rolls left so that the oldest active row starts at
-slot 0 (at least T / 2 slots are freed when the rows allow it): one cache copy per T / 2 steps.
-**Randomness.** Sequence i of a request with seed s draws token t with
-fold_in(fold_in(key(s), i), t), as `generate` draws row i's token t: a seeded request gives the
-same tokens alone or among others.
+The device side (the KV-cache rows in a row bucket, the jitted prefill / insert / step
+programs, the cache shift, the per-row randomness) is serve_batch.py's DecodeBatch; this module
+schedules sequences over its rows: a bounded queue, admission into free rows (growing the row
+bucket), compaction when the active rows fit in half of it, and the output of every step.
 
 Stop strings and end tokens are checked on the host after each step, on the decoded text: text
 that could still become a stop string is held back, so that it never leaks into a chunk.
@@ -41,26 +20,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import secrets
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lmjax import config as config_lib, decode, model as model_lib, sharding
-from lmjax import logits_process as lp_lib
 from lmjax.config import ModelConfig
-from lmjax.decode import CacheLayout
-
-TOP_LOGPROBS = 5  # top log-probabilities kept per token (OpenAI's completions allow up to 5)
-MAX_END_IDS = 8  # end tokens per sequence (the tokenizer's and its own)
+from lmjax.serve_batch import MAX_END_IDS, DecodeBatch, key_data
 
 
 class Overloaded(Exception):
@@ -119,134 +91,11 @@ class Sequence:
     finished: float | None = None
     _logprobs: list[float] = dataclasses.field(default_factory=list)
     _top: list[dict[int, float]] = dataclasses.field(default_factory=list)
+    _launched: int = 0  # tokens generated or in a launched step
 
     @property
     def tokens_needed(self) -> int:
         return len(self.prompt_ids) + self.max_tokens
-
-
-# ------------------------------------------------------------------------------ jitted programs
-
-
-class RowSettings(NamedTuple):
-    """Each decode row's sampling settings (arrays [B]; `end_ids` [B, MAX_END_IDS], -1 where
-    none): a pytree argument of the jitted programs, so new values never compile anew."""
-
-    keys_Bx2: Any  # uint32 key data of fold_in(key(seed), choice)
-    steps_B: Any  # tokens generated so far (the next token's draw is fold_in(key, steps))
-    temperature_B: Any
-    top_k_B: Any
-    top_p_B: Any
-    penalty_B: Any  # repetition_penalty (1.0: off)
-    min_tokens_B: Any  # end tokens are banned before this many tokens
-    end_ids_BxE: Any  # the row's end tokens (for min_tokens)
-
-
-def _key_data(seed: int, choice: int) -> np.ndarray:
-    """uint32 key data of fold_in(key(seed), choice): what `generate` gives row `choice`."""
-    return np.asarray(jax.random.key_data(jax.random.fold_in(jax.random.key(seed), choice)))
-
-
-def _pick(logits_BxV, seen_BxV, rows: RowSettings):
-    """Each row's token `steps` from its logits (processed, then sampled, with its settings),
-    the unmodified model's logprob of it and the top ones."""
-    keys_B = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(rows.keys_Bx2), rows.steps_B)
-    scores_BxV = lp_lib.process_rows(logits_BxV, seen_BxV, rows.penalty_B, rows.end_ids_BxE,
-                                     rows.min_tokens_B, rows.steps_B)
-    tokens_B = lp_lib.sample_rows(scores_BxV, keys_B, rows.temperature_B, rows.top_k_B,
-                                  rows.top_p_B)
-    logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
-    token_lp_B = jnp.take_along_axis(logprobs_BxV, tokens_B[:, None], axis=-1)[:, 0]
-    top_lp_BxK, top_ids_BxK = jax.lax.top_k(logprobs_BxV, TOP_LOGPROBS)
-    return tokens_B, token_lp_B, top_lp_BxK, top_ids_BxK
-
-
-@functools.partial(jax.jit, static_argnames=("model_config", "layout"), donate_argnames="state")
-def _decode_step(params, state, index, tokens_B, positions_B, rows: RowSettings, *,
-                 model_config: ModelConfig, layout: CacheLayout):
-    """Every row's token in at slot `index`; out: each row's next token (see `_pick`), and the
-    state {cache, seen} with the new tokens in. Compiled once per row bucket B."""
-    logits_BxV, cache = decode.forward_one(params, model_config, tokens_B, positions_B,
-                                           state["cache"], index, layout)
-    picked = _pick(logits_BxV, state["seen"], rows)
-    B = tokens_B.shape[0]
-    seen_BxV = state["seen"].at[jnp.arange(B), picked[0]].set(True)
-    return picked, {"cache": cache, "seen": seen_BxV}
-
-
-@functools.partial(jax.jit, static_argnames=("model_config", "layout", "cache_len",
-                                             "prompt_logprobs"))
-def _prefill(params, prompt_1xL, length_1, index, rows_1: RowSettings, *,
-             model_config: ModelConfig, layout: CacheLayout, cache_len: int,
-             prompt_logprobs: bool):
-    """Prefills one prompt and picks its first token: (picked, prompt logprobs or None, its
-    cache row of `cache_len` slots with the prompt at slots index - L .. index - 1, its seen
-    tokens [1, V]). With `prompt_logprobs`, the prompt's logprobs [1, L] (of the token at each
-    slot given the slots before) and top logprobs [1, L, K] (of the slot after each slot).
-    Compiled once per prompt bucket L (the row is placed here, so that `_insert` is not)."""
-    L = prompt_1xL.shape[1]
-    V = model_config.vocab_size
-    # The logits of every slot only for prompt logprobs: the vocabulary projection of L slots
-    # would cost as much as the rest of GPT-2 124M's prefill.
-    logits, row_cache = decode.prefill(params, model_config, prompt_1xL, length_1, L, layout,
-                                       every_slot=prompt_logprobs)
-    logits_1xLxV = logits if prompt_logprobs else logits[:, None]
-    row_cache = jax.tree.map(
-        lambda x_ExLxK: jax.lax.dynamic_update_slice(
-            jnp.zeros((x_ExLxK.shape[0], cache_len, x_ExLxK.shape[2]), x_ExLxK.dtype),
-            x_ExLxK, (0, index - L, 0)), row_cache)
-    real_1xL = jnp.where(jnp.arange(L) >= L - length_1[:, None], prompt_1xL, -1)
-    seen_1xV = lp_lib.token_mask(real_1xL, V)
-    picked = _pick(logits_1xLxV[:, -1], seen_1xV, rows_1)
-    seen_1xV = seen_1xV.at[0, picked[0][0]].set(True)
-    if not prompt_logprobs:
-        return picked, None, row_cache, seen_1xV
-    logprobs_1xLxV = jax.nn.log_softmax(logits_1xLxV.astype(jnp.float32), axis=-1)
-    next_lp_1xL = jnp.take_along_axis(logprobs_1xLxV[:, :-1], prompt_1xL[:, 1:, None],
-                                      axis=-1)[..., 0]
-    top = jax.lax.top_k(logprobs_1xLxV, TOP_LOGPROBS)
-    return picked, (jnp.pad(next_lp_1xL, ((0, 0), (1, 0))), top), row_cache, seen_1xV
-
-
-def _sequences_view(x_CxTxK, groups: int, sequences: int):
-    """[C, T, K] cache rows -> [J, B, E, T, K] (KV-head groups, sequences, heads; model.py)."""
-    C, T, K = x_CxTxK.shape
-    return x_CxTxK.reshape(groups, sequences, C // (groups * sequences), T, K)
-
-
-@functools.partial(jax.jit, static_argnames="layout", donate_argnames="state")
-def _insert(state, row_cache, seen_1xV, slot, *, layout: CacheLayout):
-    """The state with sequence `slot`'s cache row and seen tokens replaced by a prefilled
-    one-sequence row (`_prefill`). Compiled once per row bucket."""
-    J, B = layout.groups, state["seen"].shape[0]
-
-    def insert(x_CxTxK, row_ExTxK):
-        x_JxBxExTxK = _sequences_view(x_CxTxK, J, B)
-        row_Jx1xExTxK = _sequences_view(row_ExTxK.astype(x_CxTxK.dtype), J, 1)
-        out = jax.lax.dynamic_update_slice(x_JxBxExTxK, row_Jx1xExTxK, (0, slot, 0, 0, 0))
-        return out.reshape(x_CxTxK.shape)
-    cache = decode.shard_cache(jax.tree.map(insert, state["cache"], row_cache), layout)
-    return {"cache": cache, "seen": state["seen"].at[slot].set(seen_1xV[0])}
-
-
-@functools.partial(jax.jit, static_argnames="layout")  # a new shape: nothing to donate
-def _take_rows(state, rows_N, *, layout: CacheLayout):
-    """The state of N sequences whose sequence n is the state's sequence rows[n]: how the
-    engine grows (rows repeated: the new ones are free) and shrinks (active rows first) its
-    row bucket. Compiled once per (old, new) bucket pair."""
-    J, B = layout.groups, state["seen"].shape[0]
-
-    def take(x_CxTxK):
-        x_JxNxExTxK = jnp.take(_sequences_view(x_CxTxK, J, B), rows_N, axis=1)
-        return x_JxNxExTxK.reshape(-1, *x_CxTxK.shape[1:])
-    cache = decode.shard_cache(jax.tree.map(take, state["cache"]), layout)
-    return {"cache": cache, "seen": state["seen"][rows_N]}
-
-
-@functools.partial(jax.jit, donate_argnames="cache")
-def _shift(cache, shift):
-    """Every row's slots moved `shift` to the left (negative: right), wrapping around."""
-    return jax.tree.map(lambda x_CxTxK: jnp.roll(x_CxTxK, -shift, axis=1), cache)
 
 
 # ----------------------------------------------------------------------------- stop strings
@@ -297,7 +146,8 @@ class Engine:
         self.cache_len = cache_len or model_config.max_len
         if not 2 <= self.cache_len:
             raise ValueError(f"cache_len={self.cache_len} must be >= 2")
-        self.context = min(self.cache_len, model_config.max_len)  # prompt + max_tokens
+        self.batch = DecodeBatch(params, model_config, slots, self.cache_len)
+        self.context = self.batch.context  # prompt + max_tokens
         self.max_queue, self.max_queued_tokens = max_queue, max_queued_tokens
         self.mesh, self.rules = mesh, rules
         self.prefills_per_step = prefills_per_step
@@ -311,6 +161,13 @@ class Engine:
         self.generated_tokens = 0
         self.tokens_per_second = 0.0
         self.compile_seconds = 0.0
+        # Where the decode thread's time went (benchmarks/serve_throughput.py prints it): idle
+        # (no work), admit (prefill and insert), step (the decode step, dispatch to tokens on
+        # the host), output (detokenizing, stop strings, emitting chunks), other.
+        self.seconds = dict.fromkeys(("idle", "admit", "step", "output", "other"), 0.0)
+        self.row_steps = 0  # active rows summed over decode steps
+        self._pending = None  # (picked arrays, [(row, sequence)]) of the step in flight
+        self._last_fetch = 0.0
         self.on_finish: list[Callable[[Sequence], None]] = []  # called from the engine thread
         self.on_step: list[Callable[["Engine"], None]] = []
         self._eos = tuple(i for i in (getattr(tokenizer, "eos_id", None),) if i is not None)
@@ -412,13 +269,14 @@ class Engine:
         """Compiles every program (returns the seconds it took) and starts the decode thread."""
         t0 = time.perf_counter()
         with self.context_manager():
-            self._init_state()
-            self._warm_up()
+            self.batch.reset()
+            self.batch.warm_up()
         self.compile_seconds = time.perf_counter() - t0
         logging.info("serve: compiled the decode step for %d row buckets and %d prefill "
-                     "buckets in %.1f s", len(self.row_buckets()), len(self.buckets()),
+                     "buckets in %.1f s", len(self.batch.row_buckets()),
+                     len(self.batch.prompt_buckets()),
                      self.compile_seconds)
-        self._running = True
+        self._running, self._last_fetch = True, time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="lmjax-engine", daemon=True)
         self._thread.start()
         return self.compile_seconds
@@ -439,119 +297,45 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def row_buckets(self) -> list[int]:
-        """Decode-row counts compiled at start-up: powers of two below `slots`, and `slots`."""
-        return [b for b in (1 << i for i in range(self.slots.bit_length())) if b < self.slots
-                ] + [self.slots]
-
-    def buckets(self) -> list[int]:
-        """Prefill lengths compiled at start-up: decode.bucket_length of every prompt length."""
-        top = min(self.cache_len, self.model_config.max_len)
-        return sorted({decode.bucket_length(n, top) for n in range(1, self.context)})
-
-    # ------------------------------------------------------------------------------ state
-
-    def _init_state(self):
-        B, V = self.slots, self.model_config.vocab_size
-        self._layout = decode.cache_layout(self.model_config)
-        self._bucket = 1  # rows of the device state now (a row bucket); rows >= it are free
-        self._state = {"cache": decode.new_cache(self.model_config, 1, self.cache_len,
-                                                 self._layout),
-                       "seen": jnp.zeros((1, V), bool)}
-        self._index = 0
-        self._feed = np.zeros(B, np.int32)
-        self._positions = np.zeros(B, np.int32)
-        self._settings = RowSettings(
-            np.zeros((B,) + _key_data(0, 0).shape, np.uint32), np.zeros(B, np.int32),
-            np.ones(B, np.float32), np.zeros(B, np.int32), np.ones(B, np.float32),
-            np.ones(B, np.float32), np.zeros(B, np.int32),
-            np.full((B, MAX_END_IDS), -1, np.int32))
-
-    def _rows_settings(self, rows) -> RowSettings:
-        return RowSettings(*(x[rows] for x in self._settings))
-
-    def _warm_up(self):
-        """Runs each program once on free rows: every compile happens here (prefill once per
-        prompt bucket; step, insert and shift once per row bucket; growing and shrinking
-        between neighbouring row buckets)."""
-        self._set_index(self.cache_len)
-        for L in self.buckets():
-            self._prefill_row(np.zeros((1, L), np.int32), 1, prompt_logprobs=False)
-        for i, nb in enumerate(self.row_buckets()):
-            if i:
-                self._resize(nb)
-            self._state = _insert(self._state, *self._prefill_row(np.zeros((1, self.buckets()[0]), np.int32), 1,
-                                                                  False)[2:], np.int32(0),
-                                  layout=self._layout)
-            self._run_step()
-            self._set_index(self.cache_len - 1)
-            self._set_index(self.cache_len)
-        while self._bucket > 1:
-            self._resize(self.row_buckets()[self.row_buckets().index(self._bucket) - 1])
-        self._set_index(0)
-        jax.block_until_ready(self._state)
-
-    def _set_index(self, index: int):
-        """Moves every row so that the next token goes in at slot `index`."""
-        if index != self._index:
-            self._state["cache"] = _shift(self._state["cache"], np.int32(self._index - index))
-            self._index = index
-
-    def _resize(self, nb: int):
-        """Grows or shrinks the device state to `nb` rows (a row bucket). Shrinking first moves
-        the active rows at or beyond `nb` into free rows below it (the compaction)."""
-        if nb > self._bucket:
-            rows = np.arange(nb) % self._bucket  # the new rows are free: copies will do
-        else:
-            rows = np.arange(nb)
-            holes = [b for b in range(nb) if self._rows[b] is None]
-            movers = [b for b in range(nb, self._bucket) if self._rows[b] is not None]
-            assert len(movers) <= len(holes), (movers, holes)
-            for hole, mover in zip(holes, movers):
-                rows[hole] = mover
-                seq, self._rows[mover] = self._rows[mover], None
-                seq.slot, self._rows[hole] = hole, seq
-            for x in (self._feed, self._positions) + tuple(self._settings):
-                x[:nb] = x[rows]
-        self._state = _take_rows(self._state, rows.astype(np.int32), layout=self._layout)
-        self._bucket = nb
-
-    def _fit(self):
-        """Shrinks the row bucket while the active rows fit in half of it (the step's cost
-        follows the rows it decodes, see `_run_step`)."""
-        buckets = self.row_buckets()
-        while self._bucket > 1:
-            smaller = buckets[buckets.index(self._bucket) - 1]
-            if self.active() > smaller:
-                return
-            self._resize(smaller)
-
     # ------------------------------------------------------------------------------- loop
 
     def _loop(self):
         with self.context_manager():
+            clock = time.perf_counter()
             while True:
                 with self._lock:
                     self._lock.wait_for(lambda: self._stopping or (
                         not self._paused and (self._queue or self.active())))
                     if self._stopping and not self.active() and not self._queue:
                         return
+                clock = self._clock("idle", clock)
                 self._free_cancelled()
                 self._admit()
                 self._fit()
+                clock = self._clock("admit", clock)
                 if self.active():
                     try:
                         self._decode()
                     except Exception as e:  # one failure never takes the server down
                         logging.exception("serve: a decode step failed")
+                        self._pending = None
                         for row in self._rows:
                             if row is not None:
                                 self._finish(row, "error", note=str(e))
-                        self._init_state()
+                        self.batch.reset()
+                else:
+                    self._pending = None  # the rows of the step in flight have all gone
+                clock = time.perf_counter()  # _decode counted its own phases
                 with self._lock:
                     self._lock.notify_all()
                 for hook in self.on_step:
                     hook(self)
+                clock = self._clock("other", clock)
+
+    def _clock(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - since
+        return now
 
     def _free_cancelled(self):
         with self._lock:
@@ -574,91 +358,86 @@ class Engine:
                 seq = self._queue.popleft()
                 self._queued_tokens -= seq.tokens_needed
             try:
-                while free[0] >= self._bucket:
-                    buckets = self.row_buckets()
-                    self._resize(buckets[buckets.index(self._bucket) + 1])
+                while free[0] >= self.batch.bucket:
+                    buckets = self.batch.row_buckets()
+                    self._resize(buckets[buckets.index(self.batch.bucket) + 1])
                 self._insert(seq, free[0])
             except Exception as e:
                 logging.exception("serve: a prefill failed")
                 self._rows[free[0]] = None
                 self._finish(seq, "error", note=str(e))
 
-    def _prefill_row(self, prompt_1xL, n: int, prompt_logprobs: bool, b: int = 0):
-        return _prefill(self.params, prompt_1xL, np.array([n], np.int32), np.int32(self._index),
-                        self._rows_settings(slice(b, b + 1)), model_config=self.model_config,
-                        layout=self._layout, cache_len=self.cache_len,
-                        prompt_logprobs=prompt_logprobs)
+    def _resize(self, nb: int):
+        """The row bucket grown or shrunk to nb rows; sequences moved by the compaction follow."""
+        for mover, hole in self.batch.resize(nb, [r is not None for r in self._rows]):
+            seq, self._rows[mover] = self._rows[mover], None
+            seq.slot, self._rows[hole] = hole, seq
+
+    def _fit(self):
+        """Shrinks the row bucket while the active rows fit in half of it (a step's cost
+        follows the rows it decodes, see serve_batch.DecodeBatch)."""
+        buckets = self.batch.row_buckets()
+        while self.batch.bucket > 1:
+            smaller = buckets[buckets.index(self.batch.bucket) - 1]
+            if self.active() > smaller:
+                return
+            self._resize(smaller)
 
     def _insert(self, seq: Sequence, b: int):
-        n = len(seq.prompt_ids)
-        L = decode.bucket_length(n, min(self.cache_len, self.model_config.max_len))
-        if self._index < L:
-            self._set_index(L)
-        prompt = np.zeros((1, L), np.int32)
-        prompt[0, L - n:] = seq.prompt_ids
-        ends = self.end_ids(seq)
-        settings = (_key_data(seq.seed, seq.choice), 0, seq.temperature, seq.top_k, seq.top_p,
+        n, ends = len(seq.prompt_ids), self.end_ids(seq)
+        settings = (key_data(seq.seed, seq.choice), 0, seq.temperature, seq.top_k, seq.top_p,
                     seq.repetition_penalty, seq.min_tokens,
                     list(ends) + [-1] * (MAX_END_IDS - len(ends)))
-        for x, value in zip(self._settings, settings):
-            x[b] = value
-        picked, prompt_lp, row_cache, seen_1xV = self._prefill_row(prompt, n,
-                                                                   seq.prompt_logprobs, b)
-        self._state = _insert(self._state, row_cache, seen_1xV, np.int32(b),
-                              layout=self._layout)
+        picked, prompt_lp, L = self.batch.insert(b, seq.prompt_ids, settings,
+                                                 seq.prompt_logprobs)
         seq.slot, self._rows[b] = b, seq
-        self._positions[b] = n
+        seq._launched = 1
         first = None
         if prompt_lp is not None:
-            lp_1xL, (top_lp_1xLxK, top_ids_1xLxK) = jax.device_get(prompt_lp)
-            first = ([None] + lp_1xL[0, L - n + 1:].tolist(),
+            lp_L, (top_lp_LxK, top_ids_LxK) = prompt_lp
+            first = ([None] + lp_L[L - n + 1:].tolist(),
                      [None] + [dict(zip(i.tolist(), v.tolist())) for i, v in
-                               zip(top_ids_1xLxK[0, L - n:L - 1], top_lp_1xLxK[0, L - n:L - 1])])
-        self._record(b, *(np.asarray(x)[0] for x in picked), prompt=first)
-
-    def _run_step(self):
-        """One decode step of the rows of the current bucket only.
-
-        Why buckets: on a CPU the step is compute-bound from one row on (GPT-2 124M, f32,
-        T = 512, 2 loaded cores: 130 ms for 1 row, 906 ms for 16, 1592 ms for 32; a cache of
-        64 instead of 512 slots saves only 20% at 16 rows: the cost is the dense layers'
-        per-row FLOPs, not the cache), so a step over every slot made one request on a 32-slot
-        server pay for 32 rows. The rows are kept in the lowest rows of the smallest bucket
-        that holds them (`_admit` grows it, `_fit` compacts and shrinks it; each resize is one
-        copy of the rows, about a step's cache traffic, and happens only when the number of
-        active rows crosses a power of two). Slicing rows out of one full-size cache instead
-        costs a copy of those rows every step (measured: 37% slower than a 16-row cache)."""
-        nb = self._bucket
-        picked, self._state = _decode_step(
-            self.params, self._state, np.int32(self._index), self._feed[:nb],
-            self._positions[:nb], self._rows_settings(slice(0, nb)),
-            model_config=self.model_config, layout=self._layout)
-        return picked
+                               zip(top_ids_LxK[L - n:L - 1], top_lp_LxK[L - n:L - 1])])
+        self._record(seq, *picked, prompt=first)
 
     def _decode(self):
-        if self._index >= self.cache_len:
-            oldest = max(int(self._positions[b]) for b, r in enumerate(self._rows) if r)
-            self._set_index(max(oldest, self.cache_len // 2))
+        """Launches a step of the rows that still need tokens (`DecodeBatch.step`: step k + 1
+        reads step k's tokens on the device), then reads and records the step launched
+        before it: a sequence's end shows one step late, and the row's extra token is
+        dropped. A row that will have max_tokens once the launched steps land is left out."""
         t0 = time.perf_counter()
-        tokens_B, lp_B, top_lp_BxK, top_ids_BxK = jax.device_get(self._run_step())
-        self._index += 1
-        self.steps += 1
+        launch = [(b, row) for b, row in enumerate(self._rows)
+                  if row is not None and row._launched < row.max_tokens]
+        pending = self._pending
+        self._pending = None
+        if launch:
+            for _, row in launch:
+                row._launched += 1
+            self._pending = self.batch.step([b for b, _ in launch]), launch
+            self.steps += 1
+            self.row_steps += len(launch)
+        if pending is None:
+            return
+        picked, rows = pending
+        tokens_B, lp_B, top_lp_BxK, top_ids_BxK = self.batch.fetch(picked)
+        t1 = self._clock("step", t0)
         count = 0
-        for b, row in enumerate(self._rows[:self._bucket]):
-            if row is not None:
-                self._positions[b] += 1
-                self._record(b, tokens_B[b], lp_B[b], top_lp_BxK[b], top_ids_BxK[b])
+        for b, seq in rows:
+            if seq.finish_reason is None:  # else it ended (or went) a step before
+                self._record(seq, tokens_B[b], lp_B[b], top_lp_BxK[b], top_ids_BxK[b])
                 count += 1
-        rate = count / max(time.perf_counter() - t0, 1e-9)
-        self.tokens_per_second = rate if self.steps == 1 else (
+        self._clock("output", t1)
+        now = time.perf_counter()
+        rate = count / max(now - self._last_fetch, 1e-9)
+        self._last_fetch = now
+        self.tokens_per_second = rate if self.steps <= 1 else (
             0.9 * self.tokens_per_second + 0.1 * rate)
 
     # ------------------------------------------------------------------------------ output
 
-    def _record(self, b: int, token, logprob, top_lp_K, top_ids_K, prompt=None):
-        """Appends row b's new token; emits the text that is safe to emit; finishes the row on
-        an end token, a stop string or max_tokens."""
-        seq = self._rows[b]
+    def _record(self, seq: Sequence, token, logprob, top_lp_K, top_ids_K, prompt=None):
+        """Appends the sequence's new token; emits the text that is safe to emit; finishes it
+        on an end token, a stop string or max_tokens."""
         token = int(token)
         if seq.first_token is None:
             seq.first_token = time.monotonic()
@@ -667,7 +446,6 @@ class Engine:
         seq._logprobs.append(float(logprob))
         seq._top.append(dict(zip(np.asarray(top_ids_K).tolist(),
                                  np.asarray(top_lp_K).tolist())))
-        self._feed[b], self._settings.steps_B[b] = token, len(seq.ids)
         ended = token in self.end_ids(seq)
         text = self.tokenizer.decode(seq.ids)
         cut = find_stop(text, seq.stop, max(0, seq.text_sent - max(map(len, seq.stop),
@@ -703,8 +481,7 @@ class Engine:
         seq.finish_reason, seq.finished = reason, time.monotonic()
         if seq.slot is not None and self._rows[seq.slot] is seq:
             self._rows[seq.slot] = None
-            self._positions[seq.slot] = self._feed[seq.slot] = 0
-            self._settings.steps_B[seq.slot] = 0
+            self.batch.free(seq.slot)
         _send(seq, chunk or Chunk(note if reason == "error" else "", [], [], [], reason))
         for hook in self.on_finish:
             hook(seq)
@@ -717,14 +494,3 @@ def _send(seq: Sequence, chunk: Chunk) -> None:
     except Exception:  # one failed request never takes the server down
         logging.exception("serve: a sequence's emit callback failed")
         seq.cancelled = True
-
-
-def place_on_mesh(params: Any, model_config: ModelConfig, tensor: int = 1, fsdp: int = 1):
-    """(params sharded by the default rules, mesh, rules) on a (data, fsdp, tensor) mesh of
-    every device (data = the rest): what `Engine(mesh=..., rules=...)` runs on."""
-    mesh_config = config_lib.default_config().mesh
-    mesh_config.update(data=-1, fsdp=fsdp, tensor=tensor)
-    mesh = sharding.make_mesh(mesh_config)
-    rules = sharding.rules(mesh_config, model_config, mesh.shape)
-    shardings = sharding.logical_to_sharding(model_lib.logical_axes(model_config), mesh, rules)
-    return jax.device_put(params, shardings), mesh, rules

@@ -29,7 +29,8 @@ import prometheus_client as prom
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lmjax.serve import MAX_END_IDS, TOP_LOGPROBS, Chunk, Engine, Overloaded, Sequence, ServeError
+from lmjax.serve import Chunk, Engine, Overloaded, Sequence, ServeError
+from lmjax.serve_batch import MAX_END_IDS, TOP_LOGPROBS
 
 MAX_N = 64  # choices per prompt
 MAX_STOP = 16  # stop strings per request

@@ -7,7 +7,7 @@ import json
 
 import jax
 
-from lmjax import serve, tokenizers
+from lmjax import serve, serve_batch, tokenizers
 from lmjax.config import preset
 from lmjax.model import init_params
 
@@ -21,7 +21,7 @@ def tokens(params, config, tokenizer, **mesh):
             for i, p in enumerate(prompts) for t, k in ((0.0, 0), (1.0, 8))]
     engine.submit(seqs)
     assert engine.wait_until(lambda e: all(s.finish_reason for s in seqs), 300)
-    sharded = not engine._state["cache"][0]["k"].sharding.is_fully_replicated
+    sharded = not engine.batch.state["cache"][0]["k"].sharding.is_fully_replicated
     engine.stop()
     return [s.ids for s in seqs], sharded
 
@@ -32,7 +32,7 @@ def main():
                     num_layers=2, num_heads=4, num_kv_heads=2, init_std=0.3, max_len=64)
     params = init_params(config, jax.random.key(0))
     single, _ = tokens(jax.device_put(params, jax.devices()[0]), config, tokenizer)
-    sharded, mesh, rules = serve.place_on_mesh(params, config, tensor=2)
+    sharded, mesh, rules = serve_batch.place_on_mesh(params, config, tensor=2)
     on_mesh, cache_sharded = tokens(sharded, config, tokenizer, mesh=mesh, rules=rules)
     print(json.dumps({"devices": jax.device_count(), "single": single, "mesh": on_mesh,
                       "cache_sharded": cache_sharded}))

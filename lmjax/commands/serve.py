@@ -17,7 +17,7 @@ import sys
 
 from absl import app, flags, logging
 
-from lmjax import checkpoint, serve, serve_http
+from lmjax import checkpoint, serve, serve_batch, serve_http
 from lmjax.commands import common
 
 _MODEL = common.define_model_flags()
@@ -65,7 +65,7 @@ def main(argv):
         params, model_config, tokenizer = load_model()
         mesh = rules = None
         if _TENSOR.value > 1 or _FSDP.value > 1:
-            params, mesh, rules = serve.place_on_mesh(params, model_config, _TENSOR.value,
+            params, mesh, rules = serve_batch.place_on_mesh(params, model_config, _TENSOR.value,
                                                       _FSDP.value)
         engine = serve.Engine(params, model_config, tokenizer, slots=_SLOTS.value,
                               cache_len=_CACHE_LEN.value, max_queue=_MAX_QUEUE.value,

@@ -6,7 +6,10 @@ GPT-2 124M shapes (random f32 weights, `--layers` to shrink), random prompts of 
 keeps `concurrency` requests in flight. Reported per row:
   * output tokens/s: all generated tokens / wall time of the row;
   * TTFT p50/p99: request sent -> first streamed token;
-  * per-token latency p50/p99: gaps between a request's consecutive streamed tokens.
+  * per-token latency p50/p99: gaps between a request's consecutive streamed tokens;
+  * engine: where the engine thread's time went (Engine.seconds: idle, admit = prefill and
+    insert, step = launch and wait, output = detokenizing / stop strings / chunks; the step's
+    launch and device wait; steps and active rows per step).
 Rows: the server (--slots decode slots) at concurrency 1, 4, 16, 32; the same requests one at a
 time through a one-slot server ("no batching"); and Hugging Face `GPT2LMHeadModel.generate`
 with a TextIteratorStreamer (what `pipeline("text-generation")` runs for one prompt), one

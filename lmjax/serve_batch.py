@@ -1,6 +1,7 @@
 """The serving engine's device side (serve.py schedules requests over it): the decode rows'
-state (KV cache, seen tokens, last tokens) in a row bucket, the jitted programs over it (prefill, insert,
-decode step, resize, shift), and each row's host-side position and sampling settings.
+state (KV cache, seen tokens, last tokens) in a row bucket, the jitted programs over it
+(prefill, insert, decode step, resize, shift), and each row's host-side position and sampling
+settings.
 
 Shape letters as in decode.py: B rows (KV-cache rows; the row bucket), L padded prompt length
 (a bucket), T cache slots, V vocab, K the top logprobs kept per token (TOP_LOGPROBS).

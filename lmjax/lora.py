@@ -173,7 +173,8 @@ def apply_adapter(params: dict, config: ModelConfig, adapter: str) -> tuple[dict
 
 def _modules(config: ModelConfig):
     """(Hugging Face module name, its lmjax kernel paths, in_dims, transposed) of every weight
-    matrix a LoRA target can adapt, from hf_layout.py's tensor table (GPT-2's c_attn: three paths)."""
+    matrix a LoRA target can adapt, from hf_layout.py's tensor table (GPT-2's c_attn: three
+    paths)."""
     rules = hf_layout.tensor_rules(config, hf_layout.default_model_type(config))  # one table
     return [(rule.name[:-len(".weight")], rule.paths, rule.in_dims)
             for rule in rules if rule.paths[0][-1] == "kernel"
@@ -220,7 +221,8 @@ def export_peft(folder: str, params: dict, config: ModelConfig,
         "base_model_name_or_path": base_model_name_or_path, "r": r,
         "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
         "target_modules": sorted(targets),
-        "fan_in_fan_out": hf_layout.default_model_type(config) == "gpt2",  # Conv1D: [in, out] weights
+        # Conv1D: [in, out] weights
+        "fan_in_fan_out": hf_layout.default_model_type(config) == "gpt2",
         "bias": "none", "use_rslora": config.lora_use_rslora, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "init_lora_weights": True, "inference_mode": True,
         "modules_to_save": None, "use_dora": False}

@@ -3,7 +3,7 @@
 * `generation_metrics`: corpus BLEU and chrF by `sacrebleu` (with their signatures) and mean
   ROUGE-1/2/L/Lsum F-measures by `rouge-score`; nothing here re-implements a metric.
 * `generate_texts`: the completions to score (`sample.sample_text`), cut at stop strings as
-  lm-evaluation-harness cuts them (`cut_at_stop`).
+  lm-evaluation-harness cuts them (`sample.cut_at_stop`).
 * `classification`: accuracy, macro-F1 and the confusion matrix of an encoder classifier
   (`classify.predict`'s labels, scored by `objectives.confusion_metrics`, what the
   classification training's evaluation reports).
@@ -65,14 +65,6 @@ def generation_metrics(predictions: Sequence[str], references: Sequence) -> dict
             "predictions": len(predictions)}
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """`text` up to the first occurrence of any stop string (lm-evaluation-harness's cut)."""
-    for s in stop:
-        if s:
-            text = text.split(s)[0]
-    return text
-
-
 def generate_texts(params, model_config: ModelConfig, tokenizer, prompts: Sequence[str],
                    sampling: sample.SamplingConfig, stop: Sequence[str] = (), seed: int = 0,
                    batch_size: int = 8) -> list[str]:
@@ -84,7 +76,7 @@ def generate_texts(params, model_config: ModelConfig, tokenizer, prompts: Sequen
         out += sample.sample_text(params, model_config, tokenizer,
                                   list(prompts[start:start + batch_size]), sampling,
                                   seed + start)
-    return [cut_at_stop(text, stop) for text in out]
+    return [sample.cut_at_stop(text, stop) for text in out]
 
 
 # ----------------------------------------------------------------------------- classification

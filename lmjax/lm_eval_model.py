@@ -35,7 +35,7 @@ from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
-from lmjax import eval_metrics, evaluate, hf, lora, sample
+from lmjax import evaluate, hf, lora, sample
 
 
 @register_model("lmjax")
@@ -165,7 +165,7 @@ class LmjaxLM(TemplateLM):
                 tokens, lengths = np.asarray(tokens), np.asarray(lengths)
                 for b, i in enumerate(chunk):
                     ids = [t for t in tokens[b, :lengths[b]].tolist() if t != self.eot_token_id]
-                    text = eval_metrics.cut_at_stop(self.tok_decode(ids), until)
+                    text = sample.cut_at_stop(self.tok_decode(ids), until)
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results

@@ -171,8 +171,9 @@ def generate(params: Any, model_config: ModelConfig, prompt_ids, sampling: Sampl
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """The text before the first occurrence of any stop string (the whole text if none)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    """The text before the first occurrence of any stop string (the whole text if none; an empty
+    stop string cuts nothing, as in lm-evaluation-harness)."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
     return text[:cut]
 
 

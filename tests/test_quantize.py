@@ -350,6 +350,8 @@ def test_int8_group_scales_match_numpy_q8_0_blocks(config):
     ("abd,dhk->abhk", (1, 1, 40), (40, 4, 10)),  # one decode row (padded to two inside)
     ("abhk,hkd->abd", (2, 3, 4, 16), (4, 16, 24)),  # out: blocks along the head's K
     ("bld,vd->blv", (2, 3, 40), (104, 40)),  # tied logits: blocks along D of [V, D]
+    ("abd,dh->abh", (3, 12, 40), (40, 24)),  # 36 rows: a batch of per-block dots
+    ("bld,vd->blv", (3, 12, 40), (104, 40)),
 ])
 def test_int8_group_matmul_is_numpy_blockwise_dot(spec, x_shape, kernel_shape):
     """int8_matmul(group_size=8) == NumPy: x quantized per row and block of 8, each block's

@@ -377,3 +377,16 @@ def test_int8_group_matmul_is_numpy_blockwise_dot(spec, x_shape, kernel_shape):
     dequantized = kernel * np.repeat(scale, g, axis=axis)
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), np.einsum(
         f"{out_axes},{k_axes}->{x_axes}", dy, dequantized), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_group_checkpoint_round_trips(tmp_path):
+    """An int8_g32 params folder restores its per-block scales as they were written."""
+    from lmjax import checkpoint, tokenizers
+    config = dataclasses.replace(LLAMA_G, vocab_size=259)
+    qparams, qconfig = quantize.convert(random_params(config), config, "int8_g32")
+    quantize.export_quantized(str(tmp_path / "g32"), qparams, qconfig, tokenizers.ByteTokenizer())
+    loaded, loaded_config, _ = checkpoint.load_params(str(tmp_path / "g32"))
+    assert loaded_config.quant_group_size == 32
+    assert loaded["blocks_0"]["attn"]["out"]["scale"].shape == (3, 1, 96)  # [H, K / 32, D]
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

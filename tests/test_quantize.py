@@ -288,7 +288,8 @@ LLAMA_G = dataclasses.replace(LLAMA, embed_dim=96, num_heads=3, num_kv_heads=3, 
 
 
 def numpy_q8_blocks(w: np.ndarray, axis: int, g: int) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp Q8_0 per block of g consecutive entries along `axis`: (q like w, d [.., n/g, ..])."""
+    """llama.cpp Q8_0 per block of g consecutive entries along `axis`: (q like w, d with that
+    axis n / g long)."""
     blocks = w.reshape(w.shape[:axis] + (w.shape[axis] // g, g) + w.shape[axis + 1:])
     q, d = numpy_q8(blocks, axis + 1)
     return q.reshape(w.shape), d.squeeze(axis + 1)

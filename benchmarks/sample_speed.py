@@ -232,7 +232,8 @@ def weights_rows(args, bandwidth: float) -> list[dict]:
         variants = {}
         for name, dtype, kv in (("lmjax f32", None, False), ("lmjax bf16", "bfloat16", False),
                                 ("lmjax int8", "int8", False),
-                                ("lmjax int8 + int8 KV", "int8", True)):
+                                ("lmjax int8 + int8 KV", "int8", True),
+                                ("lmjax int8_g32 (blocks of 32)", "int8_g32", False)):
             vparams, vconfig = quantize.convert(params, config, dtype)
             variants[name] = (vparams, quantize.with_int8_kv_cache(vconfig, kv))
         peers = {}
@@ -305,7 +306,7 @@ def main() -> None:
     parser.add_argument("--hf-threads", type=int, default=0,
                         help="torch threads for HF (0: the faster of 1 and all cores)")
     parser.add_argument("--weights", action="store_true",
-                        help="the weights-dtype table (f32, bf16, int8, int8 + int8 KV, HF)")
+                        help="the weights-dtype table (f32, bf16, int8 [+ int8 KV], int8_g32, HF)")
     parser.add_argument("--models", default="gpt2_124m,llama_125m", help="--weights: presets")
     parser.add_argument("--batches", default="1,8", help="--weights: batch sizes")
     parser.add_argument("--lengths", default="128,512", help="--weights: new tokens")

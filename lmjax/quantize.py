@@ -198,6 +198,8 @@ def _check_tree(flat: dict, target: dict) -> None:
 
 def export_quantized(path: str, params: dict, model_config: ModelConfig, tokenizer) -> str:
     """Writes an int8 params-only folder (quantizing float params first): `load_params(path)`
-    and `--workdir=PATH` restore the int8 arrays, never the float weights. Returns the path."""
-    params, model_config = quantize(params, model_config)
+    and `--workdir=PATH` restore the int8 arrays, never the float weights; int8 params (per
+    channel or per block) are written as they are. Returns the path."""
+    if model_config.quantization != "int8":
+        params, model_config = quantize(params, model_config)
     return checkpoint.export_params(path, params, model_config, tokenizer)

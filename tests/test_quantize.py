@@ -288,7 +288,8 @@ LLAMA_G = dataclasses.replace(LLAMA, embed_dim=96, num_heads=3, num_kv_heads=3, 
 
 
 def numpy_q8_blocks(w: np.ndarray, axis: int, g: int) -> tuple[np.ndarray, np.ndarray]:
-    """llama.cpp Q8_0 per block of g consecutive entries along `axis`: (q like w, d [.., n/g, ..])."""
+    """llama.cpp Q8_0 per block of g consecutive entries along `axis`: (q like w, d with that
+    axis n / g long)."""
     blocks = w.reshape(w.shape[:axis] + (w.shape[axis] // g, g) + w.shape[axis + 1:])
     q, d = numpy_q8(blocks, axis + 1)
     return q.reshape(w.shape), d.squeeze(axis + 1)
@@ -350,6 +351,8 @@ def test_int8_group_scales_match_numpy_q8_0_blocks(config):
     ("abd,dhk->abhk", (1, 1, 40), (40, 4, 10)),  # one decode row (padded to two inside)
     ("abhk,hkd->abd", (2, 3, 4, 16), (4, 16, 24)),  # out: blocks along the head's K
     ("bld,vd->blv", (2, 3, 40), (104, 40)),  # tied logits: blocks along D of [V, D]
+    ("abd,dh->abh", (3, 12, 40), (40, 24)),  # 36 rows: a batch of per-block dots
+    ("bld,vd->blv", (3, 12, 40), (104, 40)),
 ])
 def test_int8_group_matmul_is_numpy_blockwise_dot(spec, x_shape, kernel_shape):
     """int8_matmul(group_size=8) == NumPy: x quantized per row and block of 8, each block's
@@ -375,3 +378,16 @@ def test_int8_group_matmul_is_numpy_blockwise_dot(spec, x_shape, kernel_shape):
     dequantized = kernel * np.repeat(scale, g, axis=axis)
     np.testing.assert_allclose(np.asarray(vjp(jnp.asarray(dy))[0]), np.einsum(
         f"{out_axes},{k_axes}->{x_axes}", dy, dequantized), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_group_checkpoint_round_trips(tmp_path):
+    """An int8_g32 params folder restores its per-block scales as they were written."""
+    from lmjax import checkpoint, tokenizers
+    config = dataclasses.replace(LLAMA_G, vocab_size=259)
+    qparams, qconfig = quantize.convert(random_params(config), config, "int8_g32")
+    quantize.export_quantized(str(tmp_path / "g32"), qparams, qconfig, tokenizers.ByteTokenizer())
+    loaded, loaded_config, _ = checkpoint.load_params(str(tmp_path / "g32"))
+    assert loaded_config.quant_group_size == 32
+    assert loaded["blocks_0"]["attn"]["out"]["scale"].shape == (3, 1, 96)  # [H, K / 32, D]
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -136,7 +136,7 @@ def prepare_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
                                       else hf_layout.config_from_hf(hf_cfg))
         config = config.copy_and_resolve_references()
         # An encoder keeps the configured head (e.g. a classifier on a BertForMaskedLM).
-        keep = {"dropout", "dtype", "param_dtype", "remat", "quantization"} | (
+        keep = {"dropout", "dtype", "param_dtype", "remat", "quantization", "quant_group_size"} | (
             {"head", "num_labels"} if encoder else set())
         config.model.update({k: v for k, v in hf_model.items()
                              if k not in keep and not k.startswith("lora_")})

@@ -13,9 +13,9 @@ and optimizer, bfloat16 matmul inputs with float32 accumulation):
   middle  6 layers, 6 heads, width 384, context 256, batch 16, vocab 65
   gpt2    GPT-2 124M (`preset('gpt2_124m')`), context 256, batch 4, vocab 50257
 
-lmjax runs its own training step: `train.create_train_state` + `train.make_optimizer` (AdamW,
-warmup + cosine, clipping at 1.0, decay on matrices) + the step function that `train._train_loop`
-jits (`train.jit_train_step`: shardings, donated state, `--steps_per_call` = the config's
+lmjax runs its own training step: `steps_lib.create_train_state` + `steps_lib.make_optimizer` (AdamW,
+warmup + cosine, clipping at 1.0, decay on matrices) + the step function that `train.train_loop`
+jits (`steps_lib.jit_train_step`: shardings, donated state, `--steps_per_call` = the config's
 `train.steps_per_call` optimizer steps per call under `lax.scan`),
 fed by `sharding.put_batch` on fresh host batches each step, as the training loop does.
 PyTorch runs `GPT2LMHeadModel` + `torch.optim.AdamW` (same decay groups, clipping at 1.0),
@@ -127,7 +127,7 @@ def host_batch(rng, vocab: int, batch: int, seq_len: int) -> dict:
 
 
 class LmjaxRunner:
-    """lmjax's train step as `train._train_loop` builds it, on one device."""
+    """lmjax's train step as `train.train_loop` builds it, on one device."""
 
     def __init__(self, shape: str, remat: str, steps_per_call: int, dtype: str = "float32"):
         import functools
@@ -136,7 +136,8 @@ class LmjaxRunner:
         import jax
         import numpy as np
 
-        from lmjax import run_config, safety, sharding, train
+        from lmjax import run_config, safety, sharding
+        from lmjax import steps as steps_lib
         self.jax, self.np, self.sharding = jax, np, sharding
         config = experiment_config(shape, remat, steps_per_call, dtype)
         run_config.validate_config(config)
@@ -145,15 +146,15 @@ class LmjaxRunner:
         mesh = sharding.make_mesh(config.mesh)
         rules = sharding.rules(config.mesh, self.mcfg, mesh.shape)
         jax.set_mesh(mesh).__enter__()
-        tx, _ = train.make_optimizer(config.optim, 10_000)
-        state_sh = train.state_shardings(self.mcfg, tx, mesh, rules)
+        tx, _ = steps_lib.make_optimizer(config.optim, 10_000)
+        state_sh = steps_lib.state_shardings(self.mcfg, tx, mesh, rules)
         self.batch_sh = sharding.batch_sharding(mesh)
-        self.state = jax.jit(functools.partial(train.create_train_state, self.mcfg, tx),
+        self.state = jax.jit(functools.partial(steps_lib.create_train_state, self.mcfg, tx),
                              out_shardings=state_sh)(jax.random.key(0))
         nn.logical_axis_rules(rules).__enter__()
         self.per_call = config.train.steps_per_call
-        self.step_fn = train.jit_train_step(self.mcfg, tx, state_sh, self.batch_sh, self.per_call)
-        self.put_batches = train.put_batches
+        self.step_fn = steps_lib.jit_train_step(self.mcfg, tx, state_sh, self.batch_sh, self.per_call)
+        self.put_batches = steps_lib.put_batches
         self.rng = np.random.default_rng(0)
         # As the training loop: call k is dispatched once call k-2 has finished (0: unbounded).
         ahead = int(os.environ.get("LMJAX_BENCH_DISPATCH_AHEAD", "-1"))

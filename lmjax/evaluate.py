@@ -46,7 +46,8 @@ import numpy as np
 
 from lmjax import classify, objectives, sample, token_store
 from lmjax.config import ModelConfig
-from lmjax.model import Transformer, init_kv_cache
+from lmjax.attention import init_kv_cache
+from lmjax.model import Transformer
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 

@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --shapes baby,middle --steps 20 --repeats 5
     python benchmarks/train_throughput.py --memory_check           # + GPT-2 124M, 1024 x 8 (slow)
     python benchmarks/train_throughput.py --no_torch --dispatch_ahead 0   # the loop unbounded
+    python benchmarks/train_throughput.py --compare_dispatch_ahead --shapes baby,gpt2  # bound vs not
     python benchmarks/train_throughput.py --dtype bfloat16         # mixed precision in both
 
 Shapes (GPT-2 architecture in both frameworks: learned positions, LayerNorm, tanh-GELU MLP, biases,
@@ -419,6 +420,45 @@ def bench_shape(shape: str, args, peaks: list) -> dict:
     return result
 
 
+def bench_dispatch_ahead(shape: str, args) -> dict:
+    """lmjax's step with the training loop's bound on calls ahead of the device
+    (safety.MAX_CALLS_AHEAD) and unbounded, two workers interleaved repeat by repeat."""
+    modes = {"bounded": "-1", "unbounded": "0"}
+    workers, samples = {}, {mode: [] for mode in modes}
+    try:
+        for mode, ahead in modes.items():
+            workers[mode] = Worker("lmjax", shape, args, env={
+                **lmjax_env(args), "LMJAX_BENCH_DISPATCH_AHEAD": ahead})
+        for _ in range(args.repeats):
+            for mode in modes:
+                workers[mode].run(1)  # untimed, as in bench_shape
+                samples[mode].append(workers[mode].run(args.steps)["step_s"])
+    finally:
+        for w in workers.values():
+            w.close()
+    result = {"shape": shape, "steps": args.steps, "steps_per_call": args.steps_per_call,
+              "repeats": args.repeats}
+    for mode in modes:
+        result[mode] = {"step_ms": 1e3 * statistics.median(samples[mode]),
+                        "step_ms_min_max": [1e3 * min(samples[mode]), 1e3 * max(samples[mode])]}
+    ratios = [u / b for b, u in zip(samples["bounded"], samples["unbounded"])]
+    result["unbounded_over_bounded"] = statistics.median(ratios)
+    result["ratio_per_repeat"] = ratios
+    return result
+
+
+def dispatch_ahead_markdown(results: list[dict]) -> str:
+    lines = ["| shape | steps/call | bounded step ms (min–max) | unbounded step ms (min–max) "
+             "| unbounded / bounded time: median (per repeat) |", "|---|---|---|---|---|"]
+    for r in results:
+        cells = [f"{r[m]['step_ms']:.1f} ({r[m]['step_ms_min_max'][0]:.1f}–"
+                 f"{r[m]['step_ms_min_max'][1]:.1f})" for m in ("bounded", "unbounded")]
+        per = r["ratio_per_repeat"]
+        lines.append(f"| {r['shape']} | {r['steps_per_call']} | {cells[0]} | {cells[1]} "
+                     f"| {r['unbounded_over_bounded']:.3f} ({min(per):.3f}–{max(per):.3f}) |")
+    return "\n".join(lines)
+
+
 MEMORY_XLA_FLAGS = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
@@ -497,6 +537,9 @@ def main():
     parser.add_argument("--dispatch_ahead", type=int, default=-1,
                         help="lmjax calls dispatched ahead of the device: -1 the training loop's "
                              "bound (safety.MAX_CALLS_AHEAD), 0 unbounded")
+    parser.add_argument("--compare_dispatch_ahead", action="store_true",
+                        help="lmjax only: each shape with the loop's bound on calls ahead of the "
+                             "device and unbounded, interleaved (issue 15)")
     parser.add_argument("--worker", choices=("lmjax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -505,6 +548,19 @@ def main():
 
     default_steps = {"baby": 40, "middle": 3, "gpt2": 1}
     load_before = os.getloadavg()
+    if args.compare_dispatch_ahead:
+        results = []
+        for shape in [s for s in args.shapes.split(",") if s]:
+            shape_args = argparse.Namespace(**vars(args))
+            shape_args.steps = args.steps or 4 * default_steps.get(shape, 2)  # several calls
+            shape_args.steps_per_call = args.steps_per_call or (8 if shape == "baby" else 1)
+            results.append(bench_dispatch_ahead(shape, shape_args))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        print(json.dumps({"load_average_before": load_before,
+                          "load_average_after": os.getloadavg(), "results": results}, indent=1))
+        print()
+        print(dispatch_ahead_markdown(results))
+        return
     env = _env.environment(peers=() if args.no_torch else ("torch", "transformers"))
     peaks = [matmul_peak(dtype=args.dtype)]
     results = []

@@ -34,7 +34,7 @@ from lmjax import checkpoint as ckpt_lib
 from lmjax import integrity
 from lmjax import model as model_lib
 from lmjax import run_config
-from lmjax import train as train_lib
+from lmjax import steps as steps_lib
 from lmjax.config import default_config, preset_fields
 from lmjax.tokenizers import ByteTokenizer
 
@@ -101,9 +101,9 @@ def main():
                                       param_dtype="float32"))
     config.data.seq_len, config.data.batch_size = args.seq_len, args.batch_size
     mcfg = run_config.model_config(config, vocab_size=config.model.vocab_size)
-    tx, _ = train_lib.make_optimizer(config.optim, 1000)
-    state = jax.jit(lambda key: train_lib.create_train_state(mcfg, tx, key))(jax.random.key(0))
-    step_fn = jax.jit(lambda s, b: train_lib.train_step(s, b, config=mcfg, tx=tx),
+    tx, _ = steps_lib.make_optimizer(config.optim, 1000)
+    state = jax.jit(lambda key: steps_lib.create_train_state(mcfg, tx, key))(jax.random.key(0))
+    step_fn = jax.jit(lambda s, b: steps_lib.train_step(s, b, config=mcfg, tx=tx),
                       donate_argnums=0)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, mcfg.vocab_size, (args.batch_size, args.seq_len + 1), np.int32)
@@ -151,7 +151,7 @@ def main():
                 full.append(done - start)
         size = _dir_size(ckpt.step_dir(args.repeats + 1))
         if mode == "sync":
-            abstract = train_lib.abstract_train_state(mcfg, tx)
+            abstract = steps_lib.abstract_train_state(mcfg, tx)
             restore = []
             for _ in range(args.repeats):
                 start = time.perf_counter()

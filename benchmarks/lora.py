@@ -6,8 +6,8 @@ peak RSS and step time, side by side (JSON + a Markdown table).
     python benchmarks/lora.py --finetune            # the held-out-plays fine-tune (~5 min)
 
 Each mode runs in its own worker process (its peak RSS is its own): `preset('gpt2_124m')` with
-lmjax's training step as `train_and_evaluate` jits it (`train.create_train_state`,
-`train.make_optimizer`: AdamW + clipping, `train.jit_train_step`: donated state), on random
+lmjax's training step as `train_and_evaluate` jits it (`steps_lib.create_train_state`,
+`steps_lib.make_optimizer`: AdamW + clipping, `steps_lib.jit_train_step`: donated state), on random
 tokens. `full` trains every weight; `lora` the adapters alone (`lora.rank` on `--targets`), the
 base frozen in `TrainState.frozen`: no gradients and no Adam moments for it; `qlora` the same
 adapters on an int8 frozen base (`model.quantization='int8'`: integer forward dots, the
@@ -52,7 +52,8 @@ def worker(args) -> dict:
     import jax
     import numpy as np
 
-    from lmjax import model as model_lib, sharding, train
+    from lmjax import model as model_lib, sharding
+    from lmjax import steps as steps_lib
     from lmjax.config import default_config, preset
 
     lora = dict(lora_rank=args.rank, lora_targets=args.targets) if args.mode != "full" else {}
@@ -60,16 +61,16 @@ def worker(args) -> dict:
         lora["quantization"] = "int8"
     mcfg = preset("gpt2_124m", dtype=args.dtype, **lora)
     config = default_config()
-    tx, _ = train.make_optimizer(config.optim, 1000)
+    tx, _ = steps_lib.make_optimizer(config.optim, 1000)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules(config.mesh, mcfg, mesh.shape)
     rng = np.random.default_rng(0)
     with jax.set_mesh(mesh):
-        state_sh = train.state_shardings(mcfg, tx, mesh, rules)
-        state = jax.jit(functools.partial(train.create_train_state, mcfg, tx),
+        state_sh = steps_lib.state_shardings(mcfg, tx, mesh, rules)
+        state = jax.jit(functools.partial(steps_lib.create_train_state, mcfg, tx),
                         out_shardings=state_sh)(jax.random.key(0))
         batch_sh = sharding.batch_sharding(mesh)
-        step_fn = train.jit_train_step(mcfg, tx, state_sh, batch_sh)
+        step_fn = steps_lib.jit_train_step(mcfg, tx, state_sh, batch_sh)
         trainable = model_lib.count_params(state.params)
         opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
         base_bytes = sum(x.nbytes for x in jax.tree.leaves(
@@ -105,6 +106,7 @@ def finetune(args) -> dict:
     import jax
 
     from lmjax import model as model_lib, sources, train
+    from lmjax import steps as steps_lib
     from lmjax.config import default_config, preset_fields
 
     root = tempfile.mkdtemp(prefix="lora_finetune_")

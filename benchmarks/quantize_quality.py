@@ -38,7 +38,8 @@ import numpy as np
 import _env  # benchmarks/_env.py: versions and machine
 from lmjax import checkpoint, configs, data, quantize, sample, train
 from lmjax.config import preset_fields
-from lmjax.model import Transformer, init_kv_cache
+from lmjax.attention import init_kv_cache
+from lmjax.model import Transformer
 
 VARIANTS = ("float32", "bfloat16", "int8", "int8 + int8 KV", "int8_g32")
 

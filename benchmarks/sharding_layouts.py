@@ -23,7 +23,8 @@ import jax
 import numpy as np
 
 import _env  # benchmarks/_env.py: versions and machine
-from lmjax import run_config, sharding, train
+from lmjax import run_config, sharding
+from lmjax import steps as steps_lib
 from lmjax.config import default_config, preset_fields
 
 MESHES = {
@@ -40,13 +41,13 @@ def measure(name: str, mesh_sizes: dict, seq_len: int, batch: int, steps: int) -
     config.data.seq_len, config.data.batch_size = seq_len, batch
     config.mesh.update(mesh_sizes)
     mcfg = run_config.model_config(config, vocab_size=config.model.vocab_size)
-    tx, _ = train.make_optimizer(config.optim, 100)
+    tx, _ = steps_lib.make_optimizer(config.optim, 100)
     mesh = sharding.make_mesh(config.mesh)
     rules = sharding.rules(config.mesh, mcfg, mesh.shape)
     sharding.check_divisibility(mcfg, mesh.shape, batch, rules)
     with jax.set_mesh(mesh):
-        state_sh = train.state_shardings(mcfg, tx, mesh, rules)
-        state = jax.jit(functools.partial(train.create_train_state, mcfg, tx),
+        state_sh = steps_lib.state_shardings(mcfg, tx, mesh, rules)
+        state = jax.jit(functools.partial(steps_lib.create_train_state, mcfg, tx),
                         out_shardings=state_sh)(jax.random.key(0))
         batch_sh = sharding.batch_sharding(mesh)
         rng = np.random.default_rng(0)
@@ -54,7 +55,7 @@ def measure(name: str, mesh_sizes: dict, seq_len: int, batch: int, steps: int) -
         host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                       "mask": np.ones((batch, seq_len), np.float32)}
         with nn.logical_axis_rules(rules):
-            step = jax.jit(functools.partial(train.train_step, config=mcfg, tx=tx),
+            step = jax.jit(functools.partial(steps_lib.train_step, config=mcfg, tx=tx),
                            in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None),
                            donate_argnums=0)
             device_batch = sharding.put_batch(host_batch, batch_sh)

@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --shapes baby,middle --steps 20 --repeats 5
     python benchmarks/train_throughput.py --memory_check           # + GPT-2 124M, 1024 x 8 (slow)
     python benchmarks/train_throughput.py --no_torch --dispatch_ahead 0   # the loop unbounded
+    python benchmarks/train_throughput.py --compare_dispatch_ahead --shapes baby,gpt2  # bound vs not
     python benchmarks/train_throughput.py --dtype bfloat16         # mixed precision in both
 
 Shapes (GPT-2 architecture in both frameworks: learned positions, LayerNorm, tanh-GELU MLP, biases,
@@ -13,9 +14,9 @@ and optimizer, bfloat16 matmul inputs with float32 accumulation):
   middle  6 layers, 6 heads, width 384, context 256, batch 16, vocab 65
   gpt2    GPT-2 124M (`preset('gpt2_124m')`), context 256, batch 4, vocab 50257
 
-lmjax runs its own training step: `train.create_train_state` + `train.make_optimizer` (AdamW,
-warmup + cosine, clipping at 1.0, decay on matrices) + the step function that `train._train_loop`
-jits (`train.jit_train_step`: shardings, donated state, `--steps_per_call` = the config's
+lmjax runs its own training step: `steps_lib.create_train_state` + `steps_lib.make_optimizer` (AdamW,
+warmup + cosine, clipping at 1.0, decay on matrices) + the step function that `train.train_loop`
+jits (`steps_lib.jit_train_step`: shardings, donated state, `--steps_per_call` = the config's
 `train.steps_per_call` optimizer steps per call under `lax.scan`),
 fed by `sharding.put_batch` on fresh host batches each step, as the training loop does.
 PyTorch runs `GPT2LMHeadModel` + `torch.optim.AdamW` (same decay groups, clipping at 1.0),
@@ -127,7 +128,7 @@ def host_batch(rng, vocab: int, batch: int, seq_len: int) -> dict:
 
 
 class LmjaxRunner:
-    """lmjax's train step as `train._train_loop` builds it, on one device."""
+    """lmjax's train step as `train.train_loop` builds it, on one device."""
 
     def __init__(self, shape: str, remat: str, steps_per_call: int, dtype: str = "float32"):
         import functools
@@ -136,7 +137,8 @@ class LmjaxRunner:
         import jax
         import numpy as np
 
-        from lmjax import run_config, safety, sharding, train
+        from lmjax import run_config, safety, sharding
+        from lmjax import steps as steps_lib
         self.jax, self.np, self.sharding = jax, np, sharding
         config = experiment_config(shape, remat, steps_per_call, dtype)
         run_config.validate_config(config)
@@ -145,15 +147,15 @@ class LmjaxRunner:
         mesh = sharding.make_mesh(config.mesh)
         rules = sharding.rules(config.mesh, self.mcfg, mesh.shape)
         jax.set_mesh(mesh).__enter__()
-        tx, _ = train.make_optimizer(config.optim, 10_000)
-        state_sh = train.state_shardings(self.mcfg, tx, mesh, rules)
+        tx, _ = steps_lib.make_optimizer(config.optim, 10_000)
+        state_sh = steps_lib.state_shardings(self.mcfg, tx, mesh, rules)
         self.batch_sh = sharding.batch_sharding(mesh)
-        self.state = jax.jit(functools.partial(train.create_train_state, self.mcfg, tx),
+        self.state = jax.jit(functools.partial(steps_lib.create_train_state, self.mcfg, tx),
                              out_shardings=state_sh)(jax.random.key(0))
         nn.logical_axis_rules(rules).__enter__()
         self.per_call = config.train.steps_per_call
-        self.step_fn = train.jit_train_step(self.mcfg, tx, state_sh, self.batch_sh, self.per_call)
-        self.put_batches = train.put_batches
+        self.step_fn = steps_lib.jit_train_step(self.mcfg, tx, state_sh, self.batch_sh, self.per_call)
+        self.put_batches = steps_lib.put_batches
         self.rng = np.random.default_rng(0)
         # As the training loop: call k is dispatched once call k-2 has finished (0: unbounded).
         ahead = int(os.environ.get("LMJAX_BENCH_DISPATCH_AHEAD", "-1"))
@@ -418,6 +420,45 @@ def bench_shape(shape: str, args, peaks: list) -> dict:
     return result
 
 
+def bench_dispatch_ahead(shape: str, args) -> dict:
+    """lmjax's step with the training loop's bound on calls ahead of the device
+    (safety.MAX_CALLS_AHEAD) and unbounded, two workers interleaved repeat by repeat."""
+    modes = {"bounded": "-1", "unbounded": "0"}
+    workers, samples = {}, {mode: [] for mode in modes}
+    try:
+        for mode, ahead in modes.items():
+            workers[mode] = Worker("lmjax", shape, args, env={
+                **lmjax_env(args), "LMJAX_BENCH_DISPATCH_AHEAD": ahead})
+        for _ in range(args.repeats):
+            for mode in modes:
+                workers[mode].run(1)  # untimed, as in bench_shape
+                samples[mode].append(workers[mode].run(args.steps)["step_s"])
+    finally:
+        for w in workers.values():
+            w.close()
+    result = {"shape": shape, "steps": args.steps, "steps_per_call": args.steps_per_call,
+              "repeats": args.repeats}
+    for mode in modes:
+        result[mode] = {"step_ms": 1e3 * statistics.median(samples[mode]),
+                        "step_ms_min_max": [1e3 * min(samples[mode]), 1e3 * max(samples[mode])]}
+    ratios = [u / b for b, u in zip(samples["bounded"], samples["unbounded"])]
+    result["unbounded_over_bounded"] = statistics.median(ratios)
+    result["ratio_per_repeat"] = ratios
+    return result
+
+
+def dispatch_ahead_markdown(results: list[dict]) -> str:
+    lines = ["| shape | steps/call | bounded step ms (min–max) | unbounded step ms (min–max) "
+             "| unbounded / bounded time: median (per repeat) |", "|---|---|---|---|---|"]
+    for r in results:
+        cells = [f"{r[m]['step_ms']:.1f} ({r[m]['step_ms_min_max'][0]:.1f}–"
+                 f"{r[m]['step_ms_min_max'][1]:.1f})" for m in ("bounded", "unbounded")]
+        per = r["ratio_per_repeat"]
+        lines.append(f"| {r['shape']} | {r['steps_per_call']} | {cells[0]} | {cells[1]} "
+                     f"| {r['unbounded_over_bounded']:.3f} ({min(per):.3f}–{max(per):.3f}) |")
+    return "\n".join(lines)
+
+
 MEMORY_XLA_FLAGS = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 
 
@@ -496,6 +537,9 @@ def main():
     parser.add_argument("--dispatch_ahead", type=int, default=-1,
                         help="lmjax calls dispatched ahead of the device: -1 the training loop's "
                              "bound (safety.MAX_CALLS_AHEAD), 0 unbounded")
+    parser.add_argument("--compare_dispatch_ahead", action="store_true",
+                        help="lmjax only: each shape with the loop's bound on calls ahead of the "
+                             "device and unbounded, interleaved (issue 15)")
     parser.add_argument("--worker", choices=("lmjax", "torch"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -504,6 +548,19 @@ def main():
 
     default_steps = {"baby": 40, "middle": 3, "gpt2": 1}
     load_before = os.getloadavg()
+    if args.compare_dispatch_ahead:
+        results = []
+        for shape in [s for s in args.shapes.split(",") if s]:
+            shape_args = argparse.Namespace(**vars(args))
+            shape_args.steps = args.steps or 4 * default_steps.get(shape, 2)  # several calls
+            shape_args.steps_per_call = args.steps_per_call or (8 if shape == "baby" else 1)
+            results.append(bench_dispatch_ahead(shape, shape_args))
+            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+        print(json.dumps({"load_average_before": load_before,
+                          "load_average_after": os.getloadavg(), "results": results}, indent=1))
+        print()
+        print(dispatch_ahead_markdown(results))
+        return
     env = _env.environment(peers=() if args.no_torch else ("torch", "transformers"))
     peaks = [matmul_peak(dtype=args.dtype)]
     results = []

@@ -26,7 +26,7 @@ Shape letters used in names (as in model.py):
 
 **On a mesh** (inside `jax.set_mesh(mesh)` and `nn.logical_axis_rules(rules)`, with parameters
 sharded by the same rules), the KV cache gets the shardings of the rules' `cache_*` axes: its rows
-(see model.py: [B * G, T, K], in KV-head groups, then sequences) are split over the mesh axes of
+(see attention.py: [B * G, T, K], in KV-head groups, then sequences) are split over the mesh axes of
 `cache_heads` (tensor), then those of `cache_batch` (data, fsdp), so each device holds the KV heads
 that its share of the K/V projections computes, of its share of the sequences: decoding moves no
 cache between devices. Every cache passes through `shard_cache` (made by `new_cache`, grown by
@@ -47,10 +47,11 @@ from jax.sharding import PartitionSpec
 
 from lmjax.config import ModelConfig
 from lmjax.logits_process import SamplingConfig
-from lmjax.model import KVCache, Transformer, init_kv_cache
+from lmjax.attention import KVCache, init_kv_cache
+from lmjax.model import Transformer
 
 # Logical axes of the KV cache [C, T, K] (rules in config.DEFAULT_RULES): its rows are split over
-# the mesh axes of the first two, KV-head groups then sequences (see model.py's row order).
+# the mesh axes of the first two, KV-head groups then sequences (see attention.py's row order).
 CACHE_AXES = ("cache_heads", "cache_batch", "cache_len", "head_dim")
 MIN_BUCKET = 16  # shortest padded prompt length
 MIN_CACHE = 64  # shortest cache of the first decode phase
@@ -63,7 +64,7 @@ class CacheLayout(NamedTuple):
     """How the KV cache is split over the active mesh (`cache_layout`); a static argument of the
     jitted decoders, so that another mesh or rule table compiles anew. The default: no mesh."""
 
-    groups: int = 1  # KV-head groups J of the rows (model.py): the ways the mesh splits them
+    groups: int = 1  # KV-head groups J of the rows (attention.py): the ways the mesh splits them
     kv_heads: int = 0  # G, to count a cache's sequences; 0: no mesh, nothing is constrained
     heads: tuple[str, ...] = ()  # mesh axes of the groups (cache_heads)
     batch: tuple[str, ...] = ()  # mesh axes of the sequences (cache_batch)

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmjax import attention as attention_lib
 from lmjax import model as model_lib
 from lmjax.config import ModelConfig
 from lmjax.model import Projection, _ACT_BLD, _ACT_BLV, _dense_init, _norm, _partitioned
@@ -55,7 +56,7 @@ class Encoder(nn.Module):
                 raise ValueError("give attention_mask or segment_ids_BxL, not both")
             segment_ids_BxL = (jnp.asarray(attention_mask) != 0).astype(jnp.int32)
         elif segment_ids_BxL is not None and positions_BxL is None:
-            positions_BxL = model_lib.positions_from_segments(segment_ids_BxL)
+            positions_BxL = attention_lib.positions_from_segments(segment_ids_BxL)
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
 
@@ -94,7 +95,7 @@ class Encoder(nn.Module):
                                  name="mlm_transform")(x_BxLxD)
             h_BxLxD = _norm(cfg, "mlm_norm")(_activation(cfg, h_BxLxD))
             if cfg.tie_embeddings:  # the word embeddings, transposed
-                logits_BxLxV = model_lib.matmul("bld,vd->blv", h_BxLxD, embed.embedding,
+                logits_BxLxV = attention_lib.matmul("bld,vd->blv", h_BxLxD, embed.embedding,
                                                 cfg.dtype)
             else:
                 logits_BxLxV = Projection((cfg.embed_dim,), (cfg.vocab_size,),

@@ -42,7 +42,8 @@ import numpy as np
 
 from lmjax import token_store
 from lmjax.config import ModelConfig
-from lmjax.model import Transformer, init_kv_cache
+from lmjax.attention import init_kv_cache
+from lmjax.model import Transformer
 
 def _bucket(n: int, minimum: int = 8) -> int:
     """The next power of two >= n (at least `minimum`): one compile serves many lengths."""

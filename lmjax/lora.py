@@ -96,7 +96,7 @@ def merge(params: dict, config: ModelConfig) -> tuple[dict, ModelConfig]:
 
 def load_base(reference: str, config: ModelConfig, seed: int = 0, sharding=None) -> dict:
     """The frozen base of a LoRA run: `reference` is a run's step folder or workdir, `hf:FOLDER`,
-    or '' (fresh parameters from `seed`, as `train.create_train_state` draws them). With
+    or '' (fresh parameters from `seed`, as `steps.create_train_state` draws them). With
     `config.quantization == 'int8'` (QLoRA-style) the float base is quantized once, here
     (`quantize.quantize`: int8 kernels and embedding, a float32 scale per output channel)."""
     if config.quantization != "int8":

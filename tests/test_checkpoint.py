@@ -23,6 +23,7 @@ from lmjax import model as model_lib
 from lmjax import sample as sample_lib
 from lmjax import run_config
 from lmjax import train as train_lib
+from lmjax import steps as steps_lib
 from lmjax.config import default_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -250,7 +251,7 @@ def test_sigterm_with_a_slow_device_saves_within_two_steps(text_file, tmp_path, 
     so the preemption checkpoint is at step s+1 or s+2 (unbounded, the host had dispatched all
     steps and would save only at the end); the resumed run matches an uninterrupted one."""
     executed, signal_at = [], draw_step(range(2, 12))
-    loss_fn = train_lib.loss_fn
+    loss_fn = steps_lib.loss_fn
 
     def on_device():
         executed.append(time.monotonic())
@@ -263,7 +264,7 @@ def test_sigterm_with_a_slow_device_saves_within_two_steps(text_file, tmp_path, 
         jax.debug.callback(on_device)
         return loss_fn(*args, **kwargs)
 
-    monkeypatch.setattr(train_lib, "loss_fn", slow_loss)
+    monkeypatch.setattr(steps_lib, "loss_fn", slow_loss)
     fields = dict(train__num_steps=16, train__log_every=16, train__checkpoint_every=0)
     result = train_lib.train_and_evaluate(tiny_config(text_file, **fields), str(tmp_path / "a"))
     sent = next(t for t in executed if isinstance(t, tuple))[1]
@@ -454,8 +455,8 @@ def test_unwritable_workdir_is_a_clear_error_at_start(text_file, tmp_path, monke
 def _tiny_state():
     config = tiny_config("unused")
     mcfg = run_config.model_config(config, vocab_size=20)
-    tx, _ = train_lib.make_optimizer(config.optim, 10)
-    return config, mcfg, tx, train_lib.create_train_state(mcfg, tx, jax.random.key(0))
+    tx, _ = steps_lib.make_optimizer(config.optim, 10)
+    return config, mcfg, tx, steps_lib.create_train_state(mcfg, tx, jax.random.key(0))
 
 
 class _Tok:
@@ -488,7 +489,7 @@ def test_failed_save_is_a_clear_error_and_keeps_previous(tmp_path, monkeypatch, 
     monkeypatch.undo()
     assert ckpt_lib._steps_in(ckpt.directory) == [1]
     restored, meta = ckpt_lib.Checkpointer(str(tmp_path)).restore(
-        1, train_lib.abstract_train_state(mcfg, tx))
+        1, steps_lib.abstract_train_state(mcfg, tx))
     assert meta["step"] == 1
     assert_params_equal(restored.params, state.params)
 
@@ -511,7 +512,7 @@ def test_keep_last_and_best(tmp_path):
 
 def test_restore_targets_carry_shardings(tmp_path):
     config, mcfg, tx, state = _tiny_state()
-    abstract = train_lib.abstract_train_state(mcfg, tx)
+    abstract = steps_lib.abstract_train_state(mcfg, tx)
     leaves = jax.tree.leaves(abstract)
     assert all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None for x in leaves)
     ckpt = ckpt_lib.Checkpointer(str(tmp_path))

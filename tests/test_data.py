@@ -409,6 +409,7 @@ def test_gpt2_124m_owt_config_trains_two_steps_on_a_generated_store(tmp_path):
     import tokenizers as hf_tokenizers  # the Hugging Face library
 
     from lmjax import configs, train
+    from lmjax import steps as steps_lib
     rng = np.random.default_rng(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "home"]
     folder = tmp_path / "owt"
@@ -451,7 +452,8 @@ def test_packed_batch_loss_is_the_documents_own_losses():
     (NumPy log-softmax of separate forward passes): no target crosses a document boundary."""
     import jax
 
-    from lmjax import model as model_lib, train
+    from lmjax import model as model_lib
+    from lmjax import steps as steps_lib
     from lmjax.config import ModelConfig
     cfg = ModelConfig(vocab_size=23, num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64,
                       max_len=16, position="rope")
@@ -461,7 +463,7 @@ def test_packed_batch_loss_is_the_documents_own_losses():
     starts = np.cumsum([0] + lengths[:-1])
     batches = data.Batches(data.ArraySplit(tokens, starts), batch_size=1, seq_len=16,
                            shuffle=False, packing=True)
-    loss_sum, count = jax.jit(lambda b: train.eval_step(params, b, config=cfg))(
+    loss_sum, count = jax.jit(lambda b: steps_lib.eval_step(params, b, config=cfg))(
         batches.batch(0))
     # Each document's piece alone at the start of its own row (causal: the rest cannot matter).
     pieces = [tokens[a:min(a + n, 17)] for a, n in zip(starts, lengths)]  # the row: 17 tokens

@@ -21,6 +21,7 @@ import transformers
 
 from lmjax import encoder as encoder_lib
 from lmjax import hf_bert
+from lmjax import attention as attention_lib
 from lmjax import model as model_lib
 from lmjax import objectives
 from lmjax import tokenizers as tokenizers_lib
@@ -206,7 +207,7 @@ def test_bidirectional_attention_and_padding():
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     reference = np.einsum("bhls,bshk->blhk", weights / weights.sum(-1, keepdims=True), v)
     for blocked in (True, False):
-        out = model_lib.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+        out = attention_lib.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
                                          jnp.asarray(segments), blocked=blocked, causal=False)
         np.testing.assert_allclose(np.asarray(out), reference, atol=1e-5)
 
@@ -386,7 +387,7 @@ def test_mlm_rows_are_bert_rows(tmp_path):
         rows, segments = jax.jit(objective.rows)({k: jnp.asarray(v) for k, v in batch.items()})
         rows, segments = np.asarray(rows), np.asarray(segments)
         assert rows.shape == (batches.batch_size, W + 2)
-        positions = np.asarray(model_lib.positions_from_segments(jnp.asarray(segments)))
+        positions = np.asarray(attention_lib.positions_from_segments(jnp.asarray(segments)))
         whole = 0
         for r in range(rows.shape[0]):
             if not packing:  # the row's n store tokens, between [CLS] and [SEP]

@@ -16,7 +16,7 @@ import pytest
 from lmjax import checkpoint as ckpt_lib
 from lmjax import integrity
 from lmjax import run_config
-from lmjax import train as train_lib
+from lmjax import steps as steps_lib
 from lmjax.config import default_config
 from lmjax.tokenizers import ByteTokenizer
 
@@ -27,8 +27,8 @@ def _state(seed=0):
     config = default_config()
     config.model.update(num_layers=2, num_heads=2, embed_dim=32, mlp_dim=64, max_len=32)
     mcfg = run_config.model_config(config, vocab_size=20)
-    tx, _ = train_lib.make_optimizer(config.optim, 10)
-    create = jax.jit(functools.partial(train_lib.create_train_state, mcfg, tx))
+    tx, _ = steps_lib.make_optimizer(config.optim, 10)
+    create = jax.jit(functools.partial(steps_lib.create_train_state, mcfg, tx))
     return config, mcfg, tx, create(jax.random.key(seed))
 
 
@@ -82,7 +82,7 @@ def _flip_bytes(path, n=256, seed=0):
 def _restore_latest(saved, workdir):
     ckpt = ckpt_lib.Checkpointer(workdir)
     try:
-        return ckpt.restore_latest(train_lib.abstract_train_state(saved["mcfg"], saved["tx"]))
+        return ckpt.restore_latest(steps_lib.abstract_train_state(saved["mcfg"], saved["tx"]))
     finally:
         ckpt.close()
 

@@ -23,6 +23,7 @@ from lmjax import hf, hf_layout, lora, quantize
 from lmjax import model as model_lib
 from lmjax import sample as sample_lib
 from lmjax import train
+from lmjax import steps as steps_lib
 from lmjax.commands import common
 from lmjax.config import ModelConfig, default_config
 from lmjax.logits_process import hf_generation_fields
@@ -262,8 +263,8 @@ def test_lora_state_shardings_follow_the_kernels():
     mesh_config = default_config().mesh
     mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
     config = tiny(lora_rank=4, lora_targets=LLAMA_ALL)
-    tx, _ = train.make_optimizer(default_config().optim, 10)
-    state_sh = train.state_shardings(config, tx, mesh, sharding.rules(mesh_config))
+    tx, _ = steps_lib.make_optimizer(default_config().optim, 10)
+    state_sh = steps_lib.state_shardings(config, tx, mesh, sharding.rules(mesh_config))
     spec = lambda tree, *path: tuple(functools.reduce(lambda t, k: t[k], path, tree).spec)
     assert spec(state_sh.params, "blocks_0", "attn", "query", "lora_a") == ("fsdp", None)
     assert spec(state_sh.params, "blocks_0", "attn", "key", "lora_b") == (None, "tensor", None)
@@ -301,8 +302,8 @@ def test_lora_mesh_matches_one_device(tmp_path, pigs_text):
 def test_optimizer_state_covers_adapters_only():
     """Adam's moments of a LoRA model are the adapters' size: no moments for the frozen base."""
     config = tiny(lora_rank=2)  # query [32 -> 4 x 8] and value [32 -> 2 x 8], 2 layers
-    tx, _ = train.make_optimizer(default_config().optim, 10)
-    state = jax.eval_shape(functools.partial(train.create_train_state, config, tx),
+    tx, _ = steps_lib.make_optimizer(default_config().optim, 10)
+    state = jax.eval_shape(functools.partial(steps_lib.create_train_state, config, tx),
                            jax.random.key(0))  # shapes only
     n_adapters = model_lib.count_params(state.params)
     assert n_adapters == 2 * ((32 * 2 + 2 * 32) + (32 * 2 + 2 * 16))
@@ -397,7 +398,7 @@ def test_lora_runs_decay_adapters_by_lora_weight_decay(lora_weight_decay):
     assert config.lora.weight_decay == 0.0
     config.optim.update(weight_decay=0.1, grad_clip=0.0, warmup_steps=0)
     config.lora.update(rank=4, weight_decay=lora_weight_decay)
-    tx, schedule = train.run_optimizer(config)
+    tx, schedule = steps_lib.run_optimizer(config)
     assert schedule(0) > 0  # (the updates are not all zero)
     params = {"lora_a": jnp.ones((3, 4)), "lora_b": jnp.full((4, 5), 0.5)}
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
@@ -407,7 +408,7 @@ def test_lora_runs_decay_adapters_by_lora_weight_decay(lora_weight_decay):
     reference = reference_tx.update(grads, reference_tx.init(params), params)[0]
     assert jax.tree.all(jax.tree.map(np.allclose, ours, reference))
     config.lora.rank = 0  # full fine-tuning: optim.weight_decay
-    full_tx, _ = train.run_optimizer(config)
+    full_tx, _ = steps_lib.run_optimizer(config)
     reference_tx = optax.adamw(schedule, b1=config.optim.b1, b2=config.optim.b2,
                                eps=config.optim.eps, weight_decay=0.1)
     assert jax.tree.all(jax.tree.map(

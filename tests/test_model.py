@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmjax import attention as attention_lib
 from lmjax import model as model_lib
 from lmjax.config import ModelConfig, PRESETS, default_config, preset
 
@@ -109,7 +110,7 @@ def test_logits_match_numpy_reference(fields):
 @pytest.mark.parametrize("fields", [GPT, LLAMA], ids=["gpt2", "llama_gqa"])
 def test_blocked_causal_attention_matches_numpy_reference(fields, monkeypatch):
     """The CPU attention in blocks of 4 queries (3 blocks for 12 tokens) vs the NumPy forward."""
-    monkeypatch.setattr(model_lib, "ATTENTION_BLOCK", 4)
+    monkeypatch.setattr(attention_lib, "ATTENTION_BLOCK", 4)
     cfg = ModelConfig(**fields)
     params = random_params(cfg, seed=2)
     tokens = np.array([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8]])
@@ -128,7 +129,7 @@ def test_blocked_causal_attention_gradients_match_dot_product_attention():
     def loss(attention):
         return lambda q, k, v: jnp.sum(attention(q, k, v) * weights)
 
-    ours = jax.jit(jax.value_and_grad(loss(model_lib.causal_attention), argnums=(0, 1, 2)))(
+    ours = jax.jit(jax.value_and_grad(loss(attention_lib.causal_attention), argnums=(0, 1, 2)))(
         q, k, v)
     reference = jax.jit(jax.value_and_grad(loss(lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, is_causal=True)), argnums=(0, 1, 2)))(q, k, v)
@@ -200,12 +201,12 @@ def test_mixed_precision_matmul_and_its_gradients(spec, shape_a, shape_b):
     ka, kb, kw = jax.random.split(jax.random.key(0), 3)
     a = jax.random.normal(ka, shape_a, jnp.bfloat16)  # an activation
     b = jax.random.normal(kb, shape_b, jnp.float32)  # a float32 parameter
-    out = model_lib.matmul(spec, a, b, jnp.bfloat16)
+    out = attention_lib.matmul(spec, a, b, jnp.bfloat16)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, np.einsum(spec, _bf16(a), _bf16(b)), rtol=1e-5, atol=1e-5)
 
     w = jax.random.normal(kw, out.shape, jnp.float32)
-    grad_a, grad_b = jax.grad(lambda a, b: jnp.sum(model_lib.matmul(spec, a, b, "bfloat16") * w),
+    grad_a, grad_b = jax.grad(lambda a, b: jnp.sum(attention_lib.matmul(spec, a, b, "bfloat16") * w),
                               argnums=(0, 1))(a, b)
     assert grad_a.dtype == jnp.bfloat16 and grad_b.dtype == jnp.float32
     (spec_a, spec_b), spec_out = spec.split("->")[0].split(","), spec.split("->")[1]
@@ -308,7 +309,7 @@ def packed_rows(vocab_size: int, seed: int = 0):
 def test_positions_from_segments():
     _, segments, positions, _ = packed_rows(10)
     positions[1, 12:] = np.arange(4)  # the padding is one more run of equal ids
-    np.testing.assert_array_equal(model_lib.positions_from_segments(jnp.asarray(segments)),
+    np.testing.assert_array_equal(attention_lib.positions_from_segments(jnp.asarray(segments)),
                                   positions)
 
 
@@ -318,9 +319,9 @@ def test_packed_documents_equal_separate_forward_passes(fields, blocked, monkeyp
     """Each document of a packed row gets the logits it gets alone (positions restarting at 0),
     in the blocked CPU attention (blocks of 4 queries, documents straddling blocks) and in
     `jax.nn.dot_product_attention`'s path; and the NumPy reference of the document alone."""
-    monkeypatch.setattr(model_lib, "ATTENTION_BLOCK", 4)
+    monkeypatch.setattr(attention_lib, "ATTENTION_BLOCK", 4)
     monkeypatch.setattr(model_lib, "causal_attention",
-                        functools.partial(model_lib.causal_attention, blocked=blocked))
+                        functools.partial(attention_lib.causal_attention, blocked=blocked))
     cfg = ModelConfig(**fields)
     params = random_params(cfg, seed=3)
     tokens, segments, positions, docs = packed_rows(cfg.vocab_size)
@@ -346,5 +347,5 @@ def test_segment_ids_with_a_kv_cache_is_an_error():
     tokens = jnp.zeros((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="segment_ids_BxL is for full forward passes"):
         model_lib.Transformer(cfg).apply({"params": {}}, tokens,  # raised before any parameter
-                                         kv_cache=model_lib.init_kv_cache(cfg, 1),
+                                         kv_cache=attention_lib.init_kv_cache(cfg, 1),
                                          segment_ids_BxL=jnp.ones((1, 4), jnp.int32))

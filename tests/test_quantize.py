@@ -13,6 +13,7 @@ import transformers
 from flax import traverse_util
 
 from lmjax import hf, int8, quantize, sample
+from lmjax import attention as attention_lib
 from lmjax import model as model_lib
 from lmjax.commands import common
 from lmjax.config import ModelConfig
@@ -220,7 +221,7 @@ def test_int8_kv_cache_matches_float_cache():
     tokens = jnp.asarray([PROMPTS[0] * 2, PROMPTS[0][::-1] * 2])  # [2, 14]
 
     def prefill(config):
-        cache = model_lib.init_kv_cache(config, 2, 64)
+        cache = attention_lib.init_kv_cache(config, 2, 64)
         return jax.jit(model_lib.Transformer(config).apply)(
             {"params": params}, tokens, kv_cache=cache, cache_index=0)
     float_logits, float_cache = prefill(LLAMA)

@@ -9,6 +9,7 @@ import pytest
 from lmjax import run_config
 from lmjax import safety
 from lmjax import train
+from lmjax import steps as steps_lib
 from lmjax.config import default_config
 
 
@@ -20,7 +21,7 @@ def test_cross_entropy_matches_numpy():
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
-    loss_sum, count = train.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    loss_sum, count = steps_lib.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
     np.testing.assert_allclose(loss_sum, (nll * mask).sum(), rtol=1e-5)
     assert count == mask.sum()
 
@@ -40,13 +41,13 @@ def test_loss_fn_ignores_masked_positions(tiny_config):
     shifted = logits - logits.max(-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))  # NumPy log-softmax
     expected = -np.mean(np.take_along_axis(log_probs, batch["targets"][..., None], -1)[:, :5])
-    np.testing.assert_allclose(train.loss_fn(params, masked, mcfg), expected, rtol=1e-5)
+    np.testing.assert_allclose(steps_lib.loss_fn(params, masked, mcfg), expected, rtol=1e-5)
 
 
 def test_schedule_and_weight_decay_mask():
     optim = default_config().optim
     optim.update(learning_rate=1e-3, min_learning_rate=1e-4, warmup_steps=10, weight_decay=0.5)
-    tx, schedule = train.make_optimizer(optim, num_steps=100)
+    tx, schedule = steps_lib.make_optimizer(optim, num_steps=100)
     assert schedule(0) == 0.0
     np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
     np.testing.assert_allclose(schedule(55), 1e-4 + 0.5 * (1e-3 - 1e-4), rtol=1e-5)  # cosine mid
@@ -65,7 +66,7 @@ def test_gradient_accumulation_averages_micro_batches():
     optim = default_config().optim
     # eps=1: Adam's step then depends on the gradient's scale (a sum would not pass for a mean).
     optim.update(grad_accum=2, warmup_steps=0, weight_decay=0.0, grad_clip=0.0, eps=1.0)
-    tx, schedule = train.make_optimizer(optim, num_steps=10)
+    tx, schedule = steps_lib.make_optimizer(optim, num_steps=10)
     params = {"w": jnp.arange(4.0)}
     g1, g2 = {"w": jnp.array([1.0, -2.0, 3.0, 0.5])}, {"w": jnp.array([3.0, 0.0, -1.0, 0.5])}
     state = tx.init(params)
@@ -85,7 +86,7 @@ def test_clip_by_global_norm_matches_optax(max_norm):
     import optax
     grads = {"w": jnp.array([[3.0, -4.0], [1.0, 2.0]]), "b": jnp.array([0.5, -1.5])}
     norm = np.sqrt(sum(np.sum(np.asarray(g, np.float64) ** 2) for g in grads.values()))
-    ours, reference = train.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
+    ours, reference = steps_lib.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
     clipped, state = ours.update(grads, ours.init(grads))
     expected, _ = reference.update(grads, reference.init(grads))
     assert jax.tree.structure(state) == jax.tree.structure(reference.init(grads))
@@ -124,14 +125,14 @@ def test_train_steps_scan_matches_train_step(tiny_config):
     config.model.dropout = 0.1
     config.optim.update(grad_accum=2, warmup_steps=0)  # the first update at the peak rate
     mcfg = run_config.model_config(config, vocab_size=40)
-    tx, _ = train.make_optimizer(config.optim, num_steps=10)
+    tx, _ = steps_lib.make_optimizer(config.optim, num_steps=10)
     rng = np.random.default_rng(0)
     batches = [{"inputs": rng.integers(0, 40, (4, 16)).astype(np.int32),
                 "targets": rng.integers(0, 40, (4, 16)).astype(np.int32),
                 "mask": np.ones((4, 16), np.float32)} for _ in range(3)]
-    one = jax.jit(functools.partial(train.train_step, config=mcfg, tx=tx))
-    scan = jax.jit(functools.partial(train.train_steps, config=mcfg, tx=tx))
-    state = jax.jit(functools.partial(train.create_train_state, mcfg, tx))(jax.random.key(0))
+    one = jax.jit(functools.partial(steps_lib.train_step, config=mcfg, tx=tx))
+    scan = jax.jit(functools.partial(steps_lib.train_steps, config=mcfg, tx=tx))
+    state = jax.jit(functools.partial(steps_lib.create_train_state, mcfg, tx))(jax.random.key(0))
     stepped, losses = state, []
     for batch in batches:
         stepped, metrics = one(stepped, batch)
@@ -200,7 +201,7 @@ def test_dropout_bf16_and_accumulation_train(tmp_path, tiny_config):
 def test_bad_config_fails_before_compute(tmp_path, monkeypatch, change, message, tiny_config):
     config = tiny_config()
     change(config)
-    monkeypatch.setattr(train, "create_train_state", lambda *a: pytest.fail("computed anyway"))
+    monkeypatch.setattr(steps_lib, "create_train_state", lambda *a: pytest.fail("computed anyway"))
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         train.train_and_evaluate(config, str(tmp_path / "w"))
 
@@ -270,9 +271,9 @@ def test_nan_batch_stops_or_is_skipped(tmp_path, tiny_config, monkeypatch):
 def test_skip_nonfinite_step_leaves_state_unchanged(tiny_config):
     config = tiny_config()
     mcfg = run_config.model_config(config, vocab_size=40)
-    tx, _ = train.make_optimizer(config.optim, num_steps=10)
-    step = jax.jit(functools.partial(train.train_step, config=mcfg, tx=tx, skip_nonfinite=True))
-    state = jax.jit(functools.partial(train.create_train_state, mcfg, tx))(jax.random.key(0))
+    tx, _ = steps_lib.make_optimizer(config.optim, num_steps=10)
+    step = jax.jit(functools.partial(steps_lib.train_step, config=mcfg, tx=tx, skip_nonfinite=True))
+    state = jax.jit(functools.partial(steps_lib.create_train_state, mcfg, tx))(jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {"inputs": rng.integers(0, 40, (4, 16)).astype(np.int32),
              "targets": rng.integers(0, 40, (4, 16)).astype(np.int32),

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from lmjax import checkpoint, hf, hf_layout, quantize
+from lmjax import checkpoint, config_diff, hf, hf_layout, quantize
 from lmjax import model as model_lib
 from lmjax.config import ModelConfig
 
@@ -118,10 +118,10 @@ def _load_stored_base(reference: str, config: ModelConfig, seed: int,
                                        hf.read_hf_config(folder)["model_type"])), base_cfg
     if reference:
         info = checkpoint.read_checkpoint_info(reference)
-        errors = checkpoint.model_differences(info["model_config"], base_cfg,
-                                              checkpoint.SHAPE_MODEL_FIELDS)
+        errors = config_diff.model_differences(info["model_config"], base_cfg,
+                                               config_diff.SHAPE_MODEL_FIELDS)
         if errors:
-            raise checkpoint.IncompatibleCheckpointError(
+            raise config_diff.IncompatibleCheckpointError(
                 f"the base {reference!r} has parameters of another shape: " + "; ".join(errors))
         if info["model_config"].get("lora_rank"):  # a LoRA run: its adapters merged in (into
             # its base dequantized if that was int8: a QLoRA run)
@@ -157,10 +157,10 @@ def apply_adapter(params: dict, config: ModelConfig, adapter: str) -> tuple[dict
         if not lora_config.lora_rank:
             raise ValueError(f"--adapter={adapter}: neither a PEFT folder ({PEFT_CONFIG}) nor a "
                              "LoRA run's checkpoint (its lora.rank is 0)")
-        errors = checkpoint.model_differences(dataclasses.asdict(base_config(lora_config)),
-                                              config, checkpoint.SHAPE_MODEL_FIELDS)
+        errors = config_diff.model_differences(dataclasses.asdict(base_config(lora_config)),
+                                               config, config_diff.SHAPE_MODEL_FIELDS)
         if errors:
-            raise checkpoint.IncompatibleCheckpointError(
+            raise config_diff.IncompatibleCheckpointError(
                 f"--adapter={adapter} was trained on a base of another shape: " + "; ".join(errors))
     # The base's config with the adapter's lora fields (a QLoRA run's adapter on a float base
     # stays float).

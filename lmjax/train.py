@@ -20,6 +20,7 @@ from absl import logging
 from flax import traverse_util
 
 from lmjax import checkpoint as checkpoint_lib
+from lmjax import config_diff
 from lmjax import data as data_lib
 from lmjax import encoder as encoder_lib
 from lmjax import hf
@@ -163,7 +164,7 @@ def _resume_check(config: ml_collections.ConfigDict) -> Callable[[dict], None]:
     logged = set()
 
     def check(info):
-        changes = checkpoint_lib.check_resume_config(info["config"], info["model_config"], config)
+        changes = config_diff.check_resume_config(info["config"], info["model_config"], config)
         if changes and info["meta"]["step"] not in logged:
             logged.add(info["meta"]["step"])
             logging.info("config changes since checkpoint step %d (allowed): %s",
@@ -278,10 +279,10 @@ def _init_from_params(config, mcfg: ModelConfig, state_sh: steps_lib.TrainState,
         model_type = hf_cfg["model_type"]
         return jax.device_put(hf.load_hf_params(source, mcfg, model_type), state_sh.params), source
     init_from = init_from or checkpoint_lib.read_checkpoint_info(config.init_from)
-    errors = checkpoint_lib.model_differences(init_from["model_config"], mcfg,
-                                              checkpoint_lib.SHAPE_MODEL_FIELDS)
+    errors = config_diff.model_differences(init_from["model_config"], mcfg,
+                                           config_diff.SHAPE_MODEL_FIELDS)
     if errors:
-        raise checkpoint_lib.IncompatibleCheckpointError(
+        raise config_diff.IncompatibleCheckpointError(
             f"init_from={config.init_from!r} has parameters of another shape: " + "; ".join(errors))
     if mcfg.architecture == "encoder":  # e.g. masked-LM params under a new classifier head
         params, _, _ = checkpoint_lib.load_params(init_from["step_dir"])

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from lmjax import checkpoint as ckpt_lib
+from lmjax import config_diff
 from lmjax import data as data_lib
 from lmjax import lock as lock_lib
 from lmjax import model as model_lib
@@ -336,18 +337,18 @@ def test_resume_rejects_model_shape_change_before_compute(text_file, tmp_path, m
     monkeypatch.setattr(data_lib, "build_data", no_data)
     config = tiny_config(text_file, train__num_steps=10, model__num_layers=1,
                          model__mlp_dim=64)
-    with pytest.raises(ckpt_lib.IncompatibleCheckpointError) as e:
+    with pytest.raises(config_diff.IncompatibleCheckpointError) as e:
         train_lib.train_and_evaluate(config, workdir)
     assert "model.num_layers: checkpoint 2, config 1" in str(e.value)
     assert "model.mlp_dim: checkpoint 128, config 64" in str(e.value)
-    with pytest.raises(ckpt_lib.IncompatibleCheckpointError, match="optim.grad_accum: checkpoint 1"):
+    with pytest.raises(config_diff.IncompatibleCheckpointError, match="optim.grad_accum: checkpoint 1"):
         train_lib.train_and_evaluate(tiny_config(text_file, optim__grad_accum=2), workdir)
 
 
 def test_resume_allows_safe_changes(text_file, tmp_path, capsys):
     workdir = str(tmp_path / "w")
     train_lib.train_and_evaluate(tiny_config(text_file, train__num_steps=5), workdir)
-    changes = ckpt_lib.check_resume_config(
+    changes = config_diff.check_resume_config(
         ckpt_lib.read_checkpoint_info(workdir)["config"],
         ckpt_lib.read_checkpoint_info(workdir)["model_config"],
         tiny_config(text_file, train__num_steps=8, optim__learning_rate=3e-4,
@@ -421,7 +422,7 @@ def test_init_from_starts_from_params_with_fresh_optimizer(text_file, tmp_path):
         assert int(result["state"].step) == 1
     config = tiny_config(text_file, model__embed_dim=16)
     config.init_from = source
-    with pytest.raises(ckpt_lib.IncompatibleCheckpointError,
+    with pytest.raises(config_diff.IncompatibleCheckpointError,
                        match="model.embed_dim: checkpoint 32, config 16"):
         train_lib.train_and_evaluate(config, str(tmp_path / "bad"))
 

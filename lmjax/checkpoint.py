@@ -22,7 +22,7 @@ verified one. A state with a non-finite value is never saved (`NonFiniteError`).
 deleted only after a newer save has completed.
 
     ckpt = Checkpointer(workdir, keep=3, keep_best=True, async_save=True)
-    restored = ckpt.restore_latest(train.abstract_train_state(model_cfg, tx))  # None: fresh
+    restored = ckpt.restore_latest(steps.abstract_train_state(model_cfg, tx))  # None: fresh
     ckpt.save(state, step=..., micro_step=..., config=config, model_config=model_cfg,
               tokenizer=tokenizer, metrics={'val_loss': 1.9})
     ckpt.close()                                                         # waits for saves
@@ -151,7 +151,7 @@ def restore_target(abstract_state, sharding=None):
     """The restore target of a train state: every leaf a ShapeDtypeStruct with `.sharding`.
 
     `abstract_state` is a TrainState of shapes (`jax.eval_shape` of how it is built, see
-    `train.abstract_train_state`). `sharding` is one `jax.sharding.Sharding` for all leaves or a
+    `steps.abstract_train_state`). `sharding` is one `jax.sharding.Sharding` for all leaves or a
     pytree of them matching it; None places everything on the default device. The rng leaf
     becomes the uint32 key data (as saved), not a typed key.
     """

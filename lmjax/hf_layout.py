@@ -12,7 +12,7 @@ is one rule naming the lmjax parameter(s) it holds. Only the layout differs betw
 * torch `nn.Linear` weights are [out, in] and are transposed; GPT-2's `Conv1D` weights are already
   [in, out]. lmjax's attention kernels keep the heads as their own axes ([D, H, K] and [H, K, D]),
   so a projection is reshaped, never permuted: HF LLaMA checkpoints already use the rotate-half
-  RoPE layout of `model.apply_rope`.
+  RoPE layout of `attention.apply_rope`.
 * GPT-2's `c_attn` holds query, key and value side by side ([D, 3D]) and is split into three.
 """
 from __future__ import annotations

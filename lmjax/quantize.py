@@ -18,7 +18,7 @@ path do). `convert` runs once, at load; nothing is converted per step.
   and scales (with logical axis names: scales are sharded like their kernel's output axes), so
   `logical_axes`, `abstract_params` and Orbax restore of a quantized checkpoint need nothing more.
 * **int8 KV cache** (`model.kv_cache_dtype='int8'`, `with_int8_kv_cache`): keys and values int8
-  with a float32 scale per token and KV head (see `model.init_kv_cache`).
+  with a float32 scale per token and KV head (see `attention.init_kv_cache`).
 
 A quantized checkpoint is `checkpoint.export_params` of the int8 params with their config:
 `checkpoint.load_params` restores it without ever holding the float weights.

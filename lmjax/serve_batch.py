@@ -7,7 +7,7 @@ Shape letters as in decode.py: B rows (KV-cache rows; the row bucket), L padded 
 (a bucket), T cache slots, V vocab, K the top logprobs kept per token (TOP_LOGPROBS).
 
 **The cache.** One KV cache of B rows and T slots (`cache_len`, default model.max_len). Every
-row writes its next token at the same slot `index` (model.py: one in-place write per step); a
+row writes its next token at the same slot `index` (attention.py: one in-place write per step); a
 token at slot s with position p attends to its row's slots s - p .. s, so rows of any age sit
 side by side, right-aligned at `index`.
 **Insert.** A request is prefilled alone (decode.prefill, prompt left-padded to its bucket L),
@@ -156,7 +156,7 @@ def prefill(params, prompt_1xL, length_1, index, rows_1: RowSettings, *,
 
 
 def _sequences_view(x_CxTxK, groups: int, sequences: int):
-    """[C, T, K] cache rows -> [J, B, E, T, K] (KV-head groups, sequences, heads; model.py)."""
+    """[C, T, K] cache rows -> [J, B, E, T, K] (KV-head groups, sequences, heads; attention.py)."""
     C, T, K = x_CxTxK.shape
     return x_CxTxK.reshape(groups, sequences, C // (groups * sequences), T, K)
 

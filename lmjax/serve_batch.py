@@ -75,9 +75,10 @@ def _sample(scores_BxV, keys_B, rows: RowSettings):
     """sample_rows, vectorized where the rows agree, else each row on its own (lax.map), so
     that a greedy row costs an argmax and only the top-k / top-p rows sort their logits.
     Measured (GPT-2 124M widths, 16 rows, 2 loaded cores): batched sample_rows costs 27 ms
-    when every row samples (40 ms row by row), 170 ms once any row has top-p (it sorts all
-    16 rows; row by row, one top-p row among 15 greedy ones costs 14 ms), and free rows that
-    sampled made a greedy batch pay 28 ms instead of a 2 ms argmax."""
+    when every row samples (40 ms row by row), 170 ms once any row had top-p while thresholds
+    came from a sort over V (row by row, one top-p row among 15 greedy ones cost 14 ms; since
+    logits_process takes them from lax.top_k, a batched top-p costs ~13 ms quiet), and free
+    rows that sampled made a greedy batch pay 28 ms instead of a 2 ms argmax."""
     V = scores_BxV.shape[-1]
     greedy_B = rows.temperature_B == 0
     sorts_B = ~greedy_B & (((rows.top_k_B > 0) & (rows.top_k_B < V)) | (rows.top_p_B < 1.0))

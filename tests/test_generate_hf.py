@@ -218,6 +218,34 @@ def test_processors_then_warpers_equal_transformers_classes():
     np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-6)
 
 
+@pytest.mark.parametrize("scale", [8.0, 0.05], ids=["peaked", "flat"])
+def test_top_k_top_p_past_the_candidates_equal_transformers(scale):
+    """warp_logits and warp_rows take top-k's threshold from the 256 largest logits and
+    top-p's from the 1024 largest (lax.top_k), and fall back to a full sort when a row needs
+    more: peaked logits (top-p's set within the 1024), flat ones (a top-p 0.95 set of ~2,800 of
+    3,000 tokens) and a top-k of 1,200, against transformers' warpers."""
+    assert (logits_process.TOP_K_CANDIDATES, logits_process.TOP_P_CANDIDATES) == (256, 1024)
+    rng = np.random.RandomState(1)
+    logits = (rng.randn(3, 3000) * scale).astype(np.float32)
+    settings = [(1.0, 0, 0.95), (0.8, 1200, 0.9), (1.2, 20, 0.5)]  # temperature, top_k, top_p
+
+    def transformers_warped(row, t, k, p):
+        x = hf_gen.TemperatureLogitsWarper(t)(None, torch.tensor(logits[row:row + 1]))
+        x = hf_gen.TopKLogitsWarper(k)(None, x) if k else x
+        return hf_gen.TopPLogitsWarper(p)(None, x).numpy()[0]
+    rows = np.asarray(logits_process.warp_rows(logits, *(np.array(c) for c in zip(*settings))))
+    for row, (t, k, p) in enumerate(settings):
+        expected = transformers_warped(row, t, k, p)
+        one = np.asarray(logits_process.warp_logits(
+            logits[row:row + 1], SamplingConfig(4, temperature=t, top_k=k, top_p=p)))[0]
+        for got in (rows[row], one):
+            np.testing.assert_array_equal(np.isinf(got), np.isinf(expected))
+            np.testing.assert_allclose(got[np.isfinite(got)], expected[np.isfinite(expected)],
+                                       rtol=1e-6)
+    if scale < 1:  # the flat rows' top-p sets reach past the candidates
+        assert np.isfinite(rows[0]).sum() > logits_process.TOP_P_CANDIDATES
+
+
 # ------------------------------------------------------------------------ defaults from a folder
 
 

@@ -105,14 +105,9 @@ def int8_group_dot(spec: str, x: jax.Array, kernel: jax.Array, scale: jax.Array,
     ci = k_axes.index(c)
     kg = kernel.reshape(kernel.shape[:ci] + (blocks, group_size) + kernel.shape[ci + 1:])
     x_q, x_scale = quantize_int8(xg, -1)
-    free = [i for i, ch in enumerate(x_axes[:-1]) if ch in out and ch not in k_axes]
     y_axes = x_axes[:-1] + b + "".join(ch for ch in k_axes if ch not in x_axes)
-    single = bool(free) and all(x.shape[i] == 1 for i in free)
-    if single:  # a one-row dot is rewritten into a multiply-reduce (see int8_dot)
-        x_q = jnp.concatenate([x_q, jnp.zeros_like(x_q)], axis=free[0])
+    # (No one-row padding as in int8_dot: one row takes _block_diagonal_dot above.)
     y = jnp.einsum(f"{xg_axes},{kg_axes}->{y_axes}", x_q, kg, preferred_element_type=jnp.int32)
-    if single:
-        y = jax.lax.slice_in_dim(y, 0, 1, axis=free[0])
     y = (y.astype(jnp.float32) * _laid_out(x_scale[..., 0], x_axes[:-1] + b, y_axes)
          * _laid_out(scale, k_axes.replace(c, b), y_axes))
     return jnp.einsum(f"{y_axes}->{out}", y)

@@ -375,6 +375,8 @@ def top_p_threshold(logits_BxV: jax.Array, top_p_B: jax.Array) -> jax.Array:
     probability reaches top_p_B[b] (the most likely token is always in it)."""
     V = logits_BxV.shape[-1]
     K = min(V, TOP_P_CANDIDATES)
+    # The max over V, not candidates[:, :1]: taking it from lax.top_k's output made the
+    # candidates cost a sort again (16 GPT-2 rows: top-p 0.9 13 -> 155 ms, top-k 40 6 -> 63).
     max_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
     total_Bx1 = jnp.sum(jnp.exp(logits_BxV - max_Bx1), axis=-1, keepdims=True)  # softmax's sum
 

@@ -11,21 +11,28 @@ keeps `concurrency` requests in flight. Reported per row:
     insert, step = launch and wait, output = detokenizing / stop strings / chunks; the step's
     launch and device wait; steps and active rows per step).
 Rows: the server (--slots decode slots) at concurrency 1, 4, 16, 32; the same requests one at a
-time through a one-slot server ("no batching"); and Hugging Face `GPT2LMHeadModel.generate`
-with a TextIteratorStreamer (what `pipeline("text-generation")` runs for one prompt), one
-request at a time behind the same client loop (the pipeline has no continuous batching).
+time through a one-slot server ("no batching", --sequential_requests of them); and Hugging Face
+`GPT2LMHeadModel.generate` with a TextIteratorStreamer (what `pipeline("text-generation")` runs
+for one prompt), one request at a time behind the same client loop (the pipeline has no
+continuous batching). Concurrency above --slots is a legitimate row too: the rest queue.
+
+The load on a shared machine drifts, so the rows run in a palindrome: the references (one at a
+time, HF, concurrency 1) run the first half of their requests first, the batched rows next, then
+the references' second halves in mirrored order; each row pools its segments (tokens over summed
+wall time) and reports the 1-minute load average at each segment's start and end.
 
     python benchmarks/serve_throughput.py                      # the full run (long on 2 cores)
-    python benchmarks/serve_throughput.py --layers=2 --new_tokens=32 --requests=32 \
-        --concurrency=1,4,16 --prompt_max=64                   # a quick look
+    python benchmarks/serve_throughput.py --layers=1 --new_tokens=4 --requests=4 \
+        --concurrency=1,2 --prompt_max=40                      # a smoke test
 
-Prints one JSON object per row, then the JSON summary and a Markdown table.
+Prints one JSON object per segment, then the JSON summary and a Markdown table.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
 import socket
 import threading
 import time
@@ -97,16 +104,26 @@ async def client_loop(send, prompts, concurrency):
     return runs, time.perf_counter() - start
 
 
-def summarize(name, concurrency, runs, wall, new_tokens):
+def summarize(name, concurrency, segments, new_tokens):
+    """One row from its segments (each {"runs", "wall", "load", "engine"?}): tokens/s over the
+    segments' summed wall time, percentiles over all their requests."""
+    runs = [t for s in segments for t in s["runs"]]
+    wall = sum(s["wall"] for s in segments)
     ttft = [t[1] - t[0] for t in runs]
     gaps = np.concatenate([np.diff(t[1:]) for t in runs])
     tokens = sum(len(t) - 1 for t in runs)
     assert tokens == len(runs) * new_tokens, (tokens, len(runs), new_tokens)
     pct = lambda x, q: float(np.percentile(x, q))  # noqa: E731
-    return {"name": name, "concurrency": concurrency, "requests": len(runs), "tokens": tokens,
-            "wall_s": wall, "tokens_per_s": tokens / wall,
-            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
-            "token_p50_ms": 1e3 * pct(gaps, 50), "token_p99_ms": 1e3 * pct(gaps, 99)}
+    row = {"name": name, "concurrency": concurrency, "requests": len(runs), "tokens": tokens,
+           "wall_s": wall, "tokens_per_s": tokens / wall,
+           "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
+           "token_p50_ms": 1e3 * pct(gaps, 50), "token_p99_ms": 1e3 * pct(gaps, 99),
+           "prompt_tokens_mean": float(np.mean([s["prompt_tokens_mean"] for s in segments])),
+           "segments": [s["order"] for s in segments],
+           "load_1min": [x for s in segments for x in s["load"]]}
+    if "engine" in segments[0]:
+        row["engine"] = profile_sum([s["engine"] for s in segments])
+    return row
 
 
 def profile(engine, before=None):
@@ -117,47 +134,33 @@ def profile(engine, before=None):
            "row_steps": engine.row_steps}
     if before is None:
         return now
-    out = {k: round(v - before[k], 3) for k, v in now.items()}
+    return {k: v - before[k] for k, v in now.items()}
+
+
+def profile_sum(profiles):
+    out = {k: round(sum(p[k] for p in profiles), 3) for k in profiles[0]}
     out["rows_per_step"] = round(out["row_steps"] / max(out["steps"], 1), 2)
     out["step_ms"] = round(1e3 * (out["step"] + out["output"]) / max(out["steps"], 1), 1)
     return out
 
 
-def serve_rows(params, config, args, prompts):
-    rows = []
-    url, stop, compile_s, engine = start_server(params, config, args.slots, args.cache_len)
-    print(json.dumps({"server_compile_s": compile_s, "slots": args.slots}), flush=True)
-    try:
-        for c in args.concurrency:
-            async def run(c=c):
-                async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
-                    await http_request(client, prompts[0], 2)  # a warm connection pool
-                    return await client_loop(lambda p: http_request(client, p, args.new_tokens),
-                                             prompts[:max(args.requests, c)], c)
+def server_segment(url, engine, prompts, concurrency, new_tokens):
+    """`prompts` through the server at `concurrency`: runs, wall time, engine profile."""
+    async def run():
+        async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
+            await http_request(client, prompts[0], 2)  # a warm connection pool
             before = profile(engine)
-            rows.append(summarize("lmjax-serve", c, *asyncio.run(run()), args.new_tokens))
-            rows[-1]["engine"] = profile(engine, before)
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        stop()
-    url, stop, _, engine = start_server(params, config, 1, args.cache_len)
-    try:
-        async def single():
-            async with httpx.AsyncClient(base_url=url, timeout=3600) as client:
-                return await client_loop(lambda p: http_request(client, p, args.new_tokens),
-                                         prompts[:args.sequential_requests], 1)
-        before = profile(engine)
-        rows.append(summarize("one at a time (1 slot)", 1, *asyncio.run(single()),
-                              args.new_tokens))
-        rows[-1]["engine"] = profile(engine, before)
-        print(json.dumps(rows[-1]), flush=True)
-    finally:
-        stop()
-    return rows
+            runs, wall = await client_loop(lambda p: http_request(client, p, new_tokens),
+                                           prompts, concurrency)
+            return {"runs": runs, "wall": wall, "engine": profile(engine, before)}
+    return asyncio.run(run())
 
 
-def hf_row(params, config, args, prompts):
-    """HF generate with a streamer, one request at a time (a lock), behind the same loop."""
+def hf_generator(params, config, new_tokens):
+    """HF `GPT2LMHeadModel.generate` with a TextIteratorStreamer (what transformers'
+    `pipeline("text-generation")` runs for one prompt, its streamer the one its docs give for
+    serving) on the same weights: a function prompt -> token arrival times, one request at a
+    time (a lock)."""
     import tempfile
 
     import torch
@@ -168,37 +171,86 @@ def hf_row(params, config, args, prompts):
         hf.save_hf(folder, config, params, model_type="gpt2")
         model = GPT2LMHeadModel.from_pretrained(folder).eval()
 
-    class Streamer(TextIteratorStreamer):  # token ids instead of text
+    class Streamer(TextIteratorStreamer):  # one "<>" per token id instead of decoded text
         def put(self, value):
-            if self.next_tokens_are_prompt:
+            if self.next_tokens_are_prompt:  # generate puts the prompt first
                 self.next_tokens_are_prompt = False
                 return
             self.text_queue.put("<>" * value.numel())
 
     lock = threading.Lock()
 
-    def generate(prompt_ids):
+    def generate(prompt):
         with lock, torch.no_grad():
             times = [time.perf_counter()]
             streamer = Streamer(tokenizer=None)
-            ids = torch.tensor([IdTokenizer(0).encode(prompt_ids)])
+            ids = torch.tensor([IdTokenizer(0).encode(prompt)])
             worker = threading.Thread(target=model.generate, kwargs=dict(
                 input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                 streamer=streamer, pad_token_id=0))
             worker.start()
             for piece in streamer:
                 times += [time.perf_counter()] * (len(piece) // 2)
             worker.join()
             return times
+    generate(IdTokenizer(0).decode(range(8)))  # first-call costs out of the row
+    return generate
 
+
+def hf_segment(generate, prompts):
     async def run():
         loop = asyncio.get_running_loop()
-        return await client_loop(lambda p: loop.run_in_executor(None, generate, p),
-                                 prompts[:args.sequential_requests], 4)
-    row = summarize("HF generate (pipeline's loop)", 4, *asyncio.run(run()), args.new_tokens)
-    print(json.dumps(row), flush=True)
-    return row
+        runs, wall = await client_loop(lambda p: loop.run_in_executor(None, generate, p),
+                                       prompts, 1)
+        return {"runs": runs, "wall": wall}
+    return asyncio.run(run())
+
+
+def measure(params, config, args, prompts):
+    """Every row, in a palindrome so that load drifting over the run falls alike on the rows
+    compared: the references (one at a time, HF, concurrency 1) run half their requests first
+    and half last, in mirrored order, and the batched rows run in between."""
+    single_url, single_stop, single_compile, single_engine = start_server(
+        params, config, 1, args.cache_len)
+    url, stop, compile_s, engine = start_server(params, config, args.slots, args.cache_len)
+    print(json.dumps({"server_compile_s": compile_s, "slots": args.slots,
+                      "one_slot_server_compile_s": single_compile}), flush=True)
+    generate = None if args.no_hf else hf_generator(params, config, args.new_tokens)
+    n = lambda c: max(args.requests, c)  # noqa: E731
+    rows = {"one": ("one at a time (1 slot)", 1, lambda p: server_segment(
+                single_url, single_engine, p, 1, args.new_tokens), args.sequential_requests)}
+    if generate is not None:
+        rows["hf"] = ("HF generate + streamer, one at a time", 1,
+                      lambda p: hf_segment(generate, p), args.sequential_requests)
+    for c in args.concurrency:
+        rows[c] = (f"lmjax-serve, {args.slots} slots", c, lambda p, c=c: server_segment(
+            url, engine, p, c, args.new_tokens), n(c))
+    split = [k for k in ("one", "hf", 1) if k in rows]  # the references, split in two halves
+    plan = ([(k, 0, rows[k][3] // 2) for k in split]
+            + [(k, 0, rows[k][3]) for k in rows if k not in split]
+            + [(k, rows[k][3] // 2, rows[k][3]) for k in reversed(split)])
+    segments = {k: [] for k in rows}
+    try:
+        for order, (k, lo, hi) in enumerate(plan):
+            if lo == hi:
+                continue
+            load = os.getloadavg()[0]
+            segment = rows[k][2](prompts[lo:hi])
+            segment.update(order=order, load=[round(load, 2), round(os.getloadavg()[0], 2)],
+                           prompt_tokens_mean=float(np.mean(
+                               [len(IdTokenizer(0).encode(p)) for p in prompts[lo:hi]])))
+            segments[k].append(segment)
+            print(json.dumps({"row": rows[k][0], "concurrency": rows[k][1],
+                              "requests": f"{lo}:{hi}", "wall_s": round(segment["wall"], 2),
+                              "load_1min": segment["load"],
+                              **({"engine": profile_sum([segment["engine"]])}
+                                 if "engine" in segment else {})}), flush=True)
+    finally:
+        stop()
+        single_stop()
+    return [summarize(rows[k][0], rows[k][1], segments[k], args.new_tokens)
+            for k in [*(c for c in args.concurrency), "one", "hf"] if k in rows]
 
 
 def main() -> None:
@@ -215,35 +267,50 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
     args = parser.parse_args()
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    try:
+        args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    except ValueError:
+        parser.error(f"--concurrency={args.concurrency!r} must be integers >= 1, comma-separated")
+    for name, value in [("concurrency", min(args.concurrency)), ("requests", args.requests),
+                        ("sequential_requests", args.sequential_requests),
+                        ("slots", args.slots), ("new_tokens", args.new_tokens)]:
+        if value < 1:
+            parser.error(f"--{name}={value} must be >= 1")
+    if not 1 <= args.prompt_min <= args.prompt_max:
+        parser.error(f"--prompt_min={args.prompt_min} and --prompt_max={args.prompt_max} must "
+                     "satisfy 1 <= prompt_min <= prompt_max")
     config = preset("gpt2_124m", num_layers=args.layers, dtype=args.dtype)
     args.cache_len = 1 << (args.prompt_max + args.new_tokens - 1).bit_length()
     params = init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
     prompts = [IdTokenizer(0).decode(rng.integers(0, config.vocab_size, n))
-               for n in rng.integers(args.prompt_min, args.prompt_max + 1,
-                                     max(args.requests, max(args.concurrency)))]
+               for n in rng.integers(args.prompt_min, args.prompt_max + 1, max(
+                   args.requests, max(args.concurrency), args.sequential_requests))]
     env = _env.environment(peers=() if args.no_hf else ("torch", "transformers"))
-    rows = serve_rows(params, config, args, prompts)
-    if not args.no_hf:
-        rows.append(hf_row(params, config, args, prompts))
+    rows = measure(params, config, args, prompts)
     single = next(r for r in rows if r["name"].startswith("one at a time"))
+    first = next((r for r in rows if r["name"].startswith("lmjax") and r["concurrency"] == 1),
+                 None)
     for r in rows:
         r["speedup_vs_one_at_a_time"] = r["tokens_per_s"] / single["tokens_per_s"]
+        r["speedup_vs_concurrency_1"] = r["tokens_per_s"] / first["tokens_per_s"] if first else None
         r["token_p50_vs_single"] = r["token_p50_ms"] / single["token_p50_ms"]
     print(json.dumps({"env": env, "settings": {k: v for k, v in vars(args).items()},
                       "rows": rows}, indent=1))
     print("\n" + _env.measured_with(env))
     print(f"GPT-2 124M shapes, {args.layers} layers, {args.dtype}; prompts "
           f"{args.prompt_min}-{args.prompt_max} tokens, {args.new_tokens} new tokens, "
-          f"{args.slots} slots, cache {args.cache_len}\n")
-    print("| server | concurrency | tokens/s | x one-at-a-time | TTFT p50 / p99 ms | "
-          "per-token p50 / p99 ms |\n|---|---|---|---|---|---|")
+          f"{args.slots} slots, cache {args.cache_len}; load: 1-minute load average at the start "
+          "and end of the row's segments\n")
+    print("| server | concurrency | requests | tokens/s | x one-at-a-time | x concurrency 1 | "
+          "TTFT p50 / p99 ms | per-token p50 / p99 ms | load |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['name']} | {r['concurrency']} | {r['tokens_per_s']:.1f} | "
-              f"{r['speedup_vs_one_at_a_time']:.2f} | {r['ttft_p50_ms']:.0f} / "
-              f"{r['ttft_p99_ms']:.0f} | {r['token_p50_ms']:.1f} / {r['token_p99_ms']:.1f} |")
-
+        x1 = f"{r['speedup_vs_concurrency_1']:.2f}" if first else "-"
+        print(f"| {r['name']} | {r['concurrency']} | {r['requests']} | {r['tokens_per_s']:.1f} | "
+              f"{r['speedup_vs_one_at_a_time']:.2f} | {x1} | {r['ttft_p50_ms']:.0f} / "
+              f"{r['ttft_p99_ms']:.0f} | {r['token_p50_ms']:.1f} / {r['token_p99_ms']:.1f} | "
+              f"{min(r['load_1min']):.1f}-{max(r['load_1min']):.1f} |")
 
 if __name__ == "__main__":
     main()

@@ -195,6 +195,7 @@ def hf_generator(params, config, new_tokens):
             worker.join()
             return times
     generate(IdTokenizer(0).decode(range(8)))  # first-call costs out of the row
+    print(json.dumps({"hf_torch_threads": torch.get_num_threads()}), flush=True)
     return generate
 
 

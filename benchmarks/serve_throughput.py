@@ -156,7 +156,7 @@ def server_segment(url, engine, prompts, concurrency, new_tokens):
     return asyncio.run(run())
 
 
-def hf_generator(params, config, new_tokens):
+def hf_generator(params, config, new_tokens, threads):
     """HF `GPT2LMHeadModel.generate` with a TextIteratorStreamer (what transformers'
     `pipeline("text-generation")` runs for one prompt, its streamer the one its docs give for
     serving) on the same weights: a function prompt -> token arrival times, one request at a
@@ -167,6 +167,8 @@ def hf_generator(params, config, new_tokens):
     from transformers import GPT2LMHeadModel, TextIteratorStreamer
 
     from lmjax import hf
+    if threads:
+        torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as folder:
         hf.save_hf(folder, config, params, model_type="gpt2")
         model = GPT2LMHeadModel.from_pretrained(folder).eval()
@@ -217,7 +219,8 @@ def measure(params, config, args, prompts):
     url, stop, compile_s, engine = start_server(params, config, args.slots, args.cache_len)
     print(json.dumps({"server_compile_s": compile_s, "slots": args.slots,
                       "one_slot_server_compile_s": single_compile}), flush=True)
-    generate = None if args.no_hf else hf_generator(params, config, args.new_tokens)
+    generate = (None if args.no_hf
+                else hf_generator(params, config, args.new_tokens, args.hf_threads))
     n = lambda c: max(args.requests, c)  # noqa: E731
     rows = {"one": ("one at a time (1 slot)", 1, lambda p: server_segment(
                 single_url, single_engine, p, 1, args.new_tokens), args.sequential_requests)}
@@ -267,6 +270,11 @@ def main() -> None:
     parser.add_argument("--sequential_requests", type=int, default=8)
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--no-hf", action="store_true")
+    # One thread by default: on the 2 shared cores at load average 8, GPT-2 124M generate took
+    # 1069-1093 ms a token with torch's 2 threads (each op's threads wait for a descheduled one)
+    # and 284-286 ms with one (100-token prompt, 16 new tokens, 2 repeats interleaved).
+    parser.add_argument("--hf_threads", type=int, default=1, help="torch threads for the HF "
+                        "row (0: torch's default)")
     args = parser.parse_args()
     try:
         args.concurrency = [int(c) for c in args.concurrency.split(",")]
@@ -277,6 +285,8 @@ def main() -> None:
                         ("slots", args.slots), ("new_tokens", args.new_tokens)]:
         if value < 1:
             parser.error(f"--{name}={value} must be >= 1")
+    if args.hf_threads < 0:
+        parser.error(f"--hf_threads={args.hf_threads} must be >= 0 (0: torch's default)")
     if not 1 <= args.prompt_min <= args.prompt_max:
         parser.error(f"--prompt_min={args.prompt_min} and --prompt_max={args.prompt_max} must "
                      "satisfy 1 <= prompt_min <= prompt_max")

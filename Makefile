@@ -18,7 +18,9 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	# torch==2.13.0 is a CPU build; it is only used as a reference in tests and benchmarks.
+	# torch==2.13.0 is a CPU build (this machine's disk has it); it is only used as a reference in
+	# tests and benchmarks. Installed first, so that `torch>=2.4` does not take a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test,tfds]"
 	touch $@
 

@@ -206,6 +206,31 @@ def _int8_matmul_bwd(spec, x_dtype, group_size, residuals, dy):
 _int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
 
 
+def input_major_permutations(stored: dict, wanted: dict) -> dict:
+    """How to read an int8 params tree written before 2026-12-02, whose Projection kernels (and
+    per-block scales) were stored input-major, in_shape + out_shape: {flat path: the axis
+    permutation that makes the stored array the output-major one the model declares}. Empty when
+    the tree is stored as declared, or differs otherwise (the restore then names the mismatch).
+    `stored` and `wanted`: {flat path: shape}; an int8 kernel is a 'kernel' with a 'scale'
+    beside it. One kernel tells: a query kernel [D, H, K] never equals its [H, K, D], even when
+    a square [D, D] one does (those are transposed too)."""
+    kernels = [p for p in wanted if p[-1] == "kernel" and p[:-1] + ("scale",) in wanted]
+    if all(tuple(stored.get(p, ())) == tuple(wanted[p]) for p in kernels):
+        return {}
+    perms = {}
+    for path in kernels:
+        shape, want = tuple(stored.get(path, ())), tuple(wanted[path])
+        splits = [k for k in range(1, len(shape)) if shape[k:] + shape[:k] == want]
+        if len(splits) != 1:
+            return {}
+        k = splits[0]  # the number of input axes
+        perms[path] = tuple(range(k, len(shape))) + tuple(range(k))
+        scale = path[:-1] + ("scale",)
+        if len(wanted[scale]) == len(shape):  # per-block scales: laid out as their kernel
+            perms[scale] = perms[path]
+    return perms
+
+
 class Int8Embed(nn.Module):
     """The token embedding [V, D] stored as int8 with a float32 scale per vocabulary row (the
     output channel of the tied logits): the parameters `embedding` and `scale` of nn.Embed's

@@ -36,9 +36,16 @@ def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
     x [1, 768] @ w [768, 3072] (benchmarks/sample_speed.py's shapes): f32 dot 0.59 ms; f32 x with
     the int8 w converted (in the dot or before it: the same HLO, also qwix 0.1.8's weight-only
     `dot_general(x, qvalue) * scale`) 1.6-2.2 ms; bf16 x bf16 1.2 ms; multiply-and-reduce forms
-    37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO), and
-    0.47 ms vs 0.90 ms f32 at 8 rows. A dot with a single row is padded to two: XLA rewrites a
-    one-row dot into a multiply-reduce that materialises w as int32 (1.5 ms).
+    37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO). A dot
+    with a single row is padded to two: XLA rewrites a one-row dot into a multiply-reduce that
+    materialises w as int32 (1.5 ms).
+
+    The s8 dot is faster with y stored output-major, [out, in] (W @ x^T), so lmjax's int8
+    kernels are (model.Projection; the embedding [V, D] always was). `python
+    benchmarks/int8_dot_layout.py` (this function, input- vs output-major y, interleaved, load
+    ~7-8 on 2 cores, 2026-12-02), ms: [1, 768] x [768, 3072] 0.63 -> 0.32, [1, 3072] x [3072,
+    768] 0.67 -> 0.51, 2 rows 0.46 -> 0.34 and 0.47 -> 0.27, 8 rows 1.55 -> 1.06 and 1.61 ->
+    1.11; [768, 50257] 1.1-1.5x (float32 x @ W: 0.49, 0.57 ms at one row).
     """
     inputs, out = spec.split("->")
     x_axes, y_axes = inputs.split(",")

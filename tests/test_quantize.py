@@ -457,6 +457,13 @@ def test_input_major_int8_checkpoint_is_transposed_at_load(tmp_path, capsys, wei
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # `lmjax quantize --workdir=OLD` loads it so (load_model), int8 as it was: rewritten new.
+    again, again_config, _ = common.load_model(str(tmp_path / "old"), None, "float32",
+                                               weights_dtype=weights_dtype)
+    assert again_config == qconfig
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(qparams)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    capsys.readouterr()
     # Today's layout loads without the note.
     quantize.export_quantized(str(tmp_path / "new"), qparams, qconfig, tokenizers.ByteTokenizer())
     checkpoint.load_params(str(tmp_path / "new"))

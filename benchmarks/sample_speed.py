@@ -31,6 +31,8 @@ bound those bytes set at the measured read bandwidth.
 
     python benchmarks/sample_speed.py --weights --batches=1 --lengths=128   # a short run
     python benchmarks/sample_speed.py --weights                             # 1 and 8, 128 and 512
+    python benchmarks/sample_speed.py --weights --batches=1 --lengths=128 \
+        --dtypes=f32,int8,int8_kv8 --rounds=3   # the int8 rows against f32, interleaved
 
 Prints a JSON object and a Markdown table.
 """
@@ -234,6 +236,8 @@ def weights_rows(args, bandwidth: float) -> list[dict]:
                                 ("lmjax int8", "int8", False),
                                 ("lmjax int8 + int8 KV", "int8", True),
                                 ("lmjax int8_g32 (blocks of 32)", "int8_g32", False)):
+            if WEIGHTS_KEYS[name] not in args.dtypes.split(","):
+                continue
             vparams, vconfig = quantize.convert(params, config, dtype)
             variants[name] = (vparams, quantize.with_int8_kv_cache(vconfig, kv))
         peers = {}
@@ -247,10 +251,16 @@ def weights_rows(args, bandwidth: float) -> list[dict]:
         for batch in [int(b) for b in args.batches.split(",")]:
             for n in [int(x) for x in args.lengths.split(",")]:
                 mean_len = PROMPT_LEN + n / 2
-                reference = None
+                reference, timed = None, {}
                 for name, (vparams, vconfig) in variants.items():
                     lmjax_generate(vparams, vconfig, prompts[:batch], n)  # compiles
-                    tokens, seconds = lmjax_generate(vparams, vconfig, prompts[:batch], n)
+                for _ in range(args.rounds):  # the variants interleaved; the fastest call kept
+                    for name, (vparams, vconfig) in variants.items():
+                        tokens, seconds = lmjax_generate(vparams, vconfig, prompts[:batch], n)
+                        timed[name] = min(timed.get(name, (tokens, seconds)),
+                                          (tokens, seconds), key=lambda t: t[1])
+                for name, (vparams, vconfig) in variants.items():
+                    tokens, seconds = timed[name]
                     reference = tokens if reference is None else reference
                     wbytes = weight_bytes_per_step(vparams) if name == "lmjax f32" else (
                         quantize.weight_bytes(vparams) - _pos_rows_bytes(vparams))
@@ -266,6 +276,11 @@ def weights_rows(args, bandwidth: float) -> list[dict]:
                                      float((tokens == reference).mean())))
                     print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+# --dtypes names of the lmjax rows
+WEIGHTS_KEYS = {"lmjax f32": "f32", "lmjax bf16": "bf16", "lmjax int8": "int8",
+                "lmjax int8 + int8 KV": "int8_kv8", "lmjax int8_g32 (blocks of 32)": "int8_g32"}
 
 
 def _pos_rows_bytes(params) -> int:
@@ -310,6 +325,10 @@ def main() -> None:
     parser.add_argument("--models", default="gpt2_124m,llama_125m", help="--weights: presets")
     parser.add_argument("--batches", default="1,8", help="--weights: batch sizes")
     parser.add_argument("--lengths", default="128,512", help="--weights: new tokens")
+    parser.add_argument("--dtypes", default=",".join(WEIGHTS_KEYS.values()),
+                        help="--weights: the lmjax rows (f32 first: the ratios' base)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="--weights: timed calls per lmjax row, interleaved; the fastest kept")
     args = parser.parse_args()
     if args.weights:
         env = _env.environment(peers=() if args.no_hf else ("torch", "transformers"))

@@ -43,12 +43,14 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 
 from lmjax import encoder as encoder_lib
-from lmjax import integrity
+from lmjax import int8, integrity
 from lmjax import model as model_lib
 from lmjax import tokenizers
 from lmjax.config import ModelConfig
@@ -448,7 +450,12 @@ def _load_params_from(step_dir: str, sharding=None):
         model_config = ModelConfig.from_dict(json_items["model_config"])
         tokenizer = _tokenizer_from_json(json_items["tokenizer"])
         target = abstract_params(model_config, sharding)
-        params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), target)
+        perms = _input_major_int8(os.path.join(step_dir, "params"), target, model_config)
+        flat_target = traverse_util.flatten_dict(target)
+        params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), _sharded(
+            _with_leaves(target, {p: jax.ShapeDtypeStruct(shape, flat_target[p].dtype)
+                                  for p, (_, shape) in perms.items()}), None)
+            if perms else target)  # an old layout: restored as stored, on one device
     except CheckpointError:
         raise
     except Exception as e:  # noqa: BLE001 - Orbax, TensorStore, JSON, base64 raise many types
@@ -459,7 +466,33 @@ def _load_params_from(step_dir: str, sharding=None):
                                    json_items)
     except integrity.IntegrityError as e:
         raise CheckpointError(str(e)) from e
+    if perms:
+        print(f"NOTE: {step_dir} stores its int8 kernels input-major (lmjax before 2026-12-02); "
+              "transposed at load to the output-major layout the int8 dot reads. `lmjax "
+              f"quantize --workdir={step_dir} --output=NEW` writes them so.", file=sys.stderr,
+              flush=True)
+        flat = traverse_util.flatten_dict(params)
+        params = jax.device_put(_with_leaves(params, {
+            p: jnp.transpose(flat[p], perm) for p, (perm, _) in perms.items()}),
+            jax.tree.map(lambda t: t.sharding, target))
     return params, model_config, tokenizer
+
+
+def _input_major_int8(params_dir: str, target, model_config: ModelConfig) -> dict:
+    """{flat path: (permutation, stored shape)} of an int8 params item stored input-major
+    (`int8.input_major_permutations`, from its metadata); {} for any other."""
+    if model_config.quantization != "int8" or model_config.lora_rank:
+        return {}
+    stored = {p: tuple(m.shape) for p, m in traverse_util.flatten_dict(
+        ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree).items()}
+    perms = int8.input_major_permutations(stored, {p: t.shape for p, t in
+                                                   traverse_util.flatten_dict(target).items()})
+    return {p: (perm, stored[p]) for p, perm in perms.items()}
+
+
+def _with_leaves(tree, leaves: dict):
+    """`tree` with the leaves at the flat paths of `leaves` replaced by theirs."""
+    return traverse_util.unflatten_dict({**traverse_util.flatten_dict(tree), **leaves})
 
 
 def export_params(path: str, params, model_config: ModelConfig, tokenizer,

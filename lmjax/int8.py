@@ -36,9 +36,16 @@ def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
     x [1, 768] @ w [768, 3072] (benchmarks/sample_speed.py's shapes): f32 dot 0.59 ms; f32 x with
     the int8 w converted (in the dot or before it: the same HLO, also qwix 0.1.8's weight-only
     `dot_general(x, qvalue) * scale`) 1.6-2.2 ms; bf16 x bf16 1.2 ms; multiply-and-reduce forms
-    37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO), and
-    0.47 ms vs 0.90 ms f32 at 8 rows. A dot with a single row is padded to two: XLA rewrites a
-    one-row dot into a multiply-reduce that materialises w as int32 (1.5 ms).
+    37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO). A dot
+    with a single row is padded to two: XLA rewrites a one-row dot into a multiply-reduce that
+    materialises w as int32 (1.5 ms).
+
+    The s8 dot is faster with y stored output-major, [out, in] (W @ x^T), so lmjax's int8
+    kernels are (model.Projection; the embedding [V, D] always was). `python
+    benchmarks/int8_dot_layout.py` (this function, input- vs output-major y, interleaved, load
+    ~7-8 on 2 cores, 2026-12-02), ms: [1, 768] x [768, 3072] 0.63 -> 0.32, [1, 3072] x [3072,
+    768] 0.67 -> 0.51, 2 rows 0.46 -> 0.34 and 0.47 -> 0.27, 8 rows 1.55 -> 1.06 and 1.61 ->
+    1.11; [768, 50257] 1.1-1.5x (float32 x @ W: 0.49, 0.57 ms at one row).
     """
     inputs, out = spec.split("->")
     x_axes, y_axes = inputs.split(",")
@@ -204,6 +211,31 @@ def _int8_matmul_bwd(spec, x_dtype, group_size, residuals, dy):
 
 
 _int8_matmul.defvjp(_int8_matmul_fwd, _int8_matmul_bwd)
+
+
+def input_major_permutations(stored: dict, wanted: dict) -> dict:
+    """How to read an int8 params tree written before 2026-12-02, whose Projection kernels (and
+    per-block scales) were stored input-major, in_shape + out_shape: {flat path: the axis
+    permutation that makes the stored array the output-major one the model declares}. Empty when
+    the tree is stored as declared, or differs otherwise (the restore then names the mismatch).
+    `stored` and `wanted`: {flat path: shape}; an int8 kernel is a 'kernel' with a 'scale'
+    beside it. One kernel tells: a query kernel [D, H, K] never equals its [H, K, D], even when
+    a square [D, D] one does (those are transposed too)."""
+    kernels = [p for p in wanted if p[-1] == "kernel" and p[:-1] + ("scale",) in wanted]
+    if all(tuple(stored.get(p, ())) == tuple(wanted[p]) for p in kernels):
+        return {}
+    perms = {}
+    for path in kernels:
+        shape, want = tuple(stored.get(path, ())), tuple(wanted[path])
+        splits = [k for k in range(1, len(shape)) if shape[k:] + shape[:k] == want]
+        if len(splits) != 1:
+            return {}
+        k = splits[0]  # the number of input axes
+        perms[path] = tuple(range(k, len(shape))) + tuple(range(k))
+        scale = path[:-1] + ("scale",)
+        if len(wanted[scale]) == len(shape):  # per-block scales: laid out as their kernel
+            perms[scale] = perms[path]
+    return perms
 
 
 class Int8Embed(nn.Module):

@@ -190,7 +190,8 @@ def export_peft(folder: str, params: dict, config: ModelConfig,
         raise ValueError("export_peft: the model has no adapters (lora_rank is 0)")
     _, adapters = model_lib.split_adapters(params)
     flat = {k: np.asarray(v, np.float32) for k, v in traverse_util.flatten_dict(adapters).items()}
-    shapes = hf_layout.param_shapes(config)  # the kernels' shapes
+    # the kernels' shapes, in_shape + out_shape (an int8 base stores them output-major)
+    shapes = hf_layout.param_shapes(dataclasses.replace(config, quantization="none"))
     r, tensors, targets, rank_pattern, alpha_pattern = config.lora_rank, {}, set(), {}, {}
     for module, paths, in_dims in _modules(config):
         targeted = [j for j, p in enumerate(paths) if p[:-1] + ("lora_a",) in flat]
@@ -271,7 +272,8 @@ def import_peft(folder: str, config: ModelConfig) -> tuple[dict, ModelConfig]:
                          "modules_to_save)")
     tensors = _read_peft_tensors(folder)
     config = base_config(config)
-    shapes = hf_layout.param_shapes(config)  # the kernels' shapes
+    # the kernels' shapes, in_shape + out_shape (an int8 base stores them output-major)
+    shapes = hf_layout.param_shapes(dataclasses.replace(config, quantization="none"))
     rslora, alpha = bool(peft.get("use_rslora", False)), float(peft["lora_alpha"])
     found, used = {}, set()  # kernel path -> (a [in.., R], b [R, out..], the module's scale)
     for module, paths, in_dims in _modules(config):

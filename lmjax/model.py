@@ -20,6 +20,7 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lmjax.attention import (KVCache, apply_rope, cached_attention, causal_attention, matmul,
@@ -50,8 +51,8 @@ class Projection(nn.Module):
     """`x @ kernel + bias` contracting x's last `len(in_shape)` axes, with a kernel of shape
     in_shape + out_shape kept unflattened, so every axis carries its logical name. Computed in
     `config.dtype` with float32 accumulation (`matmul`); with `config.quantization == 'int8'` an
-    int8 kernel and a scale per output channel (`int8.int8_matmul`, whose gradient reaches x:
-    adapters train on an int8 base).
+    int8 kernel stored output-major (out_shape + in_shape) and a scale per output channel
+    (`int8.int8_matmul`, whose gradient reaches x: adapters train on an int8 base).
 
     With `config.lora_rank` r > 0 and this projection's name in `config.lora_targets`, a LoRA
     adapter adds `lora_scale * dropout(x) @ lora_a @ lora_b` (lora_a [in.., r] uniform in
@@ -73,14 +74,24 @@ class Projection(nn.Module):
         outs = "hijk"[:len(self.out_shape)]
         spec = f"{lead}{ins},{ins}{outs}->{lead}{outs}"
         if cfg.quantization == "int8":  # int8 kernel, a float32 scale per output channel
-            kernel = self.param("kernel", _partitioned(nn.initializers.zeros, self.names),
-                                self.in_shape + self.out_shape, jnp.int8)
-            g, n_in = cfg.quant_group_size, len(self.in_shape)  # g: per block of inputs too
+            # Stored output-major, out_shape + in_shape (W @ x^T: XLA:CPU's s8 dot is faster
+            # so, see int8.int8_dot); lmjax/quantize.py transposes the float kernel once.
+            n_in, g = len(self.in_shape), cfg.quant_group_size  # g: per block of inputs too
+            names, shape = self.names[n_in:] + self.names[:n_in], self.out_shape + self.in_shape
+            kernel = self.param("kernel", _partitioned(nn.initializers.zeros, names), shape,
+                                jnp.int8)
             scale = self.param("scale", _partitioned(nn.initializers.ones,
-                                                     self.names if g else self.names[n_in:]),
-                               group_shape(self.in_shape + self.out_shape, n_in - 1, g) if g
-                               else self.out_shape, jnp.float32)
-            y = int8_matmul(spec, x, kernel, scale, group_size=g)
+                                                     names if g else self.names[n_in:]),
+                               group_shape(shape, len(shape) - 1, g) if g else self.out_shape,
+                               jnp.float32)
+            # As one 2-D dot, [rows, in] x [out, in] (reshapes of contiguous axes: bitcasts):
+            # a kernel with several output or input axes (query [H, K, D], out [D, H, K]) XLA
+            # would otherwise transpose to [in, out], a full s8 copy per call.
+            n_rows, n_out = x.ndim - n_in, int(np.prod(self.out_shape))
+            y = int8_matmul(f"{lead}d,hd->{lead}h", x.reshape(x.shape[:n_rows] + (-1,)),
+                            kernel.reshape(n_out, -1),
+                            scale.reshape(n_out, -1) if g else scale.reshape(n_out), group_size=g)
+            y = y.reshape(y.shape[:n_rows] + self.out_shape)
         else:
             kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale),
                                                        self.names),

@@ -13,8 +13,10 @@ path do). `convert` runs once, at load; nothing is converted per step.
 * **int8**: every projection kernel (query, key, value, out, the MLP's, lm_head) and the token
   embedding become int8 with a float32 scale per output channel, symmetric (scale = max|w| / 127
   over the input axes, `int8.quantize_int8`); for the embedding [V, D] a scale per vocabulary row,
-  which is also the output channel of the tied logits. Norms, biases and GPT-2's position
-  embedding stay float. `model.quantization='int8'` makes the model declare these int8 kernels
+  which is also the output channel of the tied logits. The int8 kernels are stored output-major
+  (out_shape + in_shape, as the embedding already is: XLA:CPU's s8 dot is faster so, see
+  `int8.int8_dot`), transposed here once. Norms, biases and GPT-2's position embedding stay
+  float. `model.quantization='int8'` makes the model declare these int8 kernels
   and scales (with logical axis names: scales are sharded like their kernel's output axes), so
   `logical_axes`, `abstract_params` and Orbax restore of a quantized checkpoint need nothing more.
 * **int8 KV cache** (`model.kv_cache_dtype='int8'`, `with_int8_kv_cache`): keys and values int8
@@ -26,6 +28,7 @@ A quantized checkpoint is `checkpoint.export_params` of the int8 params with the
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -67,35 +70,57 @@ def _abstract_flat(model_config: ModelConfig) -> dict:
         lambda: model_lib.init_params(model_config, jax.random.key(0))))
 
 
-def _reduced_axes(path: tuple[str, ...], kernel_ndim: int, scale_ndim: int) -> tuple[int, ...]:
-    """The input axes a kernel's scale is taken over: the embedding [V, D] has one per row (D);
-    a Projection kernel in_shape + out_shape one per output channel (the leading in_shape)."""
-    if path[-2:] == ("embed", "embedding"):
-        return (1,)
-    return tuple(range(kernel_ndim - scale_ndim))
+def _output_ranks(model_config: ModelConfig) -> dict[tuple[str, ...], int]:
+    """{path of each Projection kernel: its number of output axes} (its per-channel scale's rank,
+    as the int8 model declares it). The embedding [V, D] is not listed: it is the same array in
+    both layouts."""
+    flat = _abstract_flat(dataclasses.replace(model_config, quantization="int8",
+                                              quant_group_size=0))
+    return {path: flat[path[:-1] + ("scale",)].ndim for path, leaf in flat.items()
+            if path[-1] == "kernel" and leaf.dtype == jnp.int8}
 
 
-_quantize_leaf = jax.jit(int8.quantize_int8, static_argnums=1)
-_quantize_groups_leaf = jax.jit(int8.quantize_int8_groups, static_argnums=(1, 2))
+def output_major(kernel, n_in: int):
+    """A float kernel in_shape + out_shape (its first `n_in` axes the inputs) as the int8 model
+    stores it: out_shape + in_shape."""
+    return jnp.transpose(kernel, tuple(range(n_in, kernel.ndim)) + tuple(range(n_in)))
 
 
-def _group_axis(path: tuple[str, ...], kernel_shape, scale_shape) -> int:
-    """The axis a per-block scale splits: the embedding's D, a kernel's last input axis (the
-    one axis where the scale is smaller)."""
-    if path[-2:] == ("embed", "embedding"):
-        return 1
-    return next(i for i, (k, s) in enumerate(zip(kernel_shape, scale_shape)) if k != s)
+def input_major(kernel, n_out: int):
+    """`output_major`'s inverse: out_shape + in_shape (`n_out` output axes) -> in + out."""
+    return jnp.transpose(kernel, tuple(range(n_out, kernel.ndim)) + tuple(range(n_out)))
 
 
-@jax.jit
-def _dequantize_leaf(q, scale_bcast):
-    return q.astype(jnp.float32) * scale_bcast
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_leaf(w, n_in: int | None, group_size: int):
+    """(q, scale) of one float kernel (n_in input axes, transposed output-major first) or of the
+    embedding (n_in None, [V, D] as it is): per output channel, over the trailing input axes,
+    or per block of `group_size` along the last input axis. Jitted: XLA fuses the transpose."""
+    if n_in is not None:
+        w = output_major(w, n_in)
+    if group_size:
+        return int8.quantize_int8_groups(w, w.ndim - 1, group_size)
+    n_out = 1 if n_in is None else w.ndim - n_in
+    q, scale = int8.quantize_int8(w, tuple(range(n_out, w.ndim)))
+    return q, scale.reshape(w.shape[:n_out])
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _dequantize_leaf(q, scale, n_out: int | None):
+    """The float32 kernel (input-major again: n_out output axes) or embedding (n_out None) of
+    an int8 one and its scale (per output channel, or per block along the last axis)."""
+    if scale.ndim == q.ndim:  # per block (quant_group_size)
+        w = int8.dequantize_groups(q, scale, q.ndim - 1)
+    else:
+        w = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * (q.ndim - scale.ndim))
+    return w if n_out is None else input_major(w, n_out)
 
 
 def quantize(params: dict, model_config: ModelConfig,
              group_size: int = 0) -> tuple[dict, ModelConfig]:
     """Float params -> (int8 params, config with quantization='int8') as `model.Transformer`
-    with that config declares them (every kernel and the embedding int8 plus its `scale`).
+    with that config declares them (every kernel and the embedding int8 plus its `scale`; the
+    kernels transposed output-major, out_shape + in_shape, once, here).
     group_size > 0: a scale per block of that many input channels as well (Q8_0: 32), along a
     kernel's last input axis and the embedding's D (`model.quant_group_size`)."""
     if model_config.quantization == "int8":
@@ -103,19 +128,14 @@ def quantize(params: dict, model_config: ModelConfig,
             return params, model_config
         params, model_config = dequantize(params, model_config)  # requantized below
     qconfig = dataclasses.replace(model_config, quantization="int8", quant_group_size=group_size)
-    target = _abstract_flat(qconfig)
+    target, ranks = _abstract_flat(qconfig), _output_ranks(qconfig)
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, leaf in flat.items():
         want = target.get(path)
         if want is not None and want.dtype == jnp.int8:
-            scale_shape = target[path[:-1] + ("scale",)].shape
-            if group_size:
-                q, scale = _quantize_groups_leaf(leaf, _group_axis(path, leaf.shape,
-                                                                   scale_shape), group_size)
-            else:
-                q, scale = _quantize_leaf(leaf, _reduced_axes(path, leaf.ndim, len(scale_shape)))
-            out[path], out[path[:-1] + ("scale",)] = q, scale.reshape(scale_shape)
+            n_in = leaf.ndim - ranks[path] if path in ranks else None
+            out[path], out[path[:-1] + ("scale",)] = _quantize_leaf(leaf, n_in, group_size)
         else:
             out[path] = leaf
     _check_tree(out, target)
@@ -123,12 +143,13 @@ def quantize(params: dict, model_config: ModelConfig,
 
 
 def dequantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConfig]:
-    """int8 params -> float32 params (q * scale) and the config with quantization='none'
-    (float32 params and compute); float params are returned as they are."""
+    """int8 params -> float32 params (q * scale, kernels input-major again) and the config with
+    quantization='none' (float32 params and compute); float params are returned as they are."""
     if model_config.quantization == "none":
         return params, model_config
     fconfig = dataclasses.replace(model_config, quantization="none", param_dtype="float32",
                                   dtype="float32", quant_group_size=0)
+    ranks = _output_ranks(model_config)
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, leaf in flat.items():
@@ -137,13 +158,7 @@ def dequantize(params: dict, model_config: ModelConfig) -> tuple[dict, ModelConf
         if path[-1] == "scale" and path[-2:-1] == ("embed",):
             continue
         if leaf.dtype == jnp.int8:
-            scale = flat[path[:-1] + ("scale",)]
-            if scale.ndim == leaf.ndim:  # per block (quant_group_size)
-                out[path] = int8.dequantize_groups(leaf, scale, _group_axis(path, leaf.shape,
-                                                                            scale.shape))
-            else:
-                axes = _reduced_axes(path, leaf.ndim, scale.ndim)
-                out[path] = _dequantize_leaf(leaf, jnp.expand_dims(scale, axes))
+            out[path] = _dequantize_leaf(leaf, flat[path[:-1] + ("scale",)], ranks.get(path))
         else:
             out[path] = leaf.astype(jnp.float32)
     _check_tree(out, _abstract_flat(fconfig))

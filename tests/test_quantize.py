@@ -55,16 +55,23 @@ def logits(config, params, tokens):
                                                                      jnp.asarray(tokens)))
 
 
+def input_major(q: np.ndarray, n_out: int) -> np.ndarray:
+    """An int8 kernel stored output-major (out_shape + in_shape, `n_out` output axes) in the
+    float kernel's layout, in_shape + out_shape."""
+    return np.transpose(q, tuple(range(n_out, q.ndim)) + tuple(range(n_out)))
+
+
 def dequantized_in_numpy(qparams):
-    """The float params q * d, computed in NumPy from the int8 tree (the reference)."""
+    """The float params q * d, computed in NumPy from the int8 tree (the reference): a kernel
+    [out.., in..] with its scale [out..] becomes the float kernel [in.., out..]."""
     flat = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(qparams).items()}
     out = {}
     for path, leaf in flat.items():
         if leaf.dtype == np.int8:
             scale = flat[path[:-1] + ("scale",)]
-            axes = (1,) if path[-2:] == ("embed", "embedding") else tuple(
-                range(leaf.ndim - scale.ndim))
-            out[path] = leaf.astype(np.float32) * np.expand_dims(scale, axes)
+            w = leaf.astype(np.float32) * scale.reshape(scale.shape + (1,) * (
+                leaf.ndim - scale.ndim))
+            out[path] = w if path[-2:] == ("embed", "embedding") else input_major(w, scale.ndim)
         elif not (path[-1] == "scale" and (path[:-1] + ("kernel",) in flat
                                            or path[:-1] == ("embed",))):
             out[path] = leaf
@@ -85,12 +92,18 @@ def test_int8_matches_numpy_quantization_and_float_logits(config):
                                      else ("fc", "proj"))) for n in names)
     assert ("embed", "embedding") in kernels
     assert (("lm_head", "kernel") in kernels) == (not config.tie_embeddings)
+    # Kernels are stored output-major, out_shape + in_shape (the embedding [V, D] as it was).
+    H, K, D = config.num_heads, config.head_size, config.embed_dim
+    assert qflat[("blocks_0", "attn", "query", "kernel")].shape == (H, K, D)
+    assert qflat[("blocks_0", "attn", "out", "kernel")].shape == (D, H, K)
+    assert qflat[("blocks_0", "mlp", "proj", "kernel")].shape == (D, config.mlp_dim)
     for path in kernels:
         w = np.asarray(flat[path])
         axes = (1,) if path[-2:] == ("embed", "embedding") else (
             (0, 1) if path[-2] == "out" else (0,))
         q, d = numpy_q8(w, axes)
-        assert_int8_close(qflat[path], q)
+        stored = np.asarray(qflat[path])
+        assert_int8_close(stored if axes == (1,) else input_major(stored, w.ndim - len(axes)), q)
         np.testing.assert_allclose(np.asarray(qflat[path[:-1] + ("scale",)]), d.squeeze(axes),
                                    rtol=1e-6)
     # The int8 model stays close to the float model of the same weights, and to that of the
@@ -113,7 +126,8 @@ def test_int8_matches_numpy_quantization_and_float_logits(config):
 
 
 @pytest.mark.parametrize("spec,x_shape,y_shape", [
-    ("abd,dhk->abhk", (1, 1, 40), (40, 4, 10)),  # one decode row (padded to two inside)
+    ("abd,hkd->abhk", (1, 1, 40), (4, 10, 40)),  # one decode row (padded to two inside)
+    ("abd,hd->abh", (2, 3, 40), (104, 40)),  # output-major, as the model stores kernels
     ("abd,dh->abh", (2, 3, 40), (40, 104)),
     ("xqk,xsk->xqs", (4, 2, 10), (4, 64, 10)),  # attention over an int8 cache
 ])
@@ -135,8 +149,8 @@ def test_int8_dot_is_numpy_dynamic_quantization(spec, x_shape, y_shape):
 
 
 @pytest.mark.parametrize("spec,x_shape,kernel_shape,scale_shape", [
-    ("abd,dhk->abhk", (2, 3, 40), (40, 4, 10), (4, 10)),  # query/key/value
-    ("abhk,hkd->abd", (2, 3, 4, 10), (4, 10, 40), (40,)),  # out
+    ("abd,hkd->abhk", (2, 3, 40), (4, 10, 40), (4, 10)),  # query/key/value, output-major
+    ("abhk,dhk->abd", (2, 3, 4, 10), (40, 4, 10), (40,)),  # out
     ("bld,vd->blv", (2, 3, 40), (104, 40), (104,)),  # tied logits: a scale per vocabulary row
 ])
 def test_int8_matmul_gradient_is_straight_through(spec, x_shape, kernel_shape, scale_shape):
@@ -154,8 +168,8 @@ def test_int8_matmul_gradient_is_straight_through(spec, x_shape, kernel_shape, s
     dy = rng.standard_normal(y.shape).astype(np.float32)
     (dx,) = vjp(jnp.asarray(dy))
     (x_axes, k_axes), out_axes = spec.split("->")[0].split(","), spec.split("->")[1]
-    # the scale belongs to the kernel's output channel: its trailing axes ([V] of [V, D] tied)
-    dequantized = kernel * (scale[:, None] if k_axes == "vd" else scale)
+    # the scale belongs to the kernel's output channel: its leading axes (output-major)
+    dequantized = kernel * scale.reshape(scale.shape + (1,) * (kernel.ndim - scale.ndim))
     expected = np.einsum(f"{out_axes},{k_axes}->{x_axes}", dy.astype(np.float64),
                          dequantized.astype(np.float64))
     np.testing.assert_allclose(np.asarray(dx), expected, rtol=1e-5, atol=1e-5)
@@ -183,11 +197,25 @@ def _float_copies(hlo: str, sizes: set[int]) -> list[str]:
     return found
 
 
+def _s8_relayouts(hlo: str, sizes: set[int]) -> list[str]:
+    """Transposes and copies, fused or not, whose int8 result has as many elements as a
+    quantized weight: the int8 weight laid out anew per call (XLA does so to a kernel with
+    several output axes unless the dot sees it as [out, in], see model.Projection)."""
+    found = []
+    for line in hlo.splitlines():
+        match = re.match(r"\s+(?:ROOT )?\S+ = s8\[([\d,]*)\]\S* (transpose|copy)\(", line)
+        if match and match.group(1) and int(np.prod(
+                [int(n) for n in match.group(1).split(",")])) in sizes:
+            found.append(line.strip()[:200])
+    return found
+
+
 @pytest.mark.parametrize("kv_cache_dtype", ["auto", "int8"])
 def test_int8_decoding_reads_int8_and_agrees_with_float(kv_cache_dtype):
     """The compiled decode program (prefill + while loop, as `generate` runs it) takes the int8
     arrays as they are: no instruction outside a fusion makes a full-size float (or int32) copy
-    of a quantized weight, nor of an int8 KV cache. Its greedy tokens are the float model's
+    of a quantized weight, nor of an int8 KV cache, and no instruction at all transposes or
+    copies one as int8 (the kernels are stored output-major, as the s8 dot reads them). Its greedy tokens are the float model's
     argmax >= 80% of the time (this random model; trained ones: quantize_quality.py)."""
     params = random_params(LLAMA)
     qparams, qconfig = quantize.quantize(params, dataclasses.replace(
@@ -202,8 +230,9 @@ def test_int8_decoding_reads_int8_and_agrees_with_float(kv_cache_dtype):
     if kv_cache_dtype == "int8":  # the cache [B * G, T, K] of each phase
         sizes |= {len(PROMPTS) * LLAMA.kv_heads * T * LLAMA.head_size for T in phases}
         assert re.search(rf"s8\[{len(PROMPTS) * LLAMA.kv_heads},{phases[0]},", hlo)
-    assert re.search(r"s8\[48,4,12\]", hlo)  # the int8 query kernel is an input of the program
+    assert re.search(r"s8\[4,12,48\]", hlo)  # the int8 query kernel [H, K, D] is an input
     assert not _float_copies(hlo, sizes), _float_copies(hlo, sizes)[:5]
+    assert not _s8_relayouts(hlo, sizes), _s8_relayouts(hlo, sizes)[:5]
     tokens = np.asarray(compiled(qparams, prompt, lengths, jax.random.key(0))[0])
     agreement = [float_agreement(params, LLAMA, p, tokens[row]) for row, p in enumerate(PROMPTS)]
     assert min(agreement) >= 0.8, agreement  # random weights have near-ties (measured 0.875)
@@ -314,8 +343,12 @@ def test_int8_group_scales_match_numpy_q8_0_blocks(config):
         w = np.asarray(flat[path])
         axis = 1 if path[-2:] == ("embed", "embedding") else 1 if path[-2] == "out" else 0
         q, d = numpy_q8_blocks(w, axis, 32)
-        assert_int8_close(qflat[path], q)
-        np.testing.assert_allclose(np.asarray(qflat[path[:-1] + ("scale",)]), d, rtol=1e-6)
+        stored, stored_d = (np.asarray(qflat[p]) for p in (path, path[:-1] + ("scale",)))
+        if path[-2:] != ("embed", "embedding"):  # output-major: [out.., in..] as [in.., out..]
+            n_out = w.ndim - (2 if path[-2] == "out" else 1)
+            stored, stored_d = input_major(stored, n_out), input_major(stored_d, n_out)
+        assert_int8_close(stored, q)
+        np.testing.assert_allclose(stored_d, d, rtol=1e-6)
         dequantized[path] = q.astype(np.float32) * np.repeat(d, 32, axis=axis)
     float_params = traverse_util.unflatten_dict(
         {p: dequantized.get(p, v) for p, v in flat.items()})
@@ -344,15 +377,18 @@ def test_int8_group_scales_match_numpy_q8_0_blocks(config):
     ).compile()
     sizes = {int(x.size) for x in jax.tree.leaves(qparams) if x.dtype == jnp.int8}
     assert not _float_copies(compiled.as_text(), sizes), _float_copies(compiled.as_text(), sizes)
+    assert not _s8_relayouts(compiled.as_text(), sizes), _s8_relayouts(compiled.as_text(), sizes)
     tokens_out = np.asarray(compiled(qparams, prompt, lengths, jax.random.key(0))[0])
     assert tokens_out.shape == (1, GREEDY.max_new_tokens)
 
 
 @pytest.mark.parametrize("spec,x_shape,kernel_shape", [
-    ("abd,dhk->abhk", (1, 1, 40), (40, 4, 10)),  # one decode row (padded to two inside)
-    ("abhk,hkd->abd", (2, 3, 4, 16), (4, 16, 24)),  # out: blocks along the head's K
+    ("abd,hkd->abhk", (1, 1, 40), (4, 10, 40)),  # one decode row, output-major query
+    ("abhk,dhk->abd", (2, 3, 4, 16), (24, 4, 16)),  # out: blocks along the head's K
     ("bld,vd->blv", (2, 3, 40), (104, 40)),  # tied logits: blocks along D of [V, D]
-    ("abd,dh->abh", (3, 12, 40), (40, 24)),  # 36 rows: a batch of per-block dots
+    ("abd,hd->abh", (3, 12, 40), (24, 40)),  # 36 rows: a batch of per-block dots
+    ("abhk,dhk->abd", (3, 12, 4, 16), (24, 4, 16)),
+    ("abd,dh->abh", (3, 12, 40), (40, 24)),  # input-major: the dot takes any layout
     ("bld,vd->blv", (3, 12, 40), (104, 40)),
 ])
 def test_int8_group_matmul_is_numpy_blockwise_dot(spec, x_shape, kernel_shape):
@@ -389,6 +425,46 @@ def test_int8_group_checkpoint_round_trips(tmp_path):
     quantize.export_quantized(str(tmp_path / "g32"), qparams, qconfig, tokenizers.ByteTokenizer())
     loaded, loaded_config, _ = checkpoint.load_params(str(tmp_path / "g32"))
     assert loaded_config.quant_group_size == 32
-    assert loaded["blocks_0"]["attn"]["out"]["scale"].shape == (3, 1, 96)  # [H, K / 32, D]
+    assert loaded["blocks_0"]["attn"]["out"]["scale"].shape == (96, 3, 1)  # [D, H, K / 32]
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("weights_dtype", ["int8", "int8_g32"])
+def test_input_major_int8_checkpoint_is_transposed_at_load(tmp_path, capsys, weights_dtype):
+    """A quantized folder from lmjax before 2026-12-02 (kernels, and per-block scales,
+    input-major: in_shape + out_shape) loads as today's output-major arrays, bit for bit, with a
+    note naming `lmjax quantize`; square [D, D] MLP kernels (mlp_dim = embed_dim) included."""
+    from lmjax import checkpoint, tokenizers
+    config = dataclasses.replace(LLAMA_G, vocab_size=259, mlp_dim=96)
+    qparams, qconfig = quantize.convert(random_params(config), config, weights_dtype)
+    old = {}  # the old layout, made in NumPy
+    for path, leaf in traverse_util.flatten_dict(qparams).items():
+        leaf = np.asarray(leaf)
+        kernel = path[:-1] + ("kernel",)
+        if path[-1] == "kernel" and leaf.dtype == np.int8 or (
+                path[-1] == "scale" and weights_dtype == "int8_g32" and path[-2] != "embed"):
+            n_out = 2 if kernel[-2] in ("query", "key", "value") else 1
+            leaf = input_major(leaf, n_out)
+        old[path] = leaf
+    old = traverse_util.unflatten_dict(old)
+    assert old["blocks_0"]["attn"]["query"]["kernel"].shape == (96, 3, 32)  # [D, H, K]
+    checkpoint.export_params(str(tmp_path / "old"), old, qconfig, tokenizers.ByteTokenizer())
+    loaded, loaded_config, _ = checkpoint.load_params(str(tmp_path / "old"))
+    assert "input-major" in capsys.readouterr().err
+    assert loaded_config == qconfig
+    assert jax.tree.structure(loaded) == jax.tree.structure(qparams)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(qparams)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # `lmjax quantize --workdir=OLD` loads it so (load_model), int8 as it was: rewritten new.
+    again, again_config, _ = common.load_model(str(tmp_path / "old"), None, "float32",
+                                               weights_dtype=weights_dtype)
+    assert again_config == qconfig
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(qparams)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    capsys.readouterr()
+    # Today's layout loads without the note.
+    quantize.export_quantized(str(tmp_path / "new"), qparams, qconfig, tokenizers.ByteTokenizer())
+    checkpoint.load_params(str(tmp_path / "new"))
+    assert "input-major" not in capsys.readouterr().err

@@ -177,7 +177,8 @@ def test_quantized_sampling_on_a_mesh_matches_one_device(corpus):
                          "meshes": [MESHES["data2_fsdp2_tensor2"]]})
     run = result["meshes"][0]
     assert run["decoders"][0]["tokens"] == result["single"][0]
-    assert run["query_dtype"] == "int8" and run["query_spec"] == "P('fsdp', 'tensor', None)"
+    # the int8 query kernel is stored output-major, [heads, head_dim, embed]
+    assert run["query_dtype"] == "int8" and run["query_spec"] == "P('tensor', None, 'fsdp')"
     assert run["query_scale_spec"] == "P('tensor', None)"  # [heads, head_dim], as the kernel's
     assert run["cache"]["shard_shape"] == [8, 64, 4]  # the int8 cache is split as the float one
 

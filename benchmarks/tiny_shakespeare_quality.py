@@ -35,7 +35,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 NANOGPT_FLAGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
                  "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
                  "--n_layer=4", "--n_head=4", "--n_embd=128", "--lr_decay_iters=2000",
-                 "--dropout=0.0"]
+                 "--dropout=0.0", "--always_save_checkpoint=True"]
 
 
 def run_lmjax(data: str, position: str, num_steps: int) -> dict:
@@ -53,8 +53,9 @@ def run_lmjax(data: str, position: str, num_steps: int) -> dict:
             "seconds": seconds, "ms_per_step": round(1000 * seconds["train"] / num_steps, 1)}
 
 
-def nanogpt_val_loss(nanogpt_dir: str, out_dir: str, block_size: int = 64) -> float:
-    """Cross-entropy of nanoGPT's saved model over its whole val.bin, non-overlapping windows."""
+def nanogpt_val_loss(nanogpt_dir: str, out_dir: str, block_size: int = 64) -> tuple[float, int]:
+    """Cross-entropy of nanoGPT's saved model (`out_dir/ckpt.pt`, written by DIR's train.py)
+    over its whole val.bin in non-overlapping windows, and the step it was saved at."""
     import torch
     sys.path.insert(0, nanogpt_dir)
     from model import GPT, GPTConfig  # nanoGPT's model.py, from the scratch copy
@@ -75,13 +76,17 @@ def nanogpt_val_loss(nanogpt_dir: str, out_dir: str, block_size: int = 64) -> fl
             logits, _ = model(x[i:i + 64], y[i:i + 64])  # with targets: logits at every position
             total += torch.nn.functional.cross_entropy(
                 logits.flatten(0, 1), y[i:i + 64].flatten(), reduction="sum").item()
-    return total / (windows * block_size)
+    return total / (windows * block_size), int(checkpoint["iter_num"])
 
 
 def run_nanogpt(nanogpt_dir: str, num_steps: int) -> dict:
+    # nanoGPT saves at its evaluations (every 250 steps, from step 250): a shorter run evaluates
+    # and saves at its end instead. --always_save_checkpoint=True: the saved model is the last
+    # one, not the one with the best 20-batch estimate (lmjax scores its last state too).
+    interval = ([] if num_steps % 250 == 0 else [f"--eval_interval={num_steps}"])
     with tempfile.TemporaryDirectory() as out_dir:
-        command = [sys.executable, "train.py", *NANOGPT_FLAGS, f"--max_iters={num_steps}",
-                   f"--out_dir={out_dir}"]
+        command = [sys.executable, "train.py", *NANOGPT_FLAGS, *interval,
+                   f"--max_iters={num_steps}", f"--out_dir={out_dir}"]
         start = time.perf_counter()
         done = subprocess.run(command, cwd=nanogpt_dir, capture_output=True, text=True)
         wall = time.perf_counter() - start
@@ -89,7 +94,10 @@ def run_nanogpt(nanogpt_dir: str, num_steps: int) -> dict:
             raise RuntimeError(f"nanoGPT failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
         iter_ms = [float(line.split("time ")[1].split("ms")[0])
                    for line in done.stdout.splitlines() if line.startswith("iter ")]
-        return {"val_loss": round(nanogpt_val_loss(nanogpt_dir, out_dir), 4),
+        val_loss, saved_at = nanogpt_val_loss(nanogpt_dir, out_dir)
+        if saved_at != num_steps:
+            raise RuntimeError(f"nanoGPT's checkpoint is from step {saved_at}, not {num_steps}")
+        return {"val_loss": round(val_loss, 4), "checkpoint_step": saved_at,
                 "wall_s": round(wall, 1), "ms_per_step": round(float(np.median(iter_ms)), 1),
                 "command": "python " + " ".join(command[1:-1])}
 

@@ -154,12 +154,16 @@ class Attention(nn.Module):
             k_BxLxGxK = project("key", G, "kv_heads")
             v_BxLxGxK = project("value", G, "kv_heads")
         else:
-            # The same three projections as one matmul over stacked kernels (as GPT-2's c_attn):
-            # forward + backward of the projections and the attention of one middle-shape layer
-            # (16 x 256 tokens, width 384, 6 heads) took 0.82x the time of three matmuls
-            # (median of 7 interleaved repeats, 0.72-0.98; load ~8 on 2 cores), and the grouped
-            # KV heads stack alone. Stacked on a new axis, each kernel keeps its head axis, so a
-            # mesh that splits the heads splits the stack the same way.
+            # The same three projections as one matmul over stacked kernels (as GPT-2's c_attn;
+            # grouped KV heads: keys and values stacked, queries alone). Measured on the CPU
+            # (2 cores shared, load 6-9): forward + backward of one middle-shape layer's
+            # projections and attention (16 x 256 tokens, width 384, 6 heads) took 0.82x the time
+            # of three matmuls (median of 7 interleaved repeats, 0.72-0.98), and the whole
+            # middle-shape training step ran 1.12x and 1.25x faster in two interleaved repeats
+            # (benchmarks/train_throughput.py's workers, old and new tree side by side); the
+            # separate backward matmuls of q, k and v were the step's least efficient dots.
+            # Stacked on a new axis, each kernel keeps its head axis, so a mesh that splits the
+            # heads splits the stack the same way.
             names = [("query", H, "heads"), ("key", G, "kv_heads"), ("value", G, "kv_heads")]
             parts = [_ProjectionParams((cfg.embed_dim,), (n, K), ("embed", axis, "head_dim"),
                                        use_bias, cfg, name=name)() for name, n, axis in names]

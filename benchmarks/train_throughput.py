@@ -6,6 +6,7 @@
     python benchmarks/train_throughput.py --no_torch --dispatch_ahead 0   # the loop unbounded
     python benchmarks/train_throughput.py --compare_dispatch_ahead --shapes baby,gpt2  # bound vs not
     python benchmarks/train_throughput.py --dtype bfloat16         # mixed precision in both
+    python benchmarks/train_throughput.py --context_sweep --repeats 3   # GPT-2 at 256/512/1024
 
 Shapes (GPT-2 architecture in both frameworks: learned positions, LayerNorm, tanh-GELU MLP, biases,
 tied embeddings, dropout 0; float32, or with `--dtype bfloat16` mixed precision: float32 parameters
@@ -13,6 +14,8 @@ and optimizer, bfloat16 matmul inputs with float32 accumulation):
   baby    4 layers, 4 heads, width 128, context 64, batch 12, vocab 65 (nanoGPT's CPU baby run)
   middle  6 layers, 6 heads, width 384, context 256, batch 16, vocab 65
   gpt2    GPT-2 124M (`preset('gpt2_124m')`), context 256, batch 4, vocab 50257
+  gpt2_ctx512, gpt2_ctx1024   GPT-2 124M at context 512, batch 2 and 1024, batch 1 (the same
+          1,024 tokens per step as gpt2; `--context_sweep` runs gpt2 and these two)
 
 lmjax runs its own training step: `steps_lib.create_train_state` + `steps_lib.make_optimizer` (AdamW,
 warmup + cosine, clipping at 1.0, decay on matrices) + the step function that `train.train_loop`
@@ -76,6 +79,10 @@ SHAPES = {
     "middle": dict(num_layers=6, num_heads=6, embed_dim=384, mlp_dim=1536, max_len=256,
                    vocab_size=65, seq_len=256, batch=16),
     "gpt2": dict(preset="gpt2_124m", seq_len=256, batch=4),
+    # The context sweep (--context_sweep: gpt2, then these): GPT-2 124M at 1,024 tokens per
+    # step, as gpt2, over longer contexts, so only attention's share of the step grows.
+    "gpt2_ctx512": dict(preset="gpt2_124m", seq_len=512, batch=2),
+    "gpt2_ctx1024": dict(preset="gpt2_124m", seq_len=1024, batch=1),
     # Memory check only (--memory_check): does GPT-2 124M train at context 1024, batch 8?
     "gpt2_1024": dict(preset="gpt2_124m", seq_len=1024, batch=8),
 }
@@ -528,6 +535,9 @@ def main():
     parser.add_argument("--steps_per_call", type=int, default=0,
                         help="lmjax train.steps_per_call (optimizer steps per jitted call); "
                              "0: 8 for baby, 1 for the others")
+    parser.add_argument("--context_sweep", action="store_true",
+                        help="shapes gpt2,gpt2_ctx512,gpt2_ctx1024: GPT-2 124M at context 256, "
+                             "512, 1024 with 1,024 tokens per step (overrides --shapes)")
     parser.add_argument("--memory_check", action="store_true",
                         help="also train GPT-2 124M at context 1024, batch 8 (slow on CPU)")
     parser.add_argument("--memory_steps", type=int, default=1,
@@ -545,8 +555,13 @@ def main():
     if args.worker:
         return worker(args.worker, args.shapes, args.remat, args.steps_per_call, args.dtype)
     os.environ["LMJAX_BENCH_DISPATCH_AHEAD"] = str(args.dispatch_ahead)  # read by the workers
+    if args.context_sweep:
+        args.shapes = "gpt2,gpt2_ctx512,gpt2_ctx1024"
+    unknown = [s for s in args.shapes.split(",") if s and s not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown {','.join(unknown)}; allowed: {','.join(SHAPES)}")
 
-    default_steps = {"baby": 40, "middle": 3, "gpt2": 1}
+    default_steps = {"baby": 40, "middle": 3, "gpt2": 1, "gpt2_ctx512": 1, "gpt2_ctx1024": 1}
     load_before = os.getloadavg()
     if args.compare_dispatch_ahead:
         results = []

@@ -352,6 +352,10 @@ def matmul_peak(n: int = 4096, repeats: int = 5, torch_too: bool = True,
     try:
         import torch
         torch.set_num_threads(cores())
+        # Without AVX512-BF16/AMX (this AMD EPYC: AVX2 only) torch's bfloat16 matmul is a
+        # scalar fallback, 0.3-0.9 GFLOP/s at 1024-2048² against jax's 92-99: one 4096² product
+        # took minutes, which looked like a stalled run. 1024² bounds it to seconds.
+        n = min(n, 1024) if dtype == "bfloat16" else n
         a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
         a @ b
         best = float("inf")

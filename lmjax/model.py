@@ -104,15 +104,9 @@ class Projection(nn.Module):
                             scale.reshape(n_out, -1) if g else scale.reshape(n_out), group_size=g)
             y = y.reshape(y.shape[:n_rows] + self.out_shape)
         else:
-            kernel = self.param("kernel", _partitioned(_dense_init(cfg, self.init_scale),
-                                                       self.names),
-                                self.in_shape + self.out_shape, cfg.param_dtype)
-            y = matmul(spec, x, kernel, cfg.dtype)
+            y = matmul(spec, x, _float_kernel(self, self.init_scale), cfg.dtype)
         if self.use_bias:
-            bias = self.param("bias", _partitioned(nn.initializers.zeros,
-                                                   self.names[len(self.in_shape):]),
-                              self.out_shape, cfg.param_dtype)
-            y = y + bias
+            y = y + _bias(self)
         if cfg.lora_rank and LORA_TARGETS.get(self.name) in cfg.lora_targets.split(","):
             n_in, r = len(self.in_shape), cfg.lora_rank  # the rank axis is replicated (None)
             a = self.param("lora_a", _partitioned(nn.initializers.variance_scaling(
@@ -140,15 +134,21 @@ class _ProjectionParams(nn.Module):
 
     @nn.compact
     def __call__(self):
-        cfg = self.config
-        kernel = self.param("kernel", _partitioned(_dense_init(cfg), self.names),
-                            self.in_shape + self.out_shape, cfg.param_dtype)
-        bias = None
-        if self.use_bias:
-            bias = self.param("bias", _partitioned(nn.initializers.zeros,
-                                                   self.names[len(self.in_shape):]),
-                              self.out_shape, cfg.param_dtype)
-        return kernel, bias
+        return _float_kernel(self), _bias(self) if self.use_bias else None
+
+
+def _float_kernel(module: Projection | _ProjectionParams, init_scale: float = 1.0):
+    """The float kernel, in_shape + out_shape, of a Projection or _ProjectionParams."""
+    cfg = module.config
+    return module.param("kernel", _partitioned(_dense_init(cfg, init_scale), module.names),
+                        module.in_shape + module.out_shape, cfg.param_dtype)
+
+
+def _bias(module: Projection | _ProjectionParams):
+    """The bias, out_shape, of a Projection or _ProjectionParams."""
+    return module.param("bias", _partitioned(nn.initializers.zeros,
+                                             module.names[len(module.in_shape):]),
+                        module.out_shape, module.config.param_dtype)
 
 
 class Attention(nn.Module):

@@ -80,15 +80,11 @@ def _output_ranks(model_config: ModelConfig) -> dict[tuple[str, ...], int]:
             if path[-1] == "kernel" and leaf.dtype == jnp.int8}
 
 
-def output_major(kernel, n_in: int):
-    """A float kernel in_shape + out_shape (its first `n_in` axes the inputs) as the int8 model
-    stores it: out_shape + in_shape."""
-    return jnp.transpose(kernel, tuple(range(n_in, kernel.ndim)) + tuple(range(n_in)))
-
-
-def input_major(kernel, n_out: int):
-    """`output_major`'s inverse: out_shape + in_shape (`n_out` output axes) -> in + out."""
-    return jnp.transpose(kernel, tuple(range(n_out, kernel.ndim)) + tuple(range(n_out)))
+def leading_axes_last(kernel, n: int):
+    """`kernel` with its first `n` axes moved to the end: a float kernel in_shape + out_shape
+    (n = its input axes) becomes the int8 model's out_shape + in_shape, and back again
+    (n = its output axes)."""
+    return jnp.transpose(kernel, tuple(range(n, kernel.ndim)) + tuple(range(n)))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -97,7 +93,7 @@ def _quantize_leaf(w, n_in: int | None, group_size: int):
     embedding (n_in None, [V, D] as it is): per output channel, over the trailing input axes,
     or per block of `group_size` along the last input axis. Jitted: XLA fuses the transpose."""
     if n_in is not None:
-        w = output_major(w, n_in)
+        w = leading_axes_last(w, n_in)
     if group_size:
         return int8.quantize_int8_groups(w, w.ndim - 1, group_size)
     n_out = 1 if n_in is None else w.ndim - n_in
@@ -113,7 +109,7 @@ def _dequantize_leaf(q, scale, n_out: int | None):
         w = int8.dequantize_groups(q, scale, q.ndim - 1)
     else:
         w = q.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * (q.ndim - scale.ndim))
-    return w if n_out is None else input_major(w, n_out)
+    return w if n_out is None else leading_axes_last(w, n_out)
 
 
 def quantize(params: dict, model_config: ModelConfig,

@@ -12,13 +12,15 @@ float32's) does not.
     python benchmarks/quantize_quality.py --workdir=workdirs/demo         # an existing run
     python benchmarks/quantize_quality.py --train=char --train=bpe         # train them first
     python benchmarks/quantize_quality.py --train=llama100m --steps=300    # LLaMA-style ~100M
+    python benchmarks/quantize_quality.py --train=llama100m --steps=300 --train_dtype=bfloat16
 
 --train recipes (trained into --scratch, on the embedded Shakespeare corpus): char
 (`shakespeare_char:demo`, what `make demo` trains), bpe (`shakespeare_bpe:demo`, SentencePiece
 BPE, 1024 pieces), llama100m (LLaMA-style 12 layers x 768, byte tokenizer, context 256: 76M
-parameters, the byte vocabulary leaving out llama_125m's 49M of embeddings; 10 steps fit a
-loaded 2-core machine). Goal (issue 20): int8 weights within 1% of float32's perplexity, >= 98%
-greedy agreement over 256 tokens.
+parameters, the byte vocabulary leaving out llama_125m's 49M of embeddings; 300 steps take
+~15 minutes in bfloat16 on a 2-core CPU with bf16 units, 10 steps fit a loaded 2-core AVX2
+one). Goal (issue 20): int8 weights within 1% of float32's perplexity, >= 98% greedy
+agreement over 256 tokens.
 
 Prints JSON and a Markdown table.
 """
@@ -44,8 +46,10 @@ from lmjax.model import Transformer
 VARIANTS = ("float32", "bfloat16", "int8", "int8 + int8 KV", "int8_g32")
 
 
-def recipe(name: str, steps: int | None) -> ml_collections.ConfigDict:
-    """The experiment config of a --train recipe."""
+def recipe(name: str, steps: int | None,
+           train_dtype: str = "float32") -> ml_collections.ConfigDict:
+    """The experiment config of a --train recipe (trained with compute dtype `train_dtype`;
+    the float32 row always evaluates in float32)."""
     if name == "char":
         config = configs.get("shakespeare_char:demo")
     elif name == "bpe":
@@ -62,6 +66,7 @@ def recipe(name: str, steps: int | None) -> ml_collections.ConfigDict:
         config.train.num_steps = steps
         config.optim.warmup_steps = min(config.optim.warmup_steps, max(steps // 2, 1))
     config.train.update(num_samples=0, progress_bar=False, eval_every=0)
+    config.model.dtype = train_dtype
     return config
 
 
@@ -133,6 +138,9 @@ def main() -> None:
     parser.add_argument("--workdir", action="append", default=[], help="an existing run")
     parser.add_argument("--train", action="append", default=[], help="char | bpe | llama100m")
     parser.add_argument("--steps", type=int, default=None, help="training steps of --train")
+    parser.add_argument("--train_dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="compute dtype of --train (bfloat16: mixed precision, the fast "
+                        "choice on CPUs with bf16 units)")
     parser.add_argument("--scratch", default="/tmp/lmjax_quantize_quality")
     parser.add_argument("--new_tokens", type=int, default=256)
     parser.add_argument("--windows", type=int, default=64, help="validation windows scored")
@@ -141,10 +149,11 @@ def main() -> None:
     load_before = os.getloadavg()
     runs = [(w, w) for w in args.workdir]
     for name in args.train:
-        workdir = os.path.join(args.scratch, f"{name}_{args.steps or 'default'}")
+        workdir = os.path.join(args.scratch, f"{name}_{args.steps or 'default'}"
+                               + ("_bf16" if args.train_dtype == "bfloat16" else ""))
         if not os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)):
             print(f"training {name} into {workdir}", flush=True)
-            train.train_and_evaluate(recipe(name, args.steps), workdir)
+            train.train_and_evaluate(recipe(name, args.steps, args.train_dtype), workdir)
         runs.append((name, workdir))
     report = []
     for name, workdir in runs:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lmjax.config import ModelConfig
-from lmjax.int8 import int8_dot
+from lmjax.int8 import int8_dot, one_row_as_two
 
 # A KV cache is a list (one entry per layer) of {'k': [C, T, K], 'v': [C, T, K]} with C = B * G
 # rows, one per (sequence, KV head), ordered by KV-head group, then sequence, then head: with the
@@ -117,7 +117,10 @@ def matmul(spec: str, a: jax.Array, b: jax.Array, dtype: Any) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _low_precision_einsum(spec: str, dtype, a: jax.Array, b: jax.Array) -> jax.Array:
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    # A decode row is padded to two: XLA:CPU gives a one-row bf16 dot a float32 copy of the
+    # weights (int8.one_row_as_two).
+    return one_row_as_two(spec, a.astype(dtype), b.astype(dtype), functools.partial(
+        jnp.einsum, spec, preferred_element_type=jnp.float32))
 
 
 def _low_precision_einsum_fwd(spec, dtype, a, b):

@@ -37,8 +37,8 @@ def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
     the int8 w converted (in the dot or before it: the same HLO, also qwix 0.1.8's weight-only
     `dot_general(x, qvalue) * scale`) 1.6-2.2 ms; bf16 x bf16 1.2 ms; multiply-and-reduce forms
     37-52 ms; this s8 x s8 -> s32 dot 0.42 ms (no float copy of w in the optimised HLO). A dot
-    with a single row is padded to two: XLA rewrites a one-row dot into a multiply-reduce that
-    materialises w as int32 (1.5 ms).
+    with a single row is padded to two (`one_row_as_two`): XLA rewrites a one-row dot into a
+    multiply-reduce that materialises w as int32 (1.5 ms).
 
     The s8 dot is faster with y stored output-major, [out, in] (W @ x^T), so lmjax's int8
     kernels are (model.Projection; the embedding [V, D] always was). `python
@@ -50,20 +50,35 @@ def int8_dot(spec: str, x: jax.Array, y_int8: jax.Array) -> jax.Array:
     inputs, out = spec.split("->")
     x_axes, y_axes = inputs.split(",")
     contracted = tuple(i for i, c in enumerate(x_axes) if c not in out)
-    free = [i for i, c in enumerate(x_axes) if c in out and c not in y_axes]
     x_q, x_scale = quantize_int8(x, contracted)
-    single = bool(free) and all(x.shape[i] == 1 for i in free)
-    if single:
-        x_q = jnp.concatenate([x_q, jnp.zeros_like(x_q)], axis=free[0])
-    y = jnp.einsum(spec, x_q, y_int8, preferred_element_type=jnp.int32)
-    if single:
-        y = jax.lax.slice_in_dim(y, 0, 1, axis=out.index(x_axes[free[0]]))
+    y = one_row_as_two(spec, x_q, y_int8, functools.partial(
+        jnp.einsum, spec, preferred_element_type=jnp.int32))
     # x's scale (a size-1 axis per contracted one) laid out along the output's axes (x's
     # letters keep their order in every spec here).
     kept = [c for c in x_axes if c in out]
     x_scale = x_scale.reshape([x.shape[x_axes.index(c)] for c in kept])
     x_scale = jnp.expand_dims(x_scale, [i for i, c in enumerate(out) if c not in kept])
     return y.astype(jnp.float32) * x_scale
+
+
+def one_row_as_two(spec: str, a: jax.Array, b: jax.Array, product) -> jax.Array:
+    """`product(a, b)` (an einsum of `spec`) with a one-row operand padded to two rows and the
+    result sliced back. A "row" is an operand's free axes (in the output, not in the other
+    operand), e.g. one decode token. XLA:CPU (jax 0.10.2) rewrites a one-row dot with an int8
+    or bfloat16 operand into float32 work on a full copy of the other: s8 weights materialised
+    as int32 (1.5 ms for 768 x 3072), bf16 weights converted to a float32 copy every step
+    (768 x 3072: 0.35-0.86 ms at one row against 0.29-0.34 ms for two rows, whose dot is
+    XNNPACK's bf16 x bf16 -> f32 fusion; float32 0.26-0.33 ms; weights not in cache, AVX512-BF16
+    CPU, 2 cores). float32 dots are left alone: their one-row kernel is the fast one."""
+    a_axes, b_axes = spec.split("->")[0].split(",")
+    out = spec.split("->")[1]
+    for axes, other, operand in ((a_axes, b_axes, a), (b_axes, a_axes, b)):
+        free = [i for i, c in enumerate(axes) if c in out and c not in other]
+        if free and all(operand.shape[i] == 1 for i in free):
+            padded = jnp.concatenate([operand, jnp.zeros_like(operand)], axis=free[0])
+            y = product(padded, b) if operand is a else product(a, padded)
+            return jax.lax.slice_in_dim(y, 0, 1, axis=out.index(axes[free[0]]))
+    return product(a, b)
 
 
 def group_shape(shape: tuple[int, ...], axis: int, group_size: int) -> tuple[int, ...]:

@@ -183,18 +183,30 @@ def float_agreement(params, config, prompt, new_tokens) -> float:
     return float((predicted == text[0, len(prompt):]).mean())
 
 
-def _float_copies(hlo: str, sizes: set[int]) -> list[str]:
-    """Instructions outside fused computations whose float result has as many elements as a
-    quantized weight: a float copy of that weight made per call."""
+def _float_copies(hlo: str, sizes: set[int], dtypes: str = "f32|bf16|f16|s32") -> list[str]:
+    """Instructions outside fused computations whose result (of `dtypes`) has as many elements
+    as a quantized weight: a float copy of that weight made per call."""
     found, fused = [], False
     for line in hlo.splitlines():
         if line and not line.startswith(" "):  # a computation's header
             fused = "fused" in line.split("(")[0] or "fusion" in line.split(" ")[0]
-        match = re.match(r"\s+(?:ROOT )?\S+ = (f32|bf16|f16|s32)\[([\d,]*)\]", line)
+        match = re.match(rf"\s+(?:ROOT )?\S+ = ({dtypes})\[([\d,]*)\]", line)
         if match and not fused and match.group(2):
             if int(np.prod([int(n) for n in match.group(2).split(",")])) in sizes:
                 found.append(line.strip()[:200])
     return found
+
+
+def _loop_bodies(hlo: str) -> str:
+    """The text of the computations that while loops run as their bodies (the decode steps)."""
+    bodies = set(re.findall(r"while\(.*?body=%?([\w.\-]+)", hlo))
+    keep, text = False, []
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):  # a computation's header, or its closing brace
+            keep = line.lstrip("%").split(" ")[0] in bodies or (keep and line == "}")
+        if keep:
+            text.append(line)
+    return "\n".join(text)
 
 
 def _s8_relayouts(hlo: str, sizes: set[int]) -> list[str]:
@@ -262,6 +274,30 @@ def test_int8_kv_cache_matches_float_cache():
         assert_int8_close(cache[0][name][:, :14], q)
         np.testing.assert_allclose(np.asarray(cache[0][f"{name}_scale"][:, :14]), d, rtol=1e-6)
     assert np.abs(np.asarray(cached) - float_logits).max() <= 0.03 * np.abs(float_logits).max()
+
+
+@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2", "llama"])
+def test_bfloat16_decoding_of_one_row_makes_no_float32_copy(config):
+    """One prompt (one row per decode step): the compiled decode step makes no float32 copy
+    of a bfloat16 weight (XLA:CPU converts the weights of a one-row bf16 dot to float32 unless
+    the row is padded to two, int8.one_row_as_two), and decodes the float model's tokens.
+    (Outside the loop XLA:CPU upcasts the embedding tables once per call for their gathers:
+    bf16 gathers are float32 on that backend; a step reads one row of them.)"""
+    params = random_params(config)
+    bparams, bconfig = quantize.convert(params, config, "bfloat16")
+    prompt, lengths, fitted = sample.prepare_prompts(PROMPTS[:1], bconfig, GREEDY)
+    phases = sample.cache_phases(prompt.shape[1], fitted.max_new_tokens, bconfig.max_len)
+    compiled = sample._sample_jit.lower(bparams, prompt, lengths, jax.random.key(0),
+                                        model_config=bconfig, sampling=fitted,
+                                        phases=phases).compile()
+    sizes = {int(x.size) for x in jax.tree.leaves(bparams) if x.size >= config.embed_dim ** 2}
+    steps = _loop_bodies(compiled.as_text())
+    assert "dot(" in steps or "ynn_fusion" in steps  # the body is found
+    copies = [line for line in _float_copies(steps, sizes, "f32|f16|s32")
+              if "get-tuple-element(" not in line]  # the loop's carried values are not copies
+    assert not copies, copies[:5]
+    tokens = np.asarray(compiled(bparams, prompt, lengths, jax.random.key(0))[0])
+    assert float_agreement(params, config, PROMPTS[0], tokens[0]) >= 0.8
 
 
 def test_bfloat16_weights_are_stored_and_computed_in_bfloat16():

@@ -391,7 +391,7 @@ class Transformer(nn.Module):
             # as a matrix-vector product; the barrier keeps XLA from folding the transpose back.
             # Measured (GPT-2 124M head, 1 thread): 4 rows 42.6 -> 17.9 ms, 8 rows 48.1 -> 27.0
             # ms, 1 row 10.6 ms either way; the head was ~30% of a 4-beam step. In bfloat16
-            # it is the other way round (x @ E.T is XNNPACK's bf16 dot; 2 rows 2.9 ms against
+            # it is the other way round (x @ E.T is YNNPACK's bf16 dot; 2 rows 2.9 ms against
             # 4.3 ms for E @ x.T, 8 rows 3.4 against 4.5; one row is padded to two, 43 ms
             # otherwise: attention.matmul; AVX512-BF16 CPU, 2 cores).
             logits_VxBxL = lax.optimization_barrier(

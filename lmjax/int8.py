@@ -66,8 +66,9 @@ def one_row_as_two(spec: str, a: jax.Array, b: jax.Array, product) -> jax.Array:
     result sliced back. A "row" is an operand's free axes (in the output, not in the other
     operand), e.g. one decode token. XLA:CPU (jax 0.10.2) rewrites a one-row dot with an int8
     or bfloat16 operand into float32 work on a full copy of the other: s8 weights materialised
-    as int32 (1.5 ms for 768 x 3072), bf16 weights converted to a float32 copy every step
-    (768 x 3072: 0.35-0.86 ms at one row against 0.29-0.34 ms for two rows, whose dot is
+    as int32 (1.5 ms for 768 x 3072), bf16 weights converted to float32 (in a decode loop the
+    conversion is hoisted, and every step reads the float32 copy: twice the bytes; 768 x 3072
+    alone: 0.35-0.86 ms at one row against 0.29-0.34 ms for two rows, whose dot is
     YNNPACK's bf16 x bf16 -> f32 fusion; float32 0.26-0.33 ms; weights not in cache, AVX512-BF16
     CPU, 2 cores). float32 dots are left alone: their one-row kernel is the fast one."""
     a_axes, b_axes = spec.split("->")[0].split(",")
